@@ -1,0 +1,327 @@
+"""PEFT LoRA adapter I/O: read factors lazily, write a standard adapter atomically.
+
+Reading: an adapter folder is validated once (config flags, key layout, shapes,
+finiteness) and then read one module at a time with ``safetensors.safe_open``.
+Writing: factors are appended to a temporary data file as modules finish and
+assembled into ``adapter_model.safetensors`` at the end, so at most one
+module's factors are held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mergekit_tada.errors import TadaError
+from mergekit_tada.lowrank import Factored
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
+
+# Adapter-config flags whose maths the exact B @ A update does not cover.
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA (use_dora) adds a magnitude vector",
+    "lora_bias": "LoRA biases (lora_bias) add a bias update",
+    "fan_in_fan_out": "fan_in_fan_out (transposed Conv1D weights)",
+    "modules_to_save": "modules_to_save stores full copies of modules",
+    "layer_replication": "layer_replication changes the model's layers",
+    "target_parameters": "target_parameters (LoRA on raw parameters)",
+    "trainable_token_indices": "trainable_token_indices (trainable tokens)",
+}
+_UNSUPPORTED_KEYS = (
+    ("lora_magnitude_vector", "DoRA magnitude vector"),
+    ("lora_embedding_", "embedding LoRA"),
+    (".lora_B.bias", "LoRA bias"),
+    ("modules_to_save", "modules_to_save entry"),
+    ("trainable_tokens", "trainable tokens"),
+)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA'd linear module: where its factors live and how they scale."""
+
+    name: str  # module name in the base model, e.g. model.layers.0.self_attn.q_proj
+    rank: int
+    scaling: float
+    in_features: int
+    out_features: int
+    a_key: str
+    b_key: str
+
+
+class LoraAdapter:
+    """A validated PEFT LoRA adapter folder whose factors are read on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        self.config_path = os.path.join(self.path, CONFIG_NAME)
+        self.weights_path = os.path.join(self.path, WEIGHTS_NAME)
+        self.config = self._read_config()
+        self.modules = self._read_modules()
+        self.hashes = {
+            CONFIG_NAME: sha256_file(self.config_path),
+            WEIGHTS_NAME: sha256_file(self.weights_path),
+        }
+
+    def __repr__(self) -> str:
+        return f"LoraAdapter({self.path!r}, {len(self.modules)} modules)"
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+    def _read_config(self) -> dict:
+        if not os.path.isdir(self.path):
+            raise TadaError(f"{self.path}: adapter folder does not exist")
+        if not os.path.isfile(self.config_path):
+            raise TadaError(f"{self.config_path}: missing (not a PEFT adapter folder)")
+        if not os.path.isfile(self.weights_path):
+            raise TadaError(f"{self.weights_path}: missing adapter weights")
+        try:
+            with open(self.config_path, encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (OSError, json.JSONDecodeError) as error:
+            raise TadaError(f"{self.config_path}: unreadable ({error})") from None
+        if not isinstance(config, dict):
+            raise TadaError(f"{self.config_path}: expected a JSON object")
+        peft_type = str(config.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise TadaError(
+                f"{self.config_path}: peft_type {peft_type} is not supported; "
+                "only plain LoRA adapters can be merged"
+            )
+        for flag, what in _UNSUPPORTED_FLAGS.items():
+            if config.get(flag):
+                raise TadaError(
+                    f"{self.config_path}: {what} is not supported "
+                    f"({flag}={config[flag]!r}); only plain LoRA (W + s*B*A) merges exactly"
+                )
+        bias = config.get("bias", "none")
+        if bias not in (None, "none"):
+            raise TadaError(
+                f"{self.config_path}: bias={bias!r} trains base biases; only bias='none' is supported"
+            )
+        if "lora_alpha" not in config or "r" not in config:
+            raise TadaError(f"{self.config_path}: needs 'r' and 'lora_alpha'")
+        return config
+
+    def _open(self):
+        try:
+            return safe_open(self.weights_path, framework="pt")
+        except Exception as error:  # safetensors raises its own error types
+            raise TadaError(
+                f"{self.weights_path}: not a readable safetensors file ({error})"
+            ) from None
+
+    def _scaling(self, module: str, rank: int) -> float:
+        from peft.utils.other import get_pattern_key
+
+        alpha_pattern = self.config.get("alpha_pattern") or {}
+        alpha = alpha_pattern.get(
+            get_pattern_key(alpha_pattern.keys(), module), self.config["lora_alpha"]
+        )
+        if self.config.get("use_rslora"):
+            return alpha / math.sqrt(rank)
+        return alpha / rank
+
+    def _read_modules(self) -> dict[str, LoraModule]:
+        shapes: dict[str, dict[str, tuple[str, list[int]]]] = {}
+        with self._open() as fh:
+            for key in fh.keys():
+                for marker, what in _UNSUPPORTED_KEYS:
+                    if marker in key:
+                        raise TadaError(
+                            f"{self.weights_path}: {what} ({key}) is not supported; "
+                            "only plain LoRA (W + s*B*A) merges exactly"
+                        )
+                match = _KEY.match(key)
+                if match is None:
+                    raise TadaError(
+                        f"{self.weights_path}: unexpected tensor {key}; "
+                        "expected <module>.lora_A.weight / <module>.lora_B.weight"
+                    )
+                shape = fh.get_slice(key).get_shape()
+                shapes.setdefault(match["module"], {})[match["side"]] = (key, shape)
+        if not shapes:
+            raise TadaError(f"{self.weights_path}: contains no LoRA factors")
+        modules = {}
+        for name, sides in sorted(shapes.items()):
+            if set(sides) != {"A", "B"}:
+                raise TadaError(
+                    f"{self.weights_path}: module {name} has lora_{''.join(sides)} "
+                    "but not both lora_A and lora_B"
+                )
+            (a_key, a), (b_key, b) = sides["A"], sides["B"]
+            if len(a) != 2 or len(b) != 2:
+                raise TadaError(
+                    f"{self.weights_path}: module {name} has {len(a)}-D factors; "
+                    "only linear-layer LoRA is supported (no conv LoRA)"
+                )
+            if a[0] != b[1] or a[0] <= 0:
+                raise TadaError(
+                    f"{self.weights_path}: module {name}: lora_A {a} and lora_B {b} "
+                    "do not share a rank"
+                )
+            modules[name] = LoraModule(
+                name=name,
+                rank=a[0],
+                scaling=self._scaling(name, a[0]),
+                in_features=a[1],
+                out_features=b[0],
+                a_key=a_key,
+                b_key=b_key,
+            )
+        return modules
+
+    def factors(self, module: str, device: torch.device | str = "cpu") -> Factored:
+        """The module's update s*B*A as float32 factors (scaling folded into B)."""
+        spec = self.modules[module]
+        with self._open() as fh:
+            try:
+                A = fh.get_tensor(spec.a_key)
+                B = fh.get_tensor(spec.b_key)
+            except Exception as error:
+                raise TadaError(
+                    f"{self.weights_path}: module {module}: cannot read factors ({error})"
+                ) from None
+        for side, tensor in (("lora_A", A), ("lora_B", B)):
+            if not torch.isfinite(tensor).all():
+                raise TadaError(
+                    f"{self.weights_path}: module {module}: {side} contains NaN or Inf"
+                )
+        B = B.to(device=device, dtype=torch.float32) * spec.scaling
+        return Factored(B, A.to(device=device, dtype=torch.float32))
+
+    def check_all_finite(self) -> None:
+        """Read every factor once so corrupt data or NaN/Inf fail before any output."""
+        for module in self.modules:
+            self.factors(module)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+_DTYPE_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+}
+
+
+class StreamingAdapterWriter:
+    """Collects LoRA factors module by module and writes a PEFT adapter folder.
+
+    Tensor bytes go to a temporary file as they arrive; ``finalize`` writes the
+    safetensors header and copies the bytes in sorted key order (deterministic
+    whatever order modules were merged in), then moves the folder into place.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, dtype: torch.dtype) -> None:
+        self.out_dir = Path(out_dir)
+        self.dtype = dtype
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(
+            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent)
+        )
+        self._data = open(self._tmp / "data.bin", "wb")  # noqa: SIM115 - closed in finalize
+        self._entries: dict[str, tuple[list[int], int, int]] = {}
+        self.ranks: dict[str, int] = {}
+
+    def add(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
+        if module in self.ranks:
+            raise RuntimeError(f"module {module} written twice")
+        self.ranks[module] = A.shape[0]
+        prefix = f"base_model.model.{module}"
+        for key, tensor in ((f"{prefix}.lora_A.weight", A), (f"{prefix}.lora_B.weight", B)):
+            data = tensor.detach().to("cpu", self.dtype).contiguous()
+            raw = data.view(-1).view(torch.uint8).numpy().tobytes()
+            start = self._data.tell()
+            self._data.write(raw)
+            self._entries[key] = (list(data.shape), start, len(raw))
+
+    def abort(self) -> None:
+        self._data.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def finalize(self, config: dict) -> None:
+        """Write adapter_config.json + adapter_model.safetensors, then rename into place."""
+        self._data.close()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        order = sorted(self._entries)
+        for key in order:
+            shape, _, size = self._entries[key]
+            header[key] = {
+                "dtype": _DTYPE_NAMES[self.dtype],
+                "shape": shape,
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(self._tmp / "data.bin", "rb") as src, open(
+            self._tmp / WEIGHTS_NAME, "wb"
+        ) as dst:
+            dst.write(struct.pack("<Q", len(blob)))
+            dst.write(blob)
+            for key in order:
+                _, start, size = self._entries[key]
+                src.seek(start)
+                dst.write(src.read(size))
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.remove(self._tmp / "data.bin")
+        with open(self._tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        replace_dir(self._tmp, self.out_dir)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an old one is moved aside first."""
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.rmdir(old)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a file so readers see either the old or the complete new content."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,92 @@
+"""The three places where stock mergekit is redirected, all scoped to our methods.
+
+Installed by the start-up hook once ``mergekit.merge`` has been imported; every
+patch is a no-op unless the config's ``merge_method`` is one of ours.
+
+* ``mergekit.merge.run_merge``: wraps the run in a :class:`MergeSession`
+  (validate first, write adapter + report after). Callers that do
+  ``from mergekit.merge import run_merge`` (``mergekit-yaml``, ``mergekit-multi``)
+  import it after the hook ran, so they get the wrapper.
+* ``LoaderCache.get``: a ``base+lora`` input gets a placeholder loader instead
+  of being merged into a full model on disk (no ``--lora-merge-cache``). The
+  placeholder is kept by the session, never in mergekit's process-wide cache.
+* ``MergePlanner.plan_tensor``: mergekit 0.1.5 crashes on optional weights
+  with aliases (``[name] + aliases`` with a tuple; every BertModel merge);
+  aliases are handed over as a tuple that list concatenation accepts.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+_INSTALLED = False
+
+
+class _ConcatTuple(tuple):
+    """A tuple that ``list + tuple`` accepts (mergekit 0.1.5 plan.py bug)."""
+
+    def __radd__(self, other: Any) -> Any:
+        if isinstance(other, list):
+            return other + list(self)
+        return NotImplemented
+
+
+def _is_ours(method_name: str) -> bool:
+    from mergekit_tada.methods import METHOD_NAMES
+
+    return method_name in METHOD_NAMES
+
+
+def install() -> None:
+    """Patch mergekit (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.plan import MergePlanner
+
+    # Called while ``mergekit.merge`` finishes importing: the parent package has
+    # no ``merge`` attribute yet, sys.modules has the module.
+    merge_module = sys.modules["mergekit.merge"]
+    original_run_merge = merge_module.run_merge
+
+    @functools.wraps(original_run_merge)
+    def run_merge(merge_config, out_path, options, config_source=None):
+        if not _is_ours(merge_config.merge_method):
+            return original_run_merge(merge_config, out_path, options, config_source)
+        from mergekit_tada.session import MergeSession
+
+        session = MergeSession(merge_config, options, out_path)
+        with session.writing(model_card=options.write_model_card):
+            original_run_merge(merge_config, out_path, options, config_source)
+
+    original_get = LoaderCache.get
+
+    @functools.wraps(original_get)
+    def get(self, model):
+        from mergekit_tada.session import current_session
+
+        session = current_session()
+        if session is not None and model.lora is not None:
+            return session.placeholder_loader(model)
+        return original_get(self, model)
+
+    original_plan_tensor = MergePlanner.plan_tensor
+
+    @functools.wraps(original_plan_tensor)
+    def plan_tensor(self, weight, weights_in, models, cfg_reader):
+        if _is_ours(self._method.spec.name):
+            weights_in = [
+                w.model_copy(update={"aliases": _ConcatTuple(w.aliases)})
+                if w.aliases
+                else w
+                for w in weights_in
+            ]
+        return original_plan_tensor(self, weight, weights_in, models, cfg_reader)
+
+    merge_module.run_merge = run_merge
+    LoaderCache.get = get
+    MergePlanner.plan_tensor = plan_tensor
+    _INSTALLED = True

@@ -1,0 +1,101 @@
+"""How mergekit's loader sees our inputs without reading or materializing them.
+
+mergekit turns every ``base+lora`` input into a full model on disk before it
+plans anything. For our methods the LoRA inputs are read as factors by the
+session instead, so the loader is handed a :class:`PlaceholderLoader`: it has
+the base model's tensor index (so planning, optional weights and aliases work
+unchanged) and returns zero-stride placeholders of the right shape and dtype,
+which cost no I/O and no memory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+from mergekit.io import ShardedTensorIndex
+from safetensors import safe_open
+
+from mergekit_tada.errors import TadaError
+
+
+class HeaderIndex:
+    """Shapes and dtypes of a safetensors model, read from headers only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.index = ShardedTensorIndex.from_disk(path)
+        except Exception as error:
+            raise TadaError(f"{path}: cannot index base model ({error})") from None
+        if not self.index.is_safetensors:
+            raise TadaError(
+                f"{path}: LoRA inputs need a safetensors base model "
+                "(convert pytorch_model.bin with transformers' save_pretrained)"
+            )
+        self._meta: dict[str, tuple[list[int], torch.dtype]] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, names: list[str]) -> str | None:
+        return next((n for n in names if n in self.index.tensor_paths), None)
+
+    def meta(self, name: str) -> tuple[list[int], torch.dtype]:
+        with self._lock:
+            if name not in self._meta:
+                shard = os.path.join(self.path, self.index.tensor_paths[name])
+                try:
+                    with safe_open(shard, framework="pt") as fh:
+                        for key in fh.keys():
+                            sl = fh.get_slice(key)
+                            self._meta[key] = (sl.get_shape(), _dtype(sl.get_dtype()))
+                except Exception as error:
+                    raise TadaError(f"{shard}: unreadable safetensors ({error})") from None
+            return self._meta[name]
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return _DTYPES.get(name, torch.float32)
+
+
+class PlaceholderLoader:
+    """Duck-types mergekit's LazyTensorLoader for a ``base+lora`` input."""
+
+    def __init__(self, headers: HeaderIndex, float_dtype: torch.dtype | None) -> None:
+        self.headers = headers
+        self.index = headers.index
+        self.float_dtype = float_dtype
+
+    def get_tensor(
+        self,
+        key: str,
+        device: str = "cpu",
+        aliases: list[str] | None = None,
+        raise_on_missing: bool = True,
+    ) -> torch.Tensor | None:
+        name = self.headers.resolve([key, *(aliases or [])])
+        if name is None:
+            if raise_on_missing:
+                raise KeyError(key)
+            return None
+        shape, dtype = self.headers.meta(name)
+        if dtype.is_floating_point and self.float_dtype is not None:
+            dtype = self.float_dtype
+        return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+    def flush(self) -> None:
+        pass

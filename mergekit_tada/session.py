@@ -1,0 +1,369 @@
+"""One merge run of a LoRA-space method, from YAML to outputs.
+
+Data flow (full model, ``mergekit-yaml``):
+
+1. ``MergeSession(config, options, out_path)`` validates everything before any
+   output exists: parameter keys, LoRA inputs (config flags, tensor layout),
+   the plan of every output tensor (mergekit's own planner, run on a copy of the
+   config) with its resolved parameters, shapes against the base's safetensors
+   headers, and every factor for NaN/Inf.
+2. ``with session.writing():`` mergekit's executor runs; for each output tensor
+   it calls our method's ``merge_group``, which lands in :meth:`merge_tensor`:
+   read the module's factors, ``method.merge_module`` -> rank-r (B, A), stream
+   them to the adapter writer, return ``W + B A`` to mergekit's writer.
+3. On success the adapter folder, the model-card section and the report are
+   written atomically; on failure the partial adapter is removed.
+
+``merge_adapter_only`` runs step 2 without mergekit's executor or the base
+weights (only their safetensors headers are read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mergekit.common import ModelReference, dtype_from_name
+from mergekit.config import MergeConfiguration
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import TensorGroup
+from mergekit.options import MergeOptions
+
+from mergekit_tada.adapters import LoraAdapter, StreamingAdapterWriter, write_text_atomic
+from mergekit_tada.errors import TadaError
+from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
+from mergekit_tada.lowrank import Truncated, single_thread
+from mergekit_tada.methods import METHOD_NAMES, LoraMergeMethod
+from mergekit_tada.report import REPORT_NAME, build_report, card_section, dumps
+
+LOG = logging.getLogger(__name__)
+
+_ACTIVE: MergeSession | None = None
+
+
+def active_session(method_name: str) -> MergeSession:
+    if _ACTIVE is None:
+        raise TadaError(
+            f"merge_method {method_name} reads LoRA factors and must run through "
+            "mergekit-yaml, mergekit-tada or mergekit_tada.merge with the "
+            "mergekit_tada start-up hook active (reinstall mergekit-tada)"
+        )
+    return _ACTIVE
+
+
+def current_session() -> MergeSession | None:
+    return _ACTIVE
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: where its LoRA factors are and its resolved parameters."""
+
+    out_name: str
+    module: str  # output module name (out_name without ".weight")
+    sources: dict[str, str | None]  # input label -> adapter module (None: absent)
+    params: dict
+    inputs: dict[str, dict]  # input label -> per-model parameters
+    rank: int
+
+    @property
+    def is_lora_target(self) -> bool:
+        return any(m is not None for m in self.sources.values())
+
+
+def _parameter_blocks(
+    config: MergeConfiguration,
+) -> Iterator[tuple[str, ModelReference | None, dict]]:
+    """Every ``parameters:`` mapping in the config: where it sits, its model, keys."""
+    yield "parameters", None, config.parameters or {}
+    for i, m in enumerate(config.models or []):
+        yield f"models[{i}]", m.model, m.parameters or {}
+    slices = list(config.slices or [])
+    for name, module in (config.modules or {}).items():
+        yield f"modules.{name}", None, module.parameters or {}
+        slices += module.slices or []
+        for m in module.models or []:
+            yield f"modules.{name}", m.model, m.parameters or {}
+    for i, s in enumerate(slices):
+        yield f"slices[{i}]", None, s.parameters or {}
+        for src in s.sources:
+            yield f"slices[{i}]", src.model, src.parameters or {}
+
+
+class MergeSession:
+    def __init__(
+        self, config: MergeConfiguration, options: MergeOptions, out_path: str
+    ) -> None:
+        self.config = config
+        self.options = options
+        self.out_path = Path(out_path)
+        method = registry.get(config.merge_method)
+        if not isinstance(method, LoraMergeMethod):
+            raise TadaError(f"{config.merge_method} is not a mergekit-tada method")
+        self.method = method
+        self._check_config()
+        self.base = config.base_model
+        base_path = self.base.local_path(cache_dir=options.transformers_cache)
+        self.base_path = base_path
+        self.headers = HeaderIndex(base_path)
+        self.float_dtype = dtype_from_name(config.dtype)
+        self.lora_refs = {
+            str(ref): ref for ref in config.referenced_models() if ref.lora is not None
+        }
+        self.adapters = {
+            label: LoraAdapter(ref.lora.path) for label, ref in self.lora_refs.items()
+        }
+        self.default_rank = max(a.max_rank for a in self.adapters.values())
+        self._base_names: dict[str, list[str]] = {}
+        with self._activated():
+            self.plans = self._plan()
+        self._validate_plans()
+        for adapter in self.adapters.values():
+            adapter.check_all_finite()
+        adapter_out = {p.params["adapter_out"] for p in self.plans.values()}
+        if len(adapter_out) != 1:
+            raise TadaError(f"adapter_out must be one folder name, got {adapter_out}")
+        self.adapter_dir = self.out_path / adapter_out.pop()
+        self.records: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self.writer: StreamingAdapterWriter | None = None
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_config(self) -> None:
+        config = self.config
+        name = config.merge_method
+        if config.base_model is None:
+            raise TadaError(f"{name}: base_model is required (the model the LoRAs were trained on)")
+        if config.base_model.lora is not None:
+            raise TadaError(f"{name}: base_model must be a plain model, got {config.base_model}")
+        known = {p.name for p in self.method.spec.parameters}
+        per_model = {p.name for p in self.method.spec.input_parameters}
+        for where, ref, block in _parameter_blocks(config):
+            unknown = sorted(set(block) - known)
+            if unknown:
+                raise TadaError(
+                    f"{name}: unknown parameter(s) {', '.join(unknown)} in {where}; "
+                    f"known: {', '.join(sorted(known))}"
+                )
+            misplaced = sorted(per_model & set(block))
+            if misplaced and ref is not None and ref.lora is None:
+                raise TadaError(
+                    f"{name}: {', '.join(misplaced)} given to the non-LoRA model "
+                    f"{ref} in {where}; set it under each LoRA input's parameters"
+                )
+        for ref in config.referenced_models():
+            if ref == config.base_model:
+                continue
+            if ref.lora is None:
+                raise TadaError(
+                    f"{name}: model {ref} is not a LoRA input; give adapters as "
+                    f"'{config.base_model}+path/to/adapter'"
+                )
+            if ref.model != config.base_model.model:
+                raise TadaError(
+                    f"{name}: LoRA input {ref} sits on {ref.model}, but base_model is "
+                    f"{config.base_model}; LoRA inputs must share the base model"
+                )
+
+    def _plan(self) -> dict[str, TensorPlan]:
+        from mergekit.architecture import get_architecture_info
+        from mergekit.io.tasks import LoaderCache
+        from mergekit.merge import _model_out_config
+        from mergekit.plan import MergePlanner
+
+        config = self.config.model_copy(deep=True)  # the planner rewrites its config
+        LoaderCache().setup(options=self.options)
+        arch = get_architecture_info(config, self.options)
+        out_cfg = _model_out_config(
+            config, arch, trust_remote_code=self.options.trust_remote_code
+        )
+        planner = MergePlanner(config, arch, options=self.options, out_model_config=out_cfg)
+        planner._plan()
+        plans = {}
+        for weight, task in planner._tensors:
+            gather = task.gather_tensors
+            while not hasattr(gather, "weight_info"):  # vocabulary wrappers
+                gather = gather.gather_tensors
+            infos = gather.weight_info
+            sources, inputs = {}, {}
+            for ref in task.model_order:
+                if ref == task.base_model:
+                    continue
+                label = str(ref)
+                info = infos[ref]
+                modules = self.adapters[label].modules
+                names = [info.name, *(info.aliases or ())]
+                sources[label] = next(
+                    (n[: -len(".weight")] for n in names
+                     if n.endswith(".weight") and n[: -len(".weight")] in modules),
+                    None,
+                )
+                inputs[label] = dict(task.input_parameters[ref].items())
+            params = dict(task.parameters.items())
+            plans[weight.name] = TensorPlan(
+                out_name=weight.name,
+                module=weight.name.removesuffix(".weight"),
+                sources=sources,
+                params=params,
+                inputs=inputs,
+                rank=params["rank"] or self.default_rank,
+            )
+            self._base_names[weight.name] = [
+                infos[task.base_model].name,
+                *(infos[task.base_model].aliases or ()),
+            ]
+        return plans
+
+    def _validate_plans(self) -> None:
+        used: set[tuple[str, str]] = set()
+        targets = [p for p in self.plans.values() if p.is_lora_target]
+        for plan in targets:
+            self.method.check(plan.out_name, plan.params, plan.inputs)
+            base_name = self.headers.resolve(self._base_names[plan.out_name])
+            base_shape = self.headers.meta(base_name)[0] if base_name else None
+            for label, module in plan.sources.items():
+                if module is None:
+                    continue
+                used.add((label, module))
+                spec = self.adapters[label].modules[module]
+                if base_shape != [spec.out_features, spec.in_features]:
+                    raise TadaError(
+                        f"{self.adapters[label].weights_path}: module {module} updates a "
+                        f"{spec.out_features}x{spec.in_features} weight, but "
+                        f"{plan.out_name} in {self.base_path} is {base_shape}: "
+                        "was the adapter trained on a different base model?"
+                    )
+        sliced = bool(self.config.slices) or any(
+            m.slices for m in (self.config.modules or {}).values()
+        )
+        for label, adapter in self.adapters.items():
+            for module in adapter.modules:
+                if (label, module) in used:
+                    continue
+                message = (
+                    f"{adapter.weights_path}: module {module} matches no weight of "
+                    f"base model {self.base_path}"
+                )
+                if not sliced:
+                    raise TadaError(
+                        message + ": was the adapter trained on a different base model?"
+                    )
+                LOG.warning(message + " in the selected slices; it is left out")
+
+    # ------------------------------------------------------------------ running
+
+    @contextlib.contextmanager
+    def _activated(self) -> Iterator[None]:
+        global _ACTIVE
+        if _ACTIVE is not None and _ACTIVE is not self:
+            raise RuntimeError("another mergekit-tada merge is running in this process")
+        previous, _ACTIVE = _ACTIVE, self
+        try:
+            yield
+        finally:
+            _ACTIVE = previous
+
+    def placeholder_loader(self, ref: ModelReference) -> PlaceholderLoader:
+        return PlaceholderLoader(self.headers, self.float_dtype)
+
+    @contextlib.contextmanager
+    def writing(self, model_card: bool = False) -> Iterator[None]:
+        """Run the body with this session active, then write adapter, card, report."""
+        self.out_path.mkdir(parents=True, exist_ok=True)
+        # A failed run must not leave an older adapter and report that look finished.
+        (self.out_path / REPORT_NAME).unlink(missing_ok=True)
+        self.writer = StreamingAdapterWriter(self.adapter_dir, torch.float32)
+        try:
+            with self._activated():
+                yield
+            missing = [
+                p.module for p in self.plans.values()
+                if p.is_lora_target and p.module not in self.records
+            ]
+            if missing:
+                raise RuntimeError(f"modules never merged: {missing[:5]}")
+        except BaseException:
+            self.writer.abort()
+            raise
+        self.writer.finalize(self._adapter_config())
+        if model_card:
+            readme = self.out_path / "README.md"
+            text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+            write_text_atomic(readme, text.rstrip("\n") + "\n\n" + card_section(self))
+        write_text_atomic(self.out_path / REPORT_NAME, dumps(build_report(self)))
+
+    def merge_tensor(self, group: TensorGroup) -> torch.Tensor:
+        """mergekit's per-tensor call: ``W + B A`` for LoRA targets, else ``W``."""
+        W = group.base.tensor
+        plan = self.plans.get(group.metadata.name)
+        if plan is None or not plan.is_lora_target:
+            return W
+        lora = self._merge_plan(plan, W.device)
+        return torch.addmm(W.float(), lora.B, lora.A).to(W.dtype)
+
+    def merge_adapter_only(self, device: str = "cpu") -> None:
+        from tqdm import tqdm
+
+        targets = [p for p in self.plans.values() if p.is_lora_target]
+        for plan in tqdm(targets, desc="Merging modules", disable=self.options.quiet):
+            self._merge_plan(plan, torch.device(device))
+
+    def _merge_plan(self, plan: TensorPlan, device: torch.device) -> Truncated:
+        updates = {
+            label: self.adapters[label].factors(module, device) if module else None
+            for label, module in plan.sources.items()
+        }
+        threads = single_thread() if device.type == "cpu" else contextlib.nullcontext()
+        with threads:
+            result = self.method.merge_module(updates, plan.params, plan.inputs, plan.rank)
+        with self._lock:
+            self.writer.add(plan.module, result.lora.B, result.lora.A)
+            self.records[plan.module] = result.record
+        return result.lora
+
+    # ------------------------------------------------------------------ outputs
+
+    def _adapter_config(self) -> dict:
+        from peft import LoraConfig
+
+        ranks = self.writer.ranks
+        counts: dict[int, int] = {}
+        for r in ranks.values():
+            counts[r] = counts.get(r, 0) + 1
+        rank = max(sorted(counts), key=lambda r: counts[r])
+        self.output_rank = rank
+        pattern = {m: r for m, r in sorted(ranks.items()) if r != rank}
+        first = next(iter(self.adapters.values())).config
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=self._target_modules(),
+            rank_pattern=pattern,
+            alpha_pattern=dict(pattern),
+            lora_dropout=0.0,
+            bias="none",
+            use_rslora=False,
+            use_dora=False,
+            base_model_name_or_path=str(self.base.model),
+            task_type=first.get("task_type"),
+            inference_mode=True,
+        ).to_dict()
+        return {
+            k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
+        }
+
+    def _target_modules(self) -> list[str]:
+        """Short leaf names when they select exactly the merged modules, else full names."""
+        written = set(self.writer.ranks)
+        leaves = {m.rsplit(".", 1)[-1] for m in written}
+        candidates = {
+            p.module for p in self.plans.values()
+            if p.module.rsplit(".", 1)[-1] in leaves and p.out_name.endswith(".weight")
+        }
+        return sorted(leaves) if candidates == written else sorted(written)
