@@ -1,0 +1,61 @@
+"""Python API for notebooks: the same merge as ``mergekit-yaml`` / ``mergekit-tada``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import yaml
+
+
+def load_config(config: str | os.PathLike | dict | Any):
+    """A MergeConfiguration from a YAML path, YAML text, a dict or itself."""
+    from mergekit.config import MergeConfiguration
+
+    if isinstance(config, MergeConfiguration):
+        return config, config.to_yaml()
+    if isinstance(config, dict):
+        return MergeConfiguration.model_validate(config), yaml.safe_dump(config)
+    text = str(config)
+    if "\n" not in text and os.path.exists(text):
+        with open(text, encoding="utf-8") as fh:
+            text = fh.read()
+    return MergeConfiguration.model_validate(yaml.safe_load(text)), text
+
+
+def merge(
+    config: str | os.PathLike | dict | Any,
+    out_path: str | os.PathLike,
+    *,
+    adapter_only: bool = False,
+    options: Any = None,
+    **option_values: Any,
+) -> str:
+    """Run a merge; return the output folder.
+
+    ``config``: a YAML path, YAML text, a dict or a ``MergeConfiguration``.
+    ``adapter_only``: write only the PEFT adapter and the report (the base
+    weights are never read). ``options``: a ``mergekit.options.MergeOptions``,
+    or give its fields as keywords (``out_shard_size=...``, ``device="cuda"``).
+    """
+    import mergekit.merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_tada._hook import ensure_installed
+
+    ensure_installed()
+    merge_config, source = load_config(config)
+    if options is None:
+        options = MergeOptions(**option_values)
+    elif option_values:
+        options = options.model_copy(update=option_values)
+    out_path = str(out_path)
+    if adapter_only:
+        from mergekit_tada.session import MergeSession
+
+        session = MergeSession(merge_config, options, out_path)
+        with session.writing(model_card=False):
+            session.merge_adapter_only(device=options.device or "cpu")
+    else:
+        mergekit.merge.run_merge(merge_config, out_path, options=options, config_source=source)
+    return out_path

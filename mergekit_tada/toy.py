@@ -1,0 +1,117 @@
+"""Tiny models and adapters built locally (no downloads exist on these machines).
+
+Used by the examples, the tests and the benchmarks: a random Llama-style base
+with a word-level tokenizer, and real PEFT LoRA adapters saved by PEFT itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_WORDS = (
+    "the a of and to in is was for on with as by at from protein cell gene patient "
+    "dose trial tumor enzyme receptor binding answer question format list step "
+    "first second then because therefore explain summarize translate"
+).split()
+
+
+def build_tokenizer(path: str | os.PathLike, words: Sequence[str] = _WORDS):
+    """A word-level fast tokenizer with the usual special tokens, saved to ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def build_llama(
+    path: str | os.PathLike,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    intermediate: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tie_embeddings: bool = False,
+) -> str:
+    """Save a random Llama-style causal LM (and its tokenizer) to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(path)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def build_lora(
+    base_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    r: int = 4,
+    alpha: float = 8,
+    targets: Sequence[str] = LLAMA_TARGETS,
+    seed: int = 1,
+    std: float = 0.1,
+    use_rslora: bool = False,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+    task_type: str | None = "CAUSAL_LM",
+    **lora_kwargs,
+) -> str:
+    """A real PEFT LoRA adapter on ``base_path`` with random (nonzero) A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModel
+    model = auto.from_pretrained(str(base_path), dtype=torch.float32)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        use_rslora=use_rslora,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        task_type=task_type,
+        lora_dropout=0.0,
+        **lora_kwargs,
+    )
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    peft_model.save_pretrained(str(out_path))
+    return str(out_path)

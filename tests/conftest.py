@@ -1,0 +1,126 @@
+"""Tiny models and adapters built once per session, and independent oracles.
+
+The oracles never use mergekit_tada code: a LoRA's dense update comes from
+PEFT's own ``merge_and_unload`` (W' - W), and merged outputs are compared with
+dense torch maths on these tiny shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_tada.toy import build_llama, build_lora
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TASK_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DOMAIN_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Path:
+    """base (3 layers), lora-task (r=4, all projections), lora-domain (r=6, four)."""
+    root = tmp_path_factory.mktemp("toy")
+    build_llama(root / "base", layers=3, seed=0)
+    build_lora(root / "base", root / "lora-task", r=4, alpha=8, seed=1, targets=TASK_TARGETS)
+    build_lora(root / "base", root / "lora-domain", r=6, alpha=12, seed=2, targets=DOMAIN_TARGETS)
+    return root
+
+
+@pytest.fixture()
+def work(toy: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A scratch folder holding links to the toy models; the cwd for relative paths."""
+    for name in os.listdir(toy):
+        (tmp_path / name).symlink_to(toy / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def tada_config(**parameters) -> dict:
+    params = {"rank": 10, "gates": "fixed", "task_weight": 1.0, "domain_weight": 1.0,
+              "conflict_elimination": False}
+    params.update(parameters)
+    return {
+        "merge_method": "tada",
+        "base_model": "./base",
+        "models": [
+            {"model": "./base+./lora-task", "parameters": {"role": "task"}},
+            {"model": "./base+./lora-domain", "parameters": {"role": "domain"}},
+        ],
+        "parameters": params,
+        "dtype": "float32",
+    }
+
+
+def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    folder = Path(folder)
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def peft_delta(base: str | Path, adapter: str | Path) -> dict[str, torch.Tensor]:
+    """Dense update of every weight, computed by PEFT: merge_and_unload() - base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    after = merged.state_dict()
+    return {
+        k: (after[k] - before[k]).double()
+        for k in before
+        if not torch.equal(after[k], before[k])
+    }
+
+
+def adapter_delta(adapter: str | Path) -> dict[str, torch.Tensor]:
+    """Dense s*B@A per module of an adapter we wrote, read straight from its files."""
+    adapter = Path(adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    out = {}
+    for key, A in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        B = tensors[key.replace(".lora_A.", ".lora_B.")]
+        r = cfg["rank_pattern"].get(module, cfg["r"])
+        alpha = cfg["alpha_pattern"].get(module, cfg["lora_alpha"])
+        assert A.shape[0] == r
+        out[module + ".weight"] = (alpha / r) * (B.double() @ A.double())
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(torch.linalg.norm(a - b) / max(torch.linalg.norm(b), 1e-30))
+
+
+def rewrite_factors(adapter: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Replace (A, B) of modules in a real PEFT adapter folder (same keys, new values)."""
+    path = Path(adapter) / "adapter_model.safetensors"
+    tensors = load_file(path)
+    for module, (A, B) in factors.items():
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = A.contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = B.contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def copy_adapter(src: str | Path, dst: str | Path) -> Path:
+    dst = Path(dst)
+    if dst.is_symlink():
+        dst.unlink()
+    shutil.copytree(Path(src).resolve(), dst)
+    return dst

@@ -1,0 +1,124 @@
+"""The factored algebra against dense torch oracles on small random matrices."""
+
+import pytest
+import torch
+
+from mergekit_tada.lowrank import Factored, combine, stack, svd, truncate
+from mergekit_tada.tada import find_conflicts, tada_merge_module
+
+
+def rand_factored(m, k, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Factored(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g))
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()))
+
+
+@pytest.mark.parametrize("m,k,n", [(40, 4, 30), (16, 8, 64), (6, 9, 5)])
+def test_svd_of_product_is_exact(m, k, n):
+    f = rand_factored(m, k, n, seed=m + n)
+    s = svd(f)
+    dense = f.B.double() @ f.A.double()
+    ref = torch.linalg.svdvals(dense)[: len(s)]
+    assert len(s) == min(m, k, n)
+    assert rel(s.U @ torch.diag(s.S) @ s.V.T, dense) < 1e-5
+    assert torch.allclose(s.S.double(), ref, rtol=1e-5)
+    eye = torch.eye(len(s))
+    assert torch.allclose(s.U.T @ s.U, eye, atol=1e-5)
+    assert torch.allclose(s.V.T @ s.V, eye, atol=1e-5)
+
+
+def test_svd_drops_null_directions():
+    f = rand_factored(20, 3, 15, seed=1)
+    padded = Factored(torch.cat([f.B, torch.zeros(20, 1)], 1), torch.cat([f.A, torch.ones(1, 15)], 0))
+    s = svd(padded)
+    assert len(s) == 3
+    assert rel(s.U @ torch.diag(s.S) @ s.V.T, f.dense()) < 1e-5
+    zero = Factored(torch.zeros(5, 2), torch.zeros(2, 4))
+    assert len(svd(zero)) == 0
+
+
+def test_stack_is_the_weighted_sum():
+    a, b = rand_factored(12, 3, 9, 1), rand_factored(12, 5, 9, 2)
+    s = stack([a, b], [0.3, -2.0])
+    assert rel(s.dense(), 0.3 * a.dense() - 2.0 * b.dense()) < 1e-6
+    assert s.rank_bound == 8
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7, 12])
+def test_truncation_is_eckart_young(rank):
+    f = stack([rand_factored(30, 4, 25, 3), rand_factored(30, 5, 25, 4)], [1.0, 0.5])
+    t = truncate(svd(f), rank)
+    dense = f.dense().double()
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    k = min(rank, 9)
+    best = u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+    assert t.B.shape == (30, rank) and t.A.shape == (rank, 25)
+    assert rel(t.B @ t.A, best) < 1e-5
+    expected_energy = float((s[k:] ** 2).sum() / (s**2).sum())
+    assert t.truncation_energy == pytest.approx(expected_energy, rel=1e-4, abs=1e-9)
+    # B = U S^1/2 and A = S^1/2 V^T: both factors carry the same column norms.
+    assert torch.allclose(t.B.norm(dim=0), t.A.norm(dim=1), rtol=1e-4)
+
+
+def test_truncate_rejects_nonpositive_rank():
+    with pytest.raises(ValueError):
+        truncate(svd(rand_factored(4, 2, 4, 0)), 0)
+
+
+def _orthonormal(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+
+
+def _opposing_pair(sigma_t, sigma_d):
+    """Task = s1 u1 v1^T + s2 u2 v2^T; domain = -sd u1 v1^T + 0.7 u3 v3^T."""
+    U, V = _orthonormal(24, 3, 7), _orthonormal(18, 3, 8)
+    task = Factored(U[:, :2] * torch.tensor([sigma_t, 0.5]), V[:, :2].T)
+    domain = Factored(torch.stack([-U[:, 0] * sigma_d, U[:, 2] * 0.7], 1), V[:, [0, 2]].T)
+    return U, V, task, domain
+
+
+@pytest.mark.parametrize("task_gate,domain_gate,drops", [(0.5, 0.5, "domain"), (0.2, 0.8, "task")])
+def test_opposing_direction_is_dropped(task_gate, domain_gate, drops):
+    U, V, task, domain = _opposing_pair(sigma_t=2.0, sigma_d=1.0)
+    c = find_conflicts(svd(task), svd(domain), task_gate, domain_gate, kappa=0.3)
+    out = tada_merge_module(task, domain, task_gate=task_gate, domain_gate=domain_gate,
+                            rank=4, conflict_elimination=True, kappa=0.3)
+    u1v1 = torch.outer(U[:, 0], V[:, 0])
+    rest_t = 0.5 * torch.outer(U[:, 1], V[:, 1])
+    rest_d = 0.7 * torch.outer(U[:, 2], V[:, 2])
+    if drops == "domain":  # w_T * 2.0 > w_D * 1.0: the domain's -u1 v1^T goes
+        assert c.dropped_task == [] and c.dropped_domain == [0]
+        expected = task_gate * (2.0 * u1v1 + rest_t) + domain_gate * rest_d
+    else:  # 0.2 * 2.0 < 0.8 * 1.0: the task's u1 v1^T goes
+        assert c.dropped_task == [0] and c.dropped_domain == []
+        expected = task_gate * rest_t + domain_gate * (-1.0 * u1v1 + rest_d)
+    assert out.record["dropped_task"] == c.dropped_task
+    assert out.record["dropped_domain"] == c.dropped_domain
+    assert rel(out.lora.B @ out.lora.A, expected) < 1e-5
+
+
+def test_no_conflict_below_threshold_or_when_disabled():
+    U, V, task, domain = _opposing_pair(2.0, 1.0)
+    # c_ij >= -1 always, so a threshold above 1 never drops anything.
+    assert find_conflicts(svd(task), svd(domain), 0.5, 0.5, kappa=1.01).dropped_domain == []
+    out = tada_merge_module(task, domain, task_gate=0.5, domain_gate=0.5, rank=6,
+                            conflict_elimination=False, kappa=0.3)
+    assert rel(out.lora.B @ out.lora.A, 0.5 * task.dense() + 0.5 * domain.dense()) < 1e-5
+
+
+def test_module_in_one_adapter_keeps_its_gated_update():
+    f = rand_factored(10, 3, 8, 5)
+    out = tada_merge_module(None, f, task_gate=0.3, domain_gate=0.7, rank=3,
+                            conflict_elimination=True, kappa=0.3)
+    assert rel(out.lora.B @ out.lora.A, 0.7 * f.dense()) < 1e-5
+    assert out.record["dropped_task"] == [] and out.lora.truncation_energy < 1e-6
+
+
+def test_combine_matches_dense():
+    s1, s2 = svd(rand_factored(9, 2, 7, 1)), svd(rand_factored(9, 3, 7, 2))
+    dense = s1.U @ torch.diag(s1.S) @ s1.V.T + 2 * (s2.U @ torch.diag(s2.S) @ s2.V.T)
+    assert rel(combine([s1, s2.scaled(2.0)]).dense(), dense) < 1e-6
