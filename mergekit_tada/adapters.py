@@ -28,7 +28,9 @@ from mergekit_tada.lowrank import Factored
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$"
+)
 
 # Adapter-config flags whose maths the exact B @ A update does not cover.
 _UNSUPPORTED_FLAGS = {
@@ -148,13 +150,15 @@ class LoraAdapter:
     def _read_modules(self) -> dict[str, LoraModule]:
         shapes: dict[str, dict[str, tuple[str, list[int]]]] = {}
         with self._open() as fh:
-            for key in fh.keys():
-                for marker, what in _UNSUPPORTED_KEYS:
-                    if marker in key:
-                        raise TadaError(
-                            f"{self.weights_path}: {what} ({key}) is not supported; "
-                            "only plain LoRA (W + s*B*A) merges exactly"
-                        )
+            keys = list(fh.keys())
+            for marker, what in _UNSUPPORTED_KEYS:
+                key = next((k for k in keys if marker in k), None)
+                if key is not None:
+                    raise TadaError(
+                        f"{self.weights_path}: {what} ({key}) is not supported; "
+                        "only plain LoRA (W + s*B*A) merges exactly"
+                    )
+            for key in keys:
                 match = _KEY.match(key)
                 if match is None:
                     raise TadaError(
@@ -243,7 +247,9 @@ class StreamingAdapterWriter:
         self.dtype = dtype
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent)
+            tempfile.mkdtemp(
+                prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent
+            )
         )
         self._data = open(self._tmp / "data.bin", "wb")  # noqa: SIM115 - closed in finalize
         self._entries: dict[str, tuple[list[int], int, int]] = {}
@@ -254,7 +260,10 @@ class StreamingAdapterWriter:
             raise RuntimeError(f"module {module} written twice")
         self.ranks[module] = A.shape[0]
         prefix = f"base_model.model.{module}"
-        for key, tensor in ((f"{prefix}.lora_A.weight", A), (f"{prefix}.lora_B.weight", B)):
+        for key, tensor in (
+            (f"{prefix}.lora_A.weight", A),
+            (f"{prefix}.lora_B.weight", B),
+        ):
             data = tensor.detach().to("cpu", self.dtype).contiguous()
             raw = data.view(-1).view(torch.uint8).numpy().tobytes()
             start = self._data.tell()
@@ -281,9 +290,10 @@ class StreamingAdapterWriter:
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        with open(self._tmp / "data.bin", "rb") as src, open(
-            self._tmp / WEIGHTS_NAME, "wb"
-        ) as dst:
+        with (
+            open(self._tmp / "data.bin", "rb") as src,
+            open(self._tmp / WEIGHTS_NAME, "wb") as dst,
+        ):
             dst.write(struct.pack("<Q", len(blob)))
             dst.write(blob)
             for key in order:

@@ -57,5 +57,7 @@ def merge(
         with session.writing(model_card=False):
             session.merge_adapter_only(device=options.device or "cpu")
     else:
-        mergekit.merge.run_merge(merge_config, out_path, options=options, config_source=source)
+        mergekit.merge.run_merge(
+            merge_config, out_path, options=options, config_source=source
+        )
     return out_path

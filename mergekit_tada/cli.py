@@ -15,7 +15,9 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
     help="Write only the merged PEFT adapter and the report; never read base weights.",
 )
 @add_merge_options
-def main(merge_options: MergeOptions, config_file: str, out_path: str, adapter_only: bool):
+def main(
+    merge_options: MergeOptions, config_file: str, out_path: str, adapter_only: bool
+):
     """Merge LoRA adapters with a mergekit-tada method (same YAML as mergekit-yaml)."""
     from mergekit_tada.api import merge
     from mergekit_tada.errors import TadaError

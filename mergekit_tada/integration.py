@@ -1,4 +1,4 @@
-"""The three places where stock mergekit is redirected, all scoped to our methods.
+"""The four places where stock mergekit is redirected, all scoped to our methods.
 
 Installed by the start-up hook once ``mergekit.merge`` has been imported; every
 patch is a no-op unless the config's ``merge_method`` is one of ours.
@@ -13,11 +13,16 @@ patch is a no-op unless the config's ``merge_method`` is one of ours.
 * ``MergePlanner.plan_tensor``: mergekit 0.1.5 crashes on optional weights
   with aliases (``[name] + aliases`` with a tuple; every BertModel merge);
   aliases are handed over as a tuple that list concatenation accepts.
+* ``mergekit.card.is_hf``: the model card asks the Hugging Face Hub whether a
+  local relative path such as ``lora-a`` is a repository, which crashes the
+  run after the weights are written when offline; during our runs an existing
+  local path is local.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any
 
@@ -44,8 +49,11 @@ def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
+    import mergekit.card
     from mergekit.io.tasks import LoaderCache
     from mergekit.plan import MergePlanner
+
+    from mergekit_tada.session import MergeSession, current_session
 
     # Called while ``mergekit.merge`` finishes importing: the parent package has
     # no ``merge`` attribute yet, sys.modules has the module.
@@ -56,8 +64,6 @@ def install() -> None:
     def run_merge(merge_config, out_path, options, config_source=None):
         if not _is_ours(merge_config.merge_method):
             return original_run_merge(merge_config, out_path, options, config_source)
-        from mergekit_tada.session import MergeSession
-
         session = MergeSession(merge_config, options, out_path)
         with session.writing(model_card=options.write_model_card):
             original_run_merge(merge_config, out_path, options, config_source)
@@ -66,8 +72,6 @@ def install() -> None:
 
     @functools.wraps(original_get)
     def get(self, model):
-        from mergekit_tada.session import current_session
-
         session = current_session()
         if session is not None and model.lora is not None:
             return session.placeholder_loader(model)
@@ -86,7 +90,16 @@ def install() -> None:
             ]
         return original_plan_tensor(self, weight, weights_in, models, cfg_reader)
 
+    original_is_hf = mergekit.card.is_hf
+
+    @functools.wraps(original_is_hf)
+    def is_hf(path: str) -> bool:
+        if current_session() is not None and os.path.exists(path):
+            return False
+        return original_is_hf(path)
+
     merge_module.run_merge = run_merge
     LoaderCache.get = get
     MergePlanner.plan_tensor = plan_tensor
+    mergekit.card.is_hf = is_hf
     _INSTALLED = True

@@ -5,7 +5,7 @@ plans anything. For our methods the LoRA inputs are read as factors by the
 session instead, so the loader is handed a :class:`PlaceholderLoader`: it has
 the base model's tensor index (so planning, optional weights and aliases work
 unchanged) and returns zero-stride placeholders of the right shape and dtype,
-which cost no I/O and no memory.
+which cost no I/O and no memory (integer buffers, a few bytes, are read).
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ class HeaderIndex:
     def resolve(self, names: list[str]) -> str | None:
         return next((n for n in names if n in self.index.tensor_paths), None)
 
+    def read(self, name: str) -> torch.Tensor:
+        shard = os.path.join(self.path, self.index.tensor_paths[name])
+        with safe_open(shard, framework="pt") as fh:
+            return fh.get_tensor(name)
+
     def meta(self, name: str) -> tuple[list[int], torch.dtype]:
         with self._lock:
             if name not in self._meta:
@@ -50,7 +55,9 @@ class HeaderIndex:
                             sl = fh.get_slice(key)
                             self._meta[key] = (sl.get_shape(), _dtype(sl.get_dtype()))
                 except Exception as error:
-                    raise TadaError(f"{shard}: unreadable safetensors ({error})") from None
+                    raise TadaError(
+                        f"{shard}: unreadable safetensors ({error})"
+                    ) from None
             return self._meta[name]
 
 
@@ -93,9 +100,13 @@ class PlaceholderLoader:
                 raise KeyError(key)
             return None
         shape, dtype = self.headers.meta(name)
-        if dtype.is_floating_point and self.float_dtype is not None:
-            dtype = self.float_dtype
-        return torch.zeros((), dtype=dtype, device=device).expand(shape)
+        if not dtype.is_floating_point:
+            # Integer buffers (position ids) must equal the base's: mergekit
+            # checks that inputs agree. They are tiny, so read them.
+            return self.headers.read(name).to(device)
+        return torch.zeros((), dtype=self.float_dtype or dtype, device=device).expand(
+            shape
+        )
 
     def flush(self) -> None:
         pass

@@ -88,7 +88,11 @@ def svd(f: Factored) -> ThinSVD:
     core = r_b.double() @ r_a.double().T
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
     largest = float(s[0]) if s.numel() else 0.0
-    keep = s > largest * NULL_TOLERANCE if largest > 0 else torch.zeros_like(s, dtype=torch.bool)
+    keep = (
+        s > largest * NULL_TOLERANCE
+        if largest > 0
+        else torch.zeros_like(s, dtype=torch.bool)
+    )
     u = q_b @ u_c[:, keep].to(torch.float32)
     v = q_a @ vh_c[keep].T.to(torch.float32)
     return ThinSVD(u, s[keep].to(torch.float32), v)
@@ -103,7 +107,7 @@ def combine(parts: Sequence[ThinSVD]) -> Factored:
 
 def stack(updates: Sequence[Factored], weights: Sequence[float]) -> Factored:
     """The factored sum ``sum_t w_t B_t A_t`` (exact, rank <= sum of ranks)."""
-    B = torch.cat([w * u.B.to(torch.float32) for u, w in zip(updates, weights)], 1)
+    B = torch.cat([w * u.B.to(torch.float32) for u, w in zip(updates, weights, strict=True)], 1)
     A = torch.cat([u.A.to(torch.float32) for u in updates], dim=0)
     return Factored(B, A)
 

@@ -9,7 +9,7 @@ and returns ``W + B A``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from mergekit.merge_methods.base import (
@@ -32,7 +32,7 @@ NON_BASE = ParameterScope.NON_BASE
 
 # Parameters every LoRA-space method takes.
 COMMON_PARAMETERS = (
-    ParameterSpec("rank", Optional[int], SHARED, None, "output LoRA rank"),
+    ParameterSpec("rank", int | None, SHARED, None, "output LoRA rank"),
     ParameterSpec("adapter_out", str, SHARED, "adapter", "adapter sub-folder"),
 )
 ROLES = ("task", "domain")
@@ -53,7 +53,9 @@ class LoraMergeMethod(GroupMergeMethod):
         """Validate one tensor's resolved parameters; raise TadaError naming it."""
         rank = params.get("rank")
         if rank is not None and rank <= 0:
-            raise TadaError(f"rank must be a positive integer (got {rank}) for {tensor}")
+            raise TadaError(
+                f"rank must be a positive integer (got {rank}) for {tensor}"
+            )
 
     def merge_module(
         self,
@@ -79,7 +81,7 @@ class TadaMethod(LoraMergeMethod):
         ),
         optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
         parameters=(
-            ParameterSpec("role", Optional[str], NON_BASE, None, "task | domain"),
+            ParameterSpec("role", str | None, NON_BASE, None, "task | domain"),
             *COMMON_PARAMETERS,
             ParameterSpec("gates", str, SHARED, "uniform", "uniform | fixed"),
             ParameterSpec("task_weight", float, SHARED, 0.5),
@@ -115,7 +117,9 @@ class TadaMethod(LoraMergeMethod):
             )
         for key in ("task_weight", "domain_weight"):
             if params[key] < 0:
-                raise TadaError(f"tada: {key} must be >= 0 (got {params[key]}) for {tensor}")
+                raise TadaError(
+                    f"tada: {key} must be >= 0 (got {params[key]}) for {tensor}"
+                )
 
     @staticmethod
     def gates(params: dict) -> tuple[float, float]:

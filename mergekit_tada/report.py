@@ -52,7 +52,9 @@ def _inputs(session: MergeSession) -> dict[str, Any]:
     return {
         "base_model": {
             "path": str(session.base.model),
-            "config_sha256": sha256_file(base_config) if os.path.exists(base_config) else None,
+            "config_sha256": sha256_file(base_config)
+            if os.path.exists(base_config)
+            else None,
         },
         "adapters": adapters,
     }
@@ -66,9 +68,15 @@ def build_report(session: MergeSession) -> dict[str, Any]:
         "inputs": _inputs(session),
         "summary": {
             "modules": len(modules),
-            "mean_truncation_energy": sum(energies) / len(energies) if energies else 0.0,
-            "dropped_task": sum(len(m.get("dropped_task", [])) for m in modules.values()),
-            "dropped_domain": sum(len(m.get("dropped_domain", [])) for m in modules.values()),
+            "mean_truncation_energy": sum(energies) / len(energies)
+            if energies
+            else 0.0,
+            "dropped_task": sum(
+                len(m.get("dropped_task", [])) for m in modules.values()
+            ),
+            "dropped_domain": sum(
+                len(m.get("dropped_domain", [])) for m in modules.values()
+            ),
         },
         "modules": modules,
     }

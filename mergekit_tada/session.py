@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,11 +35,15 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import TensorGroup
 from mergekit.options import MergeOptions
 
-from mergekit_tada.adapters import LoraAdapter, StreamingAdapterWriter, write_text_atomic
+from mergekit_tada.adapters import (
+    LoraAdapter,
+    StreamingAdapterWriter,
+    write_text_atomic,
+)
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
 from mergekit_tada.lowrank import Truncated, single_thread
-from mergekit_tada.methods import METHOD_NAMES, LoraMergeMethod
+from mergekit_tada.methods import LoraMergeMethod
 from mergekit_tada.report import REPORT_NAME, build_report, card_section, dumps
 
 LOG = logging.getLogger(__name__)
@@ -139,9 +144,13 @@ class MergeSession:
         config = self.config
         name = config.merge_method
         if config.base_model is None:
-            raise TadaError(f"{name}: base_model is required (the model the LoRAs were trained on)")
+            raise TadaError(
+                f"{name}: base_model is required (the model the LoRAs were trained on)"
+            )
         if config.base_model.lora is not None:
-            raise TadaError(f"{name}: base_model must be a plain model, got {config.base_model}")
+            raise TadaError(
+                f"{name}: base_model must be a plain model, got {config.base_model}"
+            )
         known = {p.name for p in self.method.spec.parameters}
         per_model = {p.name for p in self.method.spec.input_parameters}
         for where, ref, block in _parameter_blocks(config):
@@ -183,7 +192,9 @@ class MergeSession:
         out_cfg = _model_out_config(
             config, arch, trust_remote_code=self.options.trust_remote_code
         )
-        planner = MergePlanner(config, arch, options=self.options, out_model_config=out_cfg)
+        planner = MergePlanner(
+            config, arch, options=self.options, out_model_config=out_cfg
+        )
         planner._plan()
         plans = {}
         for weight, task in planner._tensors:
@@ -200,8 +211,11 @@ class MergeSession:
                 modules = self.adapters[label].modules
                 names = [info.name, *(info.aliases or ())]
                 sources[label] = next(
-                    (n[: -len(".weight")] for n in names
-                     if n.endswith(".weight") and n[: -len(".weight")] in modules),
+                    (
+                        n[: -len(".weight")]
+                        for n in names
+                        if n.endswith(".weight") and n[: -len(".weight")] in modules
+                    ),
                     None,
                 )
                 inputs[label] = dict(task.input_parameters[ref].items())
@@ -278,12 +292,15 @@ class MergeSession:
         self.out_path.mkdir(parents=True, exist_ok=True)
         # A failed run must not leave an older adapter and report that look finished.
         (self.out_path / REPORT_NAME).unlink(missing_ok=True)
+        if self.adapter_dir.is_dir():
+            shutil.rmtree(self.adapter_dir)
         self.writer = StreamingAdapterWriter(self.adapter_dir, torch.float32)
         try:
             with self._activated():
                 yield
             missing = [
-                p.module for p in self.plans.values()
+                p.module
+                for p in self.plans.values()
                 if p.is_lora_target and p.module not in self.records
             ]
             if missing:
@@ -321,7 +338,9 @@ class MergeSession:
         }
         threads = single_thread() if device.type == "cpu" else contextlib.nullcontext()
         with threads:
-            result = self.method.merge_module(updates, plan.params, plan.inputs, plan.rank)
+            result = self.method.merge_module(
+                updates, plan.params, plan.inputs, plan.rank
+            )
         with self._lock:
             self.writer.add(plan.module, result.lora.B, result.lora.A)
             self.records[plan.module] = result.record
@@ -354,16 +373,15 @@ class MergeSession:
             task_type=first.get("task_type"),
             inference_mode=True,
         ).to_dict()
-        return {
-            k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
-        }
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
     def _target_modules(self) -> list[str]:
         """Short leaf names when they select exactly the merged modules, else full names."""
         written = set(self.writer.ranks)
         leaves = {m.rsplit(".", 1)[-1] for m in written}
         candidates = {
-            p.module for p in self.plans.values()
+            p.module
+            for p in self.plans.values()
             if p.module.rsplit(".", 1)[-1] in leaves and p.out_name.endswith(".weight")
         }
         return sorted(leaves) if candidates == written else sorted(written)

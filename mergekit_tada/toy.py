@@ -11,7 +11,15 @@ from collections.abc import Sequence
 
 import torch
 
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 _WORDS = (
     "the a of and to in is was for on with as by at from protein cell gene patient "
     "dose trial tumor enzyme receptor binding answer question format list step "

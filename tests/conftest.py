@@ -21,7 +21,15 @@ from mergekit_tada.toy import build_llama, build_lora
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-TASK_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TASK_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 DOMAIN_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 
 
@@ -30,8 +38,17 @@ def toy(tmp_path_factory) -> Path:
     """base (3 layers), lora-task (r=4, all projections), lora-domain (r=6, four)."""
     root = tmp_path_factory.mktemp("toy")
     build_llama(root / "base", layers=3, seed=0)
-    build_lora(root / "base", root / "lora-task", r=4, alpha=8, seed=1, targets=TASK_TARGETS)
-    build_lora(root / "base", root / "lora-domain", r=6, alpha=12, seed=2, targets=DOMAIN_TARGETS)
+    build_lora(
+        root / "base", root / "lora-task", r=4, alpha=8, seed=1, targets=TASK_TARGETS
+    )
+    build_lora(
+        root / "base",
+        root / "lora-domain",
+        r=6,
+        alpha=12,
+        seed=2,
+        targets=DOMAIN_TARGETS,
+    )
     return root
 
 
@@ -45,8 +62,13 @@ def work(toy: Path, tmp_path: Path, monkeypatch) -> Path:
 
 
 def tada_config(**parameters) -> dict:
-    params = {"rank": 10, "gates": "fixed", "task_weight": 1.0, "domain_weight": 1.0,
-              "conflict_elimination": False}
+    params = {
+        "rank": 10,
+        "gates": "fixed",
+        "task_weight": 1.0,
+        "domain_weight": 1.0,
+        "conflict_elimination": False,
+    }
     params.update(parameters)
     return {
         "merge_method": "tada",
@@ -107,7 +129,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / max(torch.linalg.norm(b), 1e-30))
 
 
-def rewrite_factors(adapter: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+def rewrite_factors(
+    adapter: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+):
     """Replace (A, B) of modules in a real PEFT adapter folder (same keys, new values)."""
     path = Path(adapter) / "adapter_model.safetensors"
     tensors = load_file(path)

@@ -13,7 +13,9 @@ def rand_factored(m, k, n, seed):
 
 
 def rel(a, b):
-    return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()))
+    return float(
+        torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double())
+    )
 
 
 @pytest.mark.parametrize("m,k,n", [(40, 4, 30), (16, 8, 64), (6, 9, 5)])
@@ -32,7 +34,9 @@ def test_svd_of_product_is_exact(m, k, n):
 
 def test_svd_drops_null_directions():
     f = rand_factored(20, 3, 15, seed=1)
-    padded = Factored(torch.cat([f.B, torch.zeros(20, 1)], 1), torch.cat([f.A, torch.ones(1, 15)], 0))
+    padded = Factored(
+        torch.cat([f.B, torch.zeros(20, 1)], 1), torch.cat([f.A, torch.ones(1, 15)], 0)
+    )
     s = svd(padded)
     assert len(s) == 3
     assert rel(s.U @ torch.diag(s.S) @ s.V.T, f.dense()) < 1e-5
@@ -77,16 +81,27 @@ def _opposing_pair(sigma_t, sigma_d):
     """Task = s1 u1 v1^T + s2 u2 v2^T; domain = -sd u1 v1^T + 0.7 u3 v3^T."""
     U, V = _orthonormal(24, 3, 7), _orthonormal(18, 3, 8)
     task = Factored(U[:, :2] * torch.tensor([sigma_t, 0.5]), V[:, :2].T)
-    domain = Factored(torch.stack([-U[:, 0] * sigma_d, U[:, 2] * 0.7], 1), V[:, [0, 2]].T)
+    domain = Factored(
+        torch.stack([-U[:, 0] * sigma_d, U[:, 2] * 0.7], 1), V[:, [0, 2]].T
+    )
     return U, V, task, domain
 
 
-@pytest.mark.parametrize("task_gate,domain_gate,drops", [(0.5, 0.5, "domain"), (0.2, 0.8, "task")])
+@pytest.mark.parametrize(
+    "task_gate,domain_gate,drops", [(0.5, 0.5, "domain"), (0.2, 0.8, "task")]
+)
 def test_opposing_direction_is_dropped(task_gate, domain_gate, drops):
     U, V, task, domain = _opposing_pair(sigma_t=2.0, sigma_d=1.0)
     c = find_conflicts(svd(task), svd(domain), task_gate, domain_gate, kappa=0.3)
-    out = tada_merge_module(task, domain, task_gate=task_gate, domain_gate=domain_gate,
-                            rank=4, conflict_elimination=True, kappa=0.3)
+    out = tada_merge_module(
+        task,
+        domain,
+        task_gate=task_gate,
+        domain_gate=domain_gate,
+        rank=4,
+        conflict_elimination=True,
+        kappa=0.3,
+    )
     u1v1 = torch.outer(U[:, 0], V[:, 0])
     rest_t = 0.5 * torch.outer(U[:, 1], V[:, 1])
     rest_d = 0.7 * torch.outer(U[:, 2], V[:, 2])
@@ -104,16 +119,35 @@ def test_opposing_direction_is_dropped(task_gate, domain_gate, drops):
 def test_no_conflict_below_threshold_or_when_disabled():
     U, V, task, domain = _opposing_pair(2.0, 1.0)
     # c_ij >= -1 always, so a threshold above 1 never drops anything.
-    assert find_conflicts(svd(task), svd(domain), 0.5, 0.5, kappa=1.01).dropped_domain == []
-    out = tada_merge_module(task, domain, task_gate=0.5, domain_gate=0.5, rank=6,
-                            conflict_elimination=False, kappa=0.3)
-    assert rel(out.lora.B @ out.lora.A, 0.5 * task.dense() + 0.5 * domain.dense()) < 1e-5
+    assert (
+        find_conflicts(svd(task), svd(domain), 0.5, 0.5, kappa=1.01).dropped_domain
+        == []
+    )
+    out = tada_merge_module(
+        task,
+        domain,
+        task_gate=0.5,
+        domain_gate=0.5,
+        rank=6,
+        conflict_elimination=False,
+        kappa=0.3,
+    )
+    assert (
+        rel(out.lora.B @ out.lora.A, 0.5 * task.dense() + 0.5 * domain.dense()) < 1e-5
+    )
 
 
 def test_module_in_one_adapter_keeps_its_gated_update():
     f = rand_factored(10, 3, 8, 5)
-    out = tada_merge_module(None, f, task_gate=0.3, domain_gate=0.7, rank=3,
-                            conflict_elimination=True, kappa=0.3)
+    out = tada_merge_module(
+        None,
+        f,
+        task_gate=0.3,
+        domain_gate=0.7,
+        rank=3,
+        conflict_elimination=True,
+        kappa=0.3,
+    )
     assert rel(out.lora.B @ out.lora.A, 0.7 * f.dense()) < 1e-5
     assert out.record["dropped_task"] == [] and out.lora.truncation_energy < 1e-6
 

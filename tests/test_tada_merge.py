@@ -42,7 +42,10 @@ def test_exact_sum_at_full_rank(work):
 
 def test_truncation_is_best_rank_r_of_gated_sum(work):
     out = run(tada_config(rank=3, task_weight=0.3, domain_weight=0.7))
-    d_task, d_domain = peft_delta("base", "lora-task"), peft_delta("base", "lora-domain")
+    d_task, d_domain = (
+        peft_delta("base", "lora-task"),
+        peft_delta("base", "lora-domain"),
+    )
     report = json.loads((out / "tada_report.json").read_text())
     for name, delta in adapter_delta(out / "adapter").items():
         target = 0.3 * d_task[name] + 0.7 * d_domain.get(name, 0)
@@ -85,7 +88,13 @@ def test_report_schema(work):
     for entry in adapters.values():
         assert len(entry["files_sha256"]["adapter_model.safetensors"]) == 64
     module = report["modules"]["model.layers.0.self_attn.q_proj"]
-    for key in ("task_gate", "domain_gate", "dropped_task", "dropped_domain", "truncation_energy"):
+    for key in (
+        "task_gate",
+        "domain_gate",
+        "dropped_task",
+        "dropped_domain",
+        "truncation_energy",
+    ):
         assert key in module
     assert module["task_gate"] == module["domain_gate"] == 0.5
     # k_proj is in the task adapter only: nothing of the domain to drop
@@ -95,10 +104,25 @@ def test_report_schema(work):
 def test_mixed_ranks_rslora_and_patterns(work):
     from mergekit_tada.toy import build_lora
 
-    build_lora("base", "lora-rs", r=8, alpha=4, seed=5, use_rslora=True,
-               targets=("q_proj", "v_proj"))
-    build_lora("base", "lora-pat", r=4, alpha=8, seed=6, targets=("q_proj", "v_proj", "o_proj"),
-               rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 32})
+    build_lora(
+        "base",
+        "lora-rs",
+        r=8,
+        alpha=4,
+        seed=5,
+        use_rslora=True,
+        targets=("q_proj", "v_proj"),
+    )
+    build_lora(
+        "base",
+        "lora-pat",
+        r=4,
+        alpha=8,
+        seed=6,
+        targets=("q_proj", "v_proj", "o_proj"),
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"o_proj": 32},
+    )
     config = tada_config(rank=14)
     config["models"][0]["model"] = "./base+./lora-rs"
     config["models"][1]["model"] = "./base+./lora-pat"
@@ -117,11 +141,15 @@ def test_gradient_and_filter_weights_set_per_layer_gates(work):
     )
     out = run(config)
     modules = json.loads((out / "tada_report.json").read_text())["modules"]
-    assert [modules[f"model.layers.{i}.self_attn.q_proj"]["task_gate"] for i in range(3)] == [
-        1.0, 0.5, 0.0]
+    assert [
+        modules[f"model.layers.{i}.self_attn.q_proj"]["task_gate"] for i in range(3)
+    ] == [1.0, 0.5, 0.0]
     assert modules["model.layers.1.mlp.up_proj"]["domain_gate"] == 0.25
     assert modules["model.layers.1.self_attn.v_proj"]["domain_gate"] == 0.75
-    d_task, d_domain = peft_delta("base", "lora-task"), peft_delta("base", "lora-domain")
+    d_task, d_domain = (
+        peft_delta("base", "lora-task"),
+        peft_delta("base", "lora-domain"),
+    )
     delta = adapter_delta(out / "adapter")["model.layers.1.mlp.up_proj.weight"]
     name = "model.layers.1.mlp.up_proj.weight"
     assert rel_err(delta, 0.5 * d_task[name] + 0.25 * d_domain[name]) < 1e-5
@@ -148,27 +176,47 @@ def test_adapter_only_matches_full_merge_and_reads_no_base_weights(work, monkeyp
     only = run(tada_config(rank=4, gates="uniform"), "only", adapter_only=True)
     assert sorted(p.name for p in only.iterdir()) == ["adapter", "tada_report.json"]
     for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (full / "adapter" / name).read_bytes() == (only / "adapter" / name).read_bytes()
+        assert (full / "adapter" / name).read_bytes() == (
+            only / "adapter" / name
+        ).read_bytes()
 
 
 def test_slices_and_out_shard_size(work):
     config = tada_config(rank=10)
     del config["models"]
-    config["slices"] = [{
-        "sources": [
-            {"model": "./base", "layer_range": [1, 3]},
-            {"model": "./base+./lora-task", "layer_range": [1, 3], "parameters": {"role": "task"}},
-            {"model": "./base+./lora-domain", "layer_range": [1, 3], "parameters": {"role": "domain"}},
-        ]
-    }]
+    config["slices"] = [
+        {
+            "sources": [
+                {"model": "./base", "layer_range": [1, 3]},
+                {
+                    "model": "./base+./lora-task",
+                    "layer_range": [1, 3],
+                    "parameters": {"role": "task"},
+                },
+                {
+                    "model": "./base+./lora-domain",
+                    "layer_range": [1, 3],
+                    "parameters": {"role": "domain"},
+                },
+            ]
+        }
+    ]
     out = run(config, out_shard_size=20_000)
     assert len(list(out.glob("model-*.safetensors"))) > 1
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
-    d_task, d_domain = peft_delta("base", "lora-task"), peft_delta("base", "lora-domain")
+    d_task, d_domain = (
+        peft_delta("base", "lora-task"),
+        peft_delta("base", "lora-domain"),
+    )
     ours = adapter_delta(out / "adapter")
     # output layer i is input layer i + 1
     src = "model.layers.2.mlp.down_proj.weight"
-    assert rel_err(ours["model.layers.1.mlp.down_proj.weight"], d_task[src] + d_domain[src]) < 1e-5
+    assert (
+        rel_err(
+            ours["model.layers.1.mlp.down_proj.weight"], d_task[src] + d_domain[src]
+        )
+        < 1e-5
+    )
     assert not any(k.startswith("model.layers.2.") for k in ours)
 
 
@@ -191,7 +239,16 @@ def test_multi_stage_config(work):
     # relative "a/b" paths, which fails offline (mergekit behaviour, not ours).
     stages = str(work / "stages")
     with pytest.raises(SystemExit) as done:
-        multimerge_main(["multi.yml", "--intermediate-dir", stages, "--out-path", "final", "--quiet"])
+        multimerge_main(
+            [
+                "multi.yml",
+                "--intermediate-dir",
+                stages,
+                "--out-path",
+                "final",
+                "--quiet",
+            ]
+        )
     assert done.value.code == 0
     assert (work / "stages/tada-stage/adapter/adapter_config.json").exists()
     base, final = load_weights("base"), load_weights("final")

@@ -1,0 +1,204 @@
+"""Bad input: a clear error naming file and module, and nothing that looks finished."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import copy_adapter, rewrite_factors, tada_config
+
+import mergekit_tada
+from mergekit_tada.errors import TadaError
+from mergekit_tada.toy import build_llama, build_lora
+
+
+def expect_error(config, match, out="out", **kw):
+    with pytest.raises(TadaError, match=match):
+        mergekit_tada.merge(config, out, quiet=True, **kw)
+    out = Path(out)
+    # nothing written that looks finished: no report, no adapter, no model config
+    for name in ("tada_report.json", "adapter", "config.json", "model.safetensors"):
+        assert not (out / name).exists(), name
+
+
+def with_domain(path: str) -> dict:
+    config = tada_config()
+    config["models"][1]["model"] = f"./base+./{path}"
+    return config
+
+
+def test_adapter_from_a_different_base(work):
+    build_llama("other-base", hidden=48, layers=3, seed=3)
+    build_lora("other-base", "lora-other", r=4, seed=4, targets=("q_proj",))
+    expect_error(
+        with_domain("lora-other"),
+        r"lora-other/adapter_model.safetensors: module "
+        r"model.layers.0.self_attn.q_proj updates a 48x48 weight.*different base",
+    )
+
+
+def test_adapter_module_missing_from_base(work):
+    build_llama("deep-base", layers=5, seed=3)
+    build_lora("deep-base", "lora-deep", r=4, seed=4, targets=("q_proj",))
+    expect_error(
+        with_domain("lora-deep"),
+        r"lora-deep/adapter_model.safetensors: module "
+        r"model.layers.3.self_attn.q_proj matches no weight",
+    )
+
+
+@pytest.mark.parametrize(
+    "roles,match",
+    [
+        (("task", "task"), "exactly one model must have role 'task'"),
+        (("task", None), r"lora-domain needs parameters: \{role: task\}"),
+        (("task", "style"), r"got role='style'"),
+    ],
+)
+def test_roles(work, roles, match):
+    config = tada_config()
+    for model, role in zip(config["models"], roles, strict=True):
+        model["parameters"] = {"role": role} if role else {}
+    expect_error(config, match)
+
+
+def test_role_on_a_non_lora_model(work):
+    config = tada_config()
+    config["models"].append({"model": "./base", "parameters": {"role": "task"}})
+    expect_error(config, r"role given to the non-LoRA model ./base")
+
+
+def test_non_lora_input(work):
+    build_llama("other", layers=3, seed=9)
+    config = tada_config()
+    config["models"][1] = {"model": "./other"}
+    expect_error(config, r"model ./other is not a LoRA input")
+    config["models"][1]["parameters"] = {"role": "domain"}
+    expect_error(config, r"role given to the non-LoRA model ./other")
+
+
+@pytest.mark.parametrize("rank", [0, -3])
+def test_nonpositive_rank(work, rank):
+    expect_error(tada_config(rank=rank), r"rank must be a positive integer \(got")
+
+
+def test_unknown_parameter_is_named(work):
+    expect_error(
+        tada_config(conflict_treshold=0.2), r"unknown parameter\(s\) conflict_treshold"
+    )
+
+
+def test_bad_gate_mode(work):
+    expect_error(tada_config(gates="magic"), r"gates must be one of uniform, fixed")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_factor(work, value):
+    path = copy_adapter("lora-domain", "lora-bad")
+    B = torch.randn(32, 6)  # down_proj: 64 -> 32
+    B[3, 2] = value
+    rewrite_factors(path, {"model.layers.2.mlp.down_proj": (torch.randn(6, 64), B)})
+    expect_error(
+        with_domain("lora-bad"),
+        r"lora-bad/adapter_model.safetensors: module "
+        r"model.layers.2.mlp.down_proj: lora_B contains NaN or Inf",
+    )
+
+
+def test_truncated_safetensors(work):
+    path = copy_adapter("lora-domain", "lora-cut")
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    expect_error(
+        with_domain("lora-cut"),
+        r"lora-cut/adapter_model.safetensors: not a readable safetensors",
+    )
+
+
+def test_garbage_safetensors(work):
+    path = copy_adapter("lora-domain", "lora-junk")
+    (path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    expect_error(
+        with_domain("lora-junk"), r"lora-junk/adapter_model.safetensors: not a readable"
+    )
+
+
+def test_missing_adapter_config(work):
+    path = copy_adapter("lora-domain", "lora-noconf")
+    (path / "adapter_config.json").unlink()
+    expect_error(
+        with_domain("lora-noconf"), r"lora-noconf/adapter_config.json: missing"
+    )
+
+
+@pytest.mark.parametrize(
+    "flag,value,what",
+    [
+        ("use_dora", True, "DoRA"),
+        ("lora_bias", True, "LoRA biases"),
+        ("modules_to_save", ["lm_head"], "modules_to_save"),
+        ("bias", "all", "bias='all'"),
+        ("peft_type", "IA3", "peft_type IA3"),
+    ],
+)
+def test_unsupported_variants_in_config(work, flag, value, what):
+    path = copy_adapter("lora-domain", "lora-variant")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg[flag] = value
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    expect_error(
+        with_domain("lora-variant"), rf"lora-variant/adapter_config.json: {what}"
+    )
+
+
+def test_dora_adapter_saved_by_peft(work):
+    build_lora("base", "lora-dora", r=4, seed=7, targets=("q_proj",), use_dora=True)
+    expect_error(with_domain("lora-dora"), r"lora-dora/adapter_config.json: DoRA")
+    # the weights alone tell too
+    cfg = json.loads(Path("lora-dora/adapter_config.json").read_text())
+    cfg["use_dora"] = False
+    Path("lora-dora/adapter_config.json").write_text(json.dumps(cfg))
+    expect_error(
+        with_domain("lora-dora"), r"lora-dora/adapter_model.safetensors: DoRA magnitude"
+    )
+
+
+def test_embedding_lora(work):
+    build_lora("base", "lora-emb", r=4, seed=8, targets=("embed_tokens", "q_proj"))
+    expect_error(
+        with_domain("lora-emb"), r"lora-emb/adapter_model.safetensors: embedding LoRA"
+    )
+
+
+def test_validation_failure_leaves_earlier_output_intact(work):
+    mergekit_tada.merge(tada_config(), "out", quiet=True)
+    before = Path("out/adapter/adapter_model.safetensors").read_bytes()
+    path = copy_adapter("lora-domain", "lora-late")
+    B = torch.full((32, 6), float("nan"))
+    rewrite_factors(path, {"model.layers.2.mlp.down_proj": (torch.randn(6, 64), B)})
+    with pytest.raises(TadaError, match="NaN"):
+        mergekit_tada.merge(with_domain("lora-late"), "out", quiet=True)
+    # validation failed before anything was touched: the earlier run is intact
+    assert Path("out/tada_report.json").exists()
+    assert Path("out/adapter/adapter_model.safetensors").read_bytes() == before
+
+
+def test_crash_mid_merge_leaves_nothing_that_looks_finished(work, monkeypatch):
+    from mergekit_tada.methods import TadaMethod
+
+    mergekit_tada.merge(tada_config(), "out", quiet=True)  # an earlier finished run
+    real = TadaMethod.merge_module
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("simulated crash")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TadaMethod, "merge_module", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        mergekit_tada.merge(tada_config(), "out", quiet=True)
+    leftovers = sorted(p.name for p in Path("out").iterdir())
+    assert "tada_report.json" not in leftovers and "adapter" not in leftovers
+    assert not [name for name in leftovers if name.startswith(".")], leftovers

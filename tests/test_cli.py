@@ -1,0 +1,71 @@
+"""The stock command line, our console script and the start-up hook, as subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import adapter_delta, peft_delta, rel_err, tada_config
+
+
+def sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_stock_mergekit_yaml(work):
+    Path("tada.yml").write_text(yaml.safe_dump(tada_config()))
+    done = sh("mergekit-yaml", "tada.yml", "out", "--quiet", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (work / "out/adapter/adapter_model.safetensors").exists()
+    assert (
+        json.loads((work / "out/tada_report.json").read_text())["settings"][
+            "merge_method"
+        ]
+        == "tada"
+    )
+    d = peft_delta(work / "base", work / "lora-task")
+    ours = adapter_delta(work / "out/adapter")
+    name = "model.layers.2.self_attn.o_proj.weight"  # task-only module
+    assert rel_err(ours[name], d[name]) < 1e-5
+
+
+def test_mergekit_tada_adapter_only_and_clear_errors(work):
+    Path("tada.yml").write_text(yaml.safe_dump(tada_config(rank=4, gates="uniform")))
+    done = sh("mergekit-tada", "tada.yml", "out", "--adapter-only", "--quiet", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (work / "out").iterdir()) == [
+        "adapter",
+        "tada_report.json",
+    ]
+    Path("bad.yml").write_text(yaml.safe_dump(tada_config(rank=0)))
+    bad = sh("mergekit-tada", "bad.yml", "out2", "--adapter-only", cwd=work)
+    assert bad.returncode == 1
+    assert "Error: rank must be a positive integer (got 0)" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_startup_hook_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "assert any(type(f).__name__ == '_MergekitTadaStub' for f in sys.meta_path)\n"
+        "heavy = [m for m in ('torch', 'mergekit', 'mergekit_tada', 'typing') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_method_registered_in_a_fresh_interpreter():
+    code = (
+        "from mergekit.merge_methods import registry\n"
+        "import mergekit.merge, mergekit.scripts.run_yaml as ry\n"
+        "print(registry.get('tada').spec.name, ry.run_merge is mergekit.merge.run_merge,"
+        " hasattr(ry.run_merge, '__wrapped__'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["tada", "True", "True"]
