@@ -2,12 +2,13 @@
 
 mergekit has no plugin discovery: its CLI only knows the methods in
 ``mergekit.merge_methods.registry``. The wheel (and an editable install) puts
-``mergekit_tada_hook.pth`` in site-packages; at every interpreter start it
-defines a five-line finder and appends it to ``sys.meta_path``: no file is
-imported, no torch, no mergekit. Only when ``mergekit.merge_methods`` or
-``mergekit.merge`` is about to be imported does the stub import this module,
-whose :func:`find_spec` wraps the real loader so that our code runs right after
-the mergekit module finishes executing:
+``mergekit_tada_hook.pth`` and ``_mergekit_tada_stub.py`` in site-packages; at
+every interpreter start the .pth imports the stub, which appends one finder to
+``sys.meta_path`` and imports nothing else (no torch, no mergekit, not this
+package). Only when ``mergekit.merge_methods`` or ``mergekit.merge`` is about
+to be imported does the stub import this module, whose :func:`find_spec` wraps
+the real loader so that our code runs right after the mergekit module finishes
+executing:
 
 * ``mergekit.merge_methods`` -> register our merge methods;
 * ``mergekit.merge`` -> install the run-time integration (LoRA factors read

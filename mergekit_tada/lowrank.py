@@ -107,7 +107,9 @@ def combine(parts: Sequence[ThinSVD]) -> Factored:
 
 def stack(updates: Sequence[Factored], weights: Sequence[float]) -> Factored:
     """The factored sum ``sum_t w_t B_t A_t`` (exact, rank <= sum of ranks)."""
-    B = torch.cat([w * u.B.to(torch.float32) for u, w in zip(updates, weights, strict=True)], 1)
+    B = torch.cat(
+        [w * u.B.to(torch.float32) for u, w in zip(updates, weights, strict=True)], 1
+    )
     A = torch.cat([u.A.to(torch.float32) for u in updates], dim=0)
     return Factored(B, A)
 

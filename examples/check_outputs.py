@@ -1,0 +1,44 @@
+"""Check the example's outputs: the adapter loads in PEFT and equals out/."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+work = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/work")
+out = work / "out"
+base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32)
+merged = (
+    PeftModel.from_pretrained(base, out / "adapter").merge_and_unload().state_dict()
+)
+written = {}
+for shard in out.glob("*.safetensors"):
+    written.update(load_file(shard))
+worst = max(float((merged[k] - written[k]).abs().max()) for k in written)
+report = json.loads((out / "tada_report.json").read_text())
+summary = report["summary"]
+print(f"modules merged: {summary['modules']}")
+print(
+    f"directions dropped as conflicting: task {summary['dropped_task']}, "
+    f"domain {summary['dropped_domain']}"
+)
+print(f"mean truncation energy: {summary['mean_truncation_energy']:.4f}")
+gates = {
+    k: (v["task_gate"], v["domain_gate"])
+    for k, v in report["modules"].items()
+    if k.endswith("q_proj")
+}
+for name, (t, d) in gates.items():
+    print(f"  {name}: task {t:.2f} domain {d:.2f}")
+print(f"max |PEFT merge_and_unload(out/adapter) - out/| = {worst:.2e}")
+same = (out / "adapter" / "adapter_model.safetensors").read_bytes() == (
+    work / "out-adapter-only" / "adapter" / "adapter_model.safetensors"
+).read_bytes()
+print(f"adapter-only run wrote the same adapter bytes: {same}")
+if worst > 1e-5 or not same:
+    sys.exit("example check FAILED")
+print("example OK")
