@@ -9,6 +9,7 @@ and returns ``W + B A``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,8 +24,10 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
+from mergekit_tada.cache import DEFAULT_CACHE_DIR
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored
+from mergekit_tada.probe import ProbeTable, gates_from_delta
 from mergekit_tada.tada import ModuleMerge, tada_merge_module
 
 SHARED = ParameterScope.SHARED
@@ -36,7 +39,34 @@ COMMON_PARAMETERS = (
     ParameterSpec("adapter_out", str, SHARED, "adapter", "adapter sub-folder"),
 )
 ROLES = ("task", "domain")
-GATE_MODES = ("uniform", "fixed")
+GATE_MODES = ("probe", "uniform", "fixed")
+# Calibration settings are read once per merge (they choose the data and the
+# pass), so they must not vary per tensor; the gate formula's settings may.
+CALIBRATION_KEYS = (
+    "calibration",
+    "calibration_samples",
+    "calibration_max_length",
+    "calibration_batch_size",
+    "cache_dir",
+)
+
+
+@dataclass(frozen=True)
+class ModuleJob:
+    """Everything a method needs to merge one module.
+
+    ``updates``, ``inputs`` and ``sources`` are keyed by input label (the model
+    reference as written in the config), in config order; a module an input
+    lacks has update and source ``None``. ``context`` is what the method's
+    ``prepare`` returned (e.g. TaDA's probe table).
+    """
+
+    updates: dict[str, Factored | None]
+    params: dict
+    inputs: dict[str, dict]
+    sources: dict[str, str | None]
+    rank: int
+    context: Any = None
 
 
 class LoraMergeMethod(GroupMergeMethod):
@@ -57,18 +87,16 @@ class LoraMergeMethod(GroupMergeMethod):
                 f"rank must be a positive integer (got {rank}) for {tensor}"
             )
 
-    def merge_module(
-        self,
-        updates: dict[str, Factored | None],
-        params: dict,
-        inputs: dict[str, dict],
-        rank: int,
-    ) -> ModuleMerge:
-        """Merged rank-r factors of one module from the inputs' factored updates.
+    def calibration(self, params: dict) -> dict | None:
+        """Calibration settings if this tensor's parameters ask for a probe pass."""
+        return None
 
-        ``updates`` and ``inputs`` are keyed by input label (``str`` of the model
-        reference), in config order; a missing module is ``None``.
-        """
+    def prepare(self, stats: Any, plans: list) -> Any:
+        """Method-wide context from calibration statistics (None without a pass)."""
+        return None
+
+    def merge_module(self, job: ModuleJob) -> ModuleMerge:
+        """Merged rank-r factors of one module from the inputs' factored updates."""
         raise NotImplementedError
 
 
@@ -76,18 +104,25 @@ class TadaMethod(LoraMergeMethod):
     spec = MergeMethodSpec(
         name="tada",
         pretty_name="TaDA (task-domain LoRA merging)",
-        contract=InputContract(
-            base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2
-        ),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2),
         optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
         parameters=(
             ParameterSpec("role", str | None, NON_BASE, None, "task | domain"),
             *COMMON_PARAMETERS,
-            ParameterSpec("gates", str, SHARED, "uniform", "uniform | fixed"),
-            ParameterSpec("task_weight", float, SHARED, 0.5),
-            ParameterSpec("domain_weight", float, SHARED, 0.5),
+            ParameterSpec("gates", str, SHARED, "probe", "probe | uniform | fixed"),
+            ParameterSpec("task_weight", float | None, SHARED, None),
+            ParameterSpec("domain_weight", float | None, SHARED, None),
             ParameterSpec("conflict_elimination", bool, SHARED, True),
             ParameterSpec("conflict_threshold", float, SHARED, 0.3, "kappa"),
+            ParameterSpec("calibration", str | None, SHARED, None, "prompts file"),
+            ParameterSpec("calibration_samples", int, SHARED, 32),
+            ParameterSpec("calibration_max_length", int, SHARED, 256),
+            ParameterSpec("calibration_batch_size", int, SHARED, 8),
+            ParameterSpec("tau", float, SHARED, 1.0),
+            ParameterSpec("gate_min", float, SHARED, 0.1),
+            ParameterSpec("gate_max", float, SHARED, 0.9),
+            ParameterSpec("scale", float, SHARED, 1.0, "global lambda on both gates"),
+            ParameterSpec("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
         ),
     )
 
@@ -110,41 +145,98 @@ class TadaMethod(LoraMergeMethod):
                 f"tada: gates must be one of {', '.join(GATE_MODES)} "
                 f"(got {params['gates']!r}) for {tensor}"
             )
-        if params["conflict_threshold"] < 0:
+        if params["gates"] == "probe" and not params["calibration"]:
             raise TadaError(
-                f"tada: conflict_threshold must be >= 0 (got "
-                f"{params['conflict_threshold']}) for {tensor}"
+                "tada: gates: probe (the default) needs calibration: a .txt (one prompt "
+                "per line), .jsonl (a 'text' field) or saved dataset of domain prompts; "
+                f"or set gates: uniform | fixed (for {tensor})"
             )
-        for key in ("task_weight", "domain_weight"):
-            if params[key] < 0:
-                raise TadaError(
-                    f"tada: {key} must be >= 0 (got {params[key]}) for {tensor}"
-                )
+        limits = (
+            ("conflict_threshold", 0, None),
+            ("task_weight", 0, None),
+            ("domain_weight", 0, None),
+            ("gate_min", 0, 1),
+            ("gate_max", 0, 1),
+            ("scale", 0, None),
+            ("calibration_samples", 1, None),
+            ("calibration_max_length", 1, None),
+            ("calibration_batch_size", 1, None),
+        )
+        for key, low, high in limits:
+            value = params[key]
+            if value is not None and (value < low or (high is not None and value > high)):
+                bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise TadaError(f"tada: {key} must be {bound} (got {value}) for {tensor}")
+        if params["gate_min"] > params["gate_max"]:
+            raise TadaError(f"tada: gate_min > gate_max for {tensor}")
+        if params["tau"] <= 0:
+            raise TadaError(f"tada: tau must be > 0 (got {params['tau']}) for {tensor}")
+
+    def calibration(self, params: dict) -> dict | None:
+        if params["gates"] != "probe":
+            return None
+        return {key: params[key] for key in CALIBRATION_KEYS}
+
+    def prepare(self, stats: Any, plans: list) -> ProbeTable | None:
+        if stats is None:
+            return None
+        roles = {label: p["role"] for label, p in plans[0].inputs.items()}
+        by_role = {role: stats[label] for label, role in roles.items()}
+        return ProbeTable.from_stats(by_role["task"], by_role["domain"])
 
     @staticmethod
-    def gates(params: dict) -> tuple[float, float]:
-        if params["gates"] == "uniform":
-            return 0.5, 0.5
-        return float(params["task_weight"]), float(params["domain_weight"])
+    def gates(job: ModuleJob) -> tuple[float, float, dict]:
+        """(w_T, w_D, extra report fields) for one module."""
+        params = job.params
+        mode = params["gates"]
+        extra: dict = {"gate_mode": mode}
+        if mode == "uniform":
+            return 0.5, 0.5, extra
+        w_task, w_domain = params["task_weight"], params["domain_weight"]
+        if mode == "probe":
+            probes: ProbeTable = job.context
+            role_source = {job.inputs[label]["role"]: m for label, m in job.sources.items()}
+            task_m, domain_m = role_source["task"], role_source["domain"]
+            delta = probes.delta(task_m, domain_m)
+            p_task, p_domain = gates_from_delta(
+                delta,
+                probes.median_delta,
+                tau=params["tau"],
+                gate_min=params["gate_min"],
+                gate_max=params["gate_max"],
+                scale=params["scale"],
+            )
+            extra.update(
+                probe_task=probes.task.get(task_m) if task_m else None,
+                probe_domain=probes.domain.get(domain_m) if domain_m else None,
+                delta=delta,
+            )
+            # user weights (scalars, gradients, filters) override per tensor
+            if w_task is not None or w_domain is not None:
+                extra["gate_override"] = True
+            w_task = p_task if w_task is None else w_task
+            w_domain = p_domain if w_domain is None else w_domain
+            return float(w_task), float(w_domain), extra
+        return (
+            0.5 if w_task is None else float(w_task),
+            0.5 if w_domain is None else float(w_domain),
+            extra,
+        )
 
-    def merge_module(
-        self,
-        updates: dict[str, Factored | None],
-        params: dict,
-        inputs: dict[str, dict],
-        rank: int,
-    ) -> ModuleMerge:
-        by_role = {inputs[label]["role"]: update for label, update in updates.items()}
-        task_gate, domain_gate = self.gates(params)
-        return tada_merge_module(
+    def merge_module(self, job: ModuleJob) -> ModuleMerge:
+        by_role = {job.inputs[label]["role"]: update for label, update in job.updates.items()}
+        task_gate, domain_gate, extra = self.gates(job)
+        merged = tada_merge_module(
             by_role["task"],
             by_role["domain"],
             task_gate=task_gate,
             domain_gate=domain_gate,
-            rank=rank,
-            conflict_elimination=params["conflict_elimination"],
-            kappa=params["conflict_threshold"],
+            rank=job.rank,
+            conflict_elimination=job.params["conflict_elimination"],
+            kappa=job.params["conflict_threshold"],
         )
+        merged.record.update(extra)
+        return merged
 
 
 METHODS: tuple[LoraMergeMethod, ...] = (TadaMethod(),)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergekit_tada import __version__
@@ -13,6 +16,8 @@ if TYPE_CHECKING:
     from mergekit_tada.session import MergeSession
 
 REPORT_NAME = "tada_report.json"
+GATES_PLOT = "gates.png"
+_LAYER = re.compile(r"\.(\d+)\.")
 
 
 def dumps(report: dict) -> str:
@@ -50,6 +55,7 @@ def _inputs(session: MergeSession) -> dict[str, Any]:
             "modules": len(adapter.modules),
         }
     return {
+        "calibration": session.calibration_info,
         "base_model": {
             "path": str(session.base.model),
             "config_sha256": sha256_file(base_config)
@@ -82,19 +88,106 @@ def build_report(session: MergeSession) -> dict[str, Any]:
     }
 
 
-def card_section(session: MergeSession) -> str:
-    report = build_report(session)
+def _depth_series(records: dict[str, dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """projection -> {"task"|"domain" -> [(layer, gate)]} for modules inside blocks."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for module, record in sorted(records.items()):
+        match = _LAYER.search(module)
+        if match is None or "task_gate" not in record:
+            continue
+        proj = module.rsplit(".", 1)[-1]
+        for role in ("task", "domain"):
+            series.setdefault(proj, {}).setdefault(role, []).append(
+                (int(match.group(1)), record[f"{role}_gate"])
+            )
+    return series
+
+
+def plot_gates(records: dict[str, dict], path: Path) -> bool:
+    """Gates by layer depth, one line per projection, task dashed and domain solid.
+
+    Returns False (and writes nothing) when there is nothing to draw.
+    """
+    series = _depth_series(records)
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.get_cmap("tab10")
+    for i, (proj, roles) in enumerate(sorted(series.items())):
+        for role, style in (("domain", "-"), ("task", "--")):
+            points = sorted(roles[role])
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                style,
+                marker="o",
+                markersize=3,
+                color=colors(i % 10),
+                label=f"{proj} ({role})",
+            )
+    ax.set_xlabel("layer")
+    ax.set_ylabel("gate")
+    ax.set_title("TaDA gates by depth (solid: domain, dashed: task)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100, metadata={"Software": None})
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return True
+
+
+def _depth_summary(records: dict[str, dict]) -> str:
+    """Mean domain gate in the shallowest and deepest third of the layers."""
+    points = [
+        (int(m.group(1)), r["domain_gate"])
+        for name, r in records.items()
+        if (m := _LAYER.search(name)) and "domain_gate" in r
+    ]
+    if not points:
+        return ""
+    layers = sorted({p[0] for p in points})
+    third = max(1, len(layers) // 3)
+    shallow = [g for layer, g in points if layer in layers[:third]]
+    deep = [g for layer, g in points if layer in layers[-third:]]
+    return (
+        f"- mean domain gate: {sum(shallow) / len(shallow):.3f} in the shallowest "
+        f"{third} layer(s), {sum(deep) / len(deep):.3f} in the deepest {third}\n"
+    )
+
+
+def card_section(session: MergeSession, report: dict) -> str:
     summary = report["summary"]
+    calibration = session.calibration_info
+    probe = ""
+    if calibration:
+        probe = (
+            f"- gates from the calibration probe over {calibration['prompts']} prompts "
+            f"({calibration['tokens']} tokens) of `{calibration['path']}`\n"
+        )
+    plot = f"Gates by depth: `{GATES_PLOT}`. " if "gates_plot" in report else ""
     return (
         f"## mergekit-tada: `{session.config.merge_method}`\n\n"
         f"This model was merged with the `{session.config.merge_method}` method of "
-        f"[mergekit-tada](https://pypi.org/project/mergekit-tada/) {__version__}, "
-        "which merges LoRA adapters in factored form and writes the result both "
-        f"as this full model and as a rank-{session.output_rank} "
-        f"PEFT adapter in `{session.adapter_dir.name}/`.\n\n"
+        f"mergekit-tada {__version__}, which merges LoRA adapters in factored form "
+        "and writes the result both as this full model and as a "
+        f"rank-{session.output_rank} PEFT adapter in `{session.adapter_dir.name}/`.\n\n"
         f"- modules merged: {summary['modules']}\n"
+        f"{probe}{_depth_summary(session.records)}"
         f"- mean energy lost to truncation: {summary['mean_truncation_energy']:.4g}\n"
         f"- conflicting directions dropped: {summary['dropped_task']} task, "
         f"{summary['dropped_domain']} domain\n\n"
-        f"Per-module gates, dropped directions and truncation energy: `{REPORT_NAME}`.\n"
+        f"{plot}Per-module gates, probes, dropped directions and truncation energy: "
+        f"`{REPORT_NAME}`.\n"
     )

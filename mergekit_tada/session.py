@@ -21,7 +21,10 @@ weights (only their safetensors headers are read).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -43,8 +46,15 @@ from mergekit_tada.adapters import (
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
 from mergekit_tada.lowrank import Truncated, single_thread
-from mergekit_tada.methods import LoraMergeMethod
-from mergekit_tada.report import REPORT_NAME, build_report, card_section, dumps
+from mergekit_tada.methods import LoraMergeMethod, ModuleJob
+from mergekit_tada.report import (
+    GATES_PLOT,
+    REPORT_NAME,
+    build_report,
+    card_section,
+    dumps,
+    plot_gates,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -130,6 +140,10 @@ class MergeSession:
         self._validate_plans()
         for adapter in self.adapters.values():
             adapter.check_all_finite()
+        targets = [p for p in self.plans.values() if p.is_lora_target]
+        self.calibration_info: dict | None = None
+        stats = self._calibrate(targets)
+        self.context = self.method.prepare(stats, targets)
         adapter_out = {p.params["adapter_out"] for p in self.plans.values()}
         if len(adapter_out) != 1:
             raise TadaError(f"adapter_out must be one folder name, got {adapter_out}")
@@ -270,6 +284,73 @@ class MergeSession:
                     )
                 LOG.warning(message + " in the selected slices; it is left out")
 
+    def _calibrate(self, targets: list[TensorPlan]):
+        """Run (or fetch from the cache) the calibration pass if the method asks."""
+        wanted = {
+            json.dumps(c, sort_keys=True)
+            for p in targets
+            if (c := self.method.calibration(p.params)) is not None
+        }
+        if not wanted:
+            return None
+        if len(wanted) > 1:
+            raise TadaError(
+                "calibration settings (calibration, calibration_samples, "
+                "calibration_max_length, calibration_batch_size, cache_dir) must be "
+                "the same for every tensor: give them as plain global parameters"
+            )
+        from mergekit_tada.cache import StatsCache
+        from mergekit_tada.calibration import (
+            make_batches,
+            read_prompts,
+            run_calibration,
+            tokenizer_for,
+        )
+
+        settings = json.loads(wanted.pop())
+        texts = read_prompts(settings["calibration"], settings["calibration_samples"])
+        batches = make_batches(
+            tokenizer_for(self.base_path),
+            texts,
+            settings["calibration_max_length"],
+            settings["calibration_batch_size"],
+        )
+        tokens = hashlib.sha256()
+        for b in batches:
+            tokens.update(b.input_ids.numpy().tobytes())
+            tokens.update(b.attention_mask.numpy().tobytes())
+        device = torch.device(self.options.device or "cpu")
+        cache = StatsCache(settings["cache_dir"])
+        base_files = sorted(set(self.headers.index.tensor_paths.values()))
+        base_files = [os.path.join(self.base_path, f) for f in base_files]
+        key = cache.key(
+            {
+                "adapters": {label: a.hashes for label, a in self.adapters.items()},
+                "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
+                "tokens": tokens.hexdigest(),
+                "settings": {k: v for k, v in settings.items() if k != "cache_dir"},
+                "base": cache.file_hashes([*base_files, os.path.join(self.base_path, "config.json")]),
+                "device": device.type,
+            }
+        )
+        stats = cache.load(key)
+        hit = stats is not None
+        if not hit:
+            stats = run_calibration(
+                self.base_path, batches, self.adapters, device=device, quiet=self.options.quiet
+            )
+            cache.store(key, stats)
+        self.calibration_info = {
+            "path": settings["calibration"],
+            "prompts": len(texts),
+            "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
+            "max_length": settings["calibration_max_length"],
+            "cache_key": key,
+            "cache_hit": hit,
+        }
+        LOG.info("calibration statistics %s (%s)", "from cache" if hit else "computed", key[:12])
+        return stats
+
     # ------------------------------------------------------------------ running
 
     @contextlib.contextmanager
@@ -292,6 +373,7 @@ class MergeSession:
         self.out_path.mkdir(parents=True, exist_ok=True)
         # A failed run must not leave an older adapter and report that look finished.
         (self.out_path / REPORT_NAME).unlink(missing_ok=True)
+        (self.out_path / GATES_PLOT).unlink(missing_ok=True)
         if self.adapter_dir.is_dir():
             shutil.rmtree(self.adapter_dir)
         self.writer = StreamingAdapterWriter(self.adapter_dir, torch.float32)
@@ -309,11 +391,14 @@ class MergeSession:
             self.writer.abort()
             raise
         self.writer.finalize(self._adapter_config())
+        report = build_report(self)
+        if plot_gates(self.records, self.out_path / GATES_PLOT):
+            report["gates_plot"] = GATES_PLOT
         if model_card:
             readme = self.out_path / "README.md"
             text = readme.read_text(encoding="utf-8") if readme.exists() else ""
-            write_text_atomic(readme, text.rstrip("\n") + "\n\n" + card_section(self))
-        write_text_atomic(self.out_path / REPORT_NAME, dumps(build_report(self)))
+            write_text_atomic(readme, text.rstrip("\n") + "\n\n" + card_section(self, report))
+        write_text_atomic(self.out_path / REPORT_NAME, dumps(report))
 
     def merge_tensor(self, group: TensorGroup) -> torch.Tensor:
         """mergekit's per-tensor call: ``W + B A`` for LoRA targets, else ``W``."""
@@ -336,11 +421,17 @@ class MergeSession:
             label: self.adapters[label].factors(module, device) if module else None
             for label, module in plan.sources.items()
         }
+        job = ModuleJob(
+            updates=updates,
+            params=plan.params,
+            inputs=plan.inputs,
+            sources=plan.sources,
+            rank=plan.rank,
+            context=self.context,
+        )
         threads = single_thread() if device.type == "cpu" else contextlib.nullcontext()
         with threads:
-            result = self.method.merge_module(
-                updates, plan.params, plan.inputs, plan.rank
-            )
+            result = self.method.merge_module(job)
         with self._lock:
             self.writer.add(plan.module, result.lora.B, result.lora.A)
             self.records[plan.module] = result.record

@@ -1,0 +1,369 @@
+"""Block-streamed calibration pass: probe statistics without loading the model.
+
+The base model is built on the meta device (no memory). Only its *stem* (the
+embeddings, final norm, pooler: everything outside the block list) is loaded.
+Then, for each chunk of calibration prompts, one forward pass of the real
+transformers base model runs with every block replaced by a recorder that
+passes the hidden states through and keeps the exact keyword arguments the
+model hands that block (masks, rotary embeddings, positions). Blocks are then
+streamed: block i is loaded from the base's safetensors, run on every chunk
+with hooks on its LoRA-target linears, and freed. A last forward with the
+recorders returning the streamed final states runs the stem's tail (final
+norm, pooler) so modules outside the blocks (``lm_head``, ``pooler.dense``) get
+their statistics too. Peak memory: the stem, one block, and the activations.
+
+Per target module m and adapter a the pass accumulates, over valid tokens x,
+    sum ||dW_a x||^2 = sum_x z^T (s_a^2 B_a^T B_a) z,  z = A_a x  (r numbers),
+    sum ||x||^2 and the token count,
+which is all the magnitude-invariant probe needs (mergekit_tada/probe.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.errors import TadaError
+from mergekit_tada.loading import HeaderIndex
+
+LOG = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "bert")
+
+
+@dataclass
+class ModuleStats:
+    """Sufficient statistics of one (adapter, module) pair over the calibration set."""
+
+    frob_sq: float = 0.0  # ||dW||_F^2
+    sum_sq_delta: float = 0.0  # sum_x ||dW x||^2
+    sum_sq_input: float = 0.0  # sum_x ||x||^2
+    tokens: int = 0
+
+
+Stats = dict[str, dict[str, ModuleStats]]  # adapter label -> module -> stats
+
+
+class _Recorder(nn.Module):
+    """Stands in for block i: keeps the block's kwargs, passes hidden states on."""
+
+    def __init__(self, index: int, sink: dict, final: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.index = index
+        self.sink = sink
+        self.final = final
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:
+            raise TadaError("calibration: blocks called with positional extras are unsupported")
+        self.sink[self.index] = (hidden_states, kwargs)
+        return hidden_states if self.final is None else self.final
+
+
+def _block_list(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return name, module
+    raise TadaError(
+        f"calibration: no block list of {n_layers} layers found in {type(model).__name__}"
+    )
+
+
+class StreamedModel:
+    """The base model as a stem in memory and blocks read on demand."""
+
+    def __init__(self, base_path: str, device: torch.device, dtype: torch.dtype) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModel
+
+        self.device = device
+        self.dtype = dtype
+        self.headers = HeaderIndex(base_path)
+        config = AutoConfig.from_pretrained(base_path)
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise TadaError(
+                f"calibration: architecture {config.model_type!r} "
+                f"({', '.join(config.architectures or [])}) is not supported by the "
+                f"streamed calibration pass; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
+                "Use gates: uniform or fixed."
+            )
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModel.from_config(config)
+        self.model.eval()
+        self.n_layers = config.num_hidden_layers
+        self.blocks_name, self.blocks = _block_list(self.model, self.n_layers)
+        self.real_blocks = list(self.blocks)
+        self.prefix = self._checkpoint_prefix()
+        stem = {
+            name: p
+            for name, p in self.model.named_parameters()
+            if not name.startswith(self.blocks_name + ".")
+        }
+        self._load(self.model, stem)
+        self.resident_blocks = 0  # for tests: never more than one at a time
+        self.max_resident_blocks = 0
+
+    def _checkpoint_prefix(self) -> str:
+        name = next(n for n, _ in self.model.named_parameters() if n.startswith(self.blocks_name))
+        for prefix in ("", self.model.base_model_prefix + "."):
+            if prefix + name in self.headers.index.tensor_paths:
+                return prefix
+        raise TadaError(f"calibration: {self.headers.path} has no weight named like {name}")
+
+    def checkpoint_name(self, module_name: str) -> str:
+        """Base-model module name -> name in the checkpoint (= the adapter's)."""
+        return self.prefix + module_name
+
+    def _load(self, root: nn.Module, params: dict[str, nn.Parameter], prefix: str = "") -> None:
+        state = {}
+        for name in params:
+            key = self.checkpoint_name(prefix + name)
+            if key not in self.headers.index.tensor_paths:
+                raise TadaError(f"calibration: {self.headers.path} lacks weight {key}")
+            state[name] = self.headers.read(key).to(self.device, self.dtype)
+        root.load_state_dict(state, strict=False, assign=True)
+
+    @contextlib.contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` with real weights, freed (back to meta) afterwards."""
+        layer = self.real_blocks[index]
+        prefix = f"{self.blocks_name}.{index}."
+        self._load(layer, dict(layer.named_parameters()), prefix)
+        self.resident_blocks += 1
+        self.max_resident_blocks = max(self.max_resident_blocks, self.resident_blocks)
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+            self.resident_blocks -= 1
+
+    def linear_modules(self, root: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Linear]]:
+        for name, module in root.named_modules():
+            if isinstance(module, nn.Linear):
+                yield self.checkpoint_name(prefix + name), module
+
+    @contextlib.contextmanager
+    def recorders(self, sink: dict, final: torch.Tensor | None = None) -> Iterator[None]:
+        """Swap blocks for recorders (the last may return ``final``) for one forward."""
+        for i in range(self.n_layers):
+            self.blocks[i] = _Recorder(i, sink, final if i == self.n_layers - 1 else None)
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(self.real_blocks):
+                self.blocks[i] = layer
+
+
+class _Accumulator:
+    """Hooks that turn a module's inputs into probe statistics for every adapter.
+
+    Factors are read when a block's hooks are attached and dropped when they are
+    removed: at most one block's worth of adapter factors is held.
+    """
+
+    def __init__(self, adapters: dict[str, LoraAdapter], stats: Stats, device) -> None:
+        self.adapters = adapters
+        self.device = device
+        self.targets: dict[str, list[str]] = {}  # module -> adapter labels
+        for label, adapter in adapters.items():
+            for module in adapter.modules:
+                self.targets.setdefault(module, []).append(label)
+        self.stats = stats
+        self.mask: torch.Tensor | None = None  # valid-token mask of the current chunk
+
+    def hook(self, module_name: str):
+        """A forward hook accumulating (A, G = s^2 B^T B) statistics for the module."""
+        prepared = []
+        for label in self.targets[module_name]:
+            f = self.adapters[label].factors(module_name, self.device)
+            A, B = f.A.double(), f.B.double()
+            entry = self.stats[label].setdefault(module_name, ModuleStats())
+            entry.frob_sq = float(torch.sum((B.T @ B) * (A @ A.T)))
+            prepared.append((entry, A, B.T @ B))
+
+        def accumulate(_module: nn.Module, inputs: tuple, _output) -> None:
+            x = inputs[0]
+            if self.mask is not None and x.shape[:-1] == self.mask.shape:
+                x = x[self.mask]
+            x = x.reshape(-1, x.shape[-1]).double()
+            sum_sq_input = float((x * x).sum())
+            for entry, A, G in prepared:
+                z = x @ A.T
+                entry.sum_sq_delta += float(((z @ G) * z).sum())
+                entry.sum_sq_input += sum_sq_input
+                entry.tokens += x.shape[0]
+
+        return accumulate
+
+    @contextlib.contextmanager
+    def attached(self, named) -> Iterator[None]:
+        handles = [
+            m.register_forward_hook(self.hook(name)) for name, m in named if name in self.targets
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    extra: dict
+
+
+def make_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[Batch]:
+    """Right-padded chunks (causal masks keep valid tokens blind to padding)."""
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[i : i + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        )
+        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        batches.append(Batch(enc["input_ids"], enc["attention_mask"], extra))
+    return batches
+
+
+def run_calibration(
+    base_path: str,
+    batches: Sequence[Batch],
+    adapters: dict[str, LoraAdapter],
+    *,
+    device: str | torch.device = "cpu",
+    quiet: bool = False,
+    streamed: StreamedModel | None = None,
+) -> Stats:
+    """Stream the base over the batches; statistics for every adapter module."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    model = streamed or StreamedModel(base_path, device, torch.float32)
+    stats: Stats = {label: {} for label in adapters}
+    acc = _Accumulator(adapters, stats, device)
+    on_device = [
+        Batch(
+            b.input_ids.to(device),
+            b.attention_mask.to(device),
+            {k: v.to(device) for k, v in b.extra.items()},
+        )
+        for b in batches
+    ]
+    with torch.inference_mode():
+        # 1. the exact inputs and kwargs of every block, per chunk
+        records: list[dict] = []
+        for b in on_device:
+            sink: dict = {}
+            with model.recorders(sink):
+                model.model(input_ids=b.input_ids, attention_mask=b.attention_mask, **b.extra)
+            records.append(sink)
+        hidden = [r[0][0] for r in records]
+        # 2. stream the blocks
+        bar = tqdm(range(model.n_layers), desc="Calibration blocks", disable=quiet)
+        for i in bar:
+            with model.block(i) as layer:
+                prefix = f"{model.blocks_name}.{i}."
+                with acc.attached(model.linear_modules(layer, prefix)):
+                    for c, b in enumerate(on_device):
+                        acc.mask = b.attention_mask.bool()
+                        out = layer(hidden[c], **records[c][i][1])
+                        hidden[c] = out[0] if isinstance(out, tuple) else out
+        # 3. the stem's tail (final norm, pooler) and lm_head on the final states
+        stem = [(n, m) for n, m in model.linear_modules(model.model, "")
+                if not n.startswith(model.checkpoint_name(model.blocks_name + "."))]
+        lm_hook = acc.hook("lm_head") if "lm_head" in acc.targets else None
+        with acc.attached(iter(stem)):
+            for c, b in enumerate(on_device):
+                acc.mask = b.attention_mask.bool()
+                with model.recorders({}, final=hidden[c]):
+                    out = model.model(
+                        input_ids=b.input_ids, attention_mask=b.attention_mask, **b.extra
+                    )
+                if lm_hook:
+                    lm_hook(None, (out.last_hidden_state,), None)
+    missing = [
+        (label, m) for label, a in adapters.items() for m in a.modules if m not in stats[label]
+    ]
+    if missing:
+        raise TadaError(
+            f"calibration: no activations reached adapter modules {missing[:4]} "
+            f"(architecture {type(model.model).__name__})"
+        )
+    return stats
+
+
+def tokenizer_for(base_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base_path)
+    except Exception as error:
+        raise TadaError(
+            f"calibration: base model {base_path} has no usable tokenizer ({error}); "
+            "gates: probe tokenizes the calibration prompts with the base's tokenizer"
+        ) from None
+
+
+def read_prompts(path: str, samples: int) -> list[str]:
+    """The first ``samples`` non-empty prompts of a .txt, .jsonl or saved dataset."""
+    import json
+
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise TadaError(f"calibration: {path} does not exist")
+    texts: list[str] = []
+    if os.path.isdir(path):
+        try:
+            from datasets import load_from_disk
+        except ImportError:
+            raise TadaError(
+                f"calibration: {path} is a folder; reading a dataset saved with "
+                "save_to_disk needs the 'datasets' package"
+            ) from None
+        try:
+            data = load_from_disk(path)
+        except Exception as error:
+            raise TadaError(f"calibration: {path}: not a saved dataset ({error})") from None
+        if hasattr(data, "keys") and not hasattr(data, "column_names"):  # DatasetDict
+            data = data[next(iter(data.keys()))]
+        if "text" not in data.column_names:
+            raise TadaError(f"calibration: dataset {path} has no 'text' column")
+        texts = [t for t in data["text"] if isinstance(t, str)]
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise TadaError(f"calibration: {path}:{n}: invalid JSON ({error})") from None
+                if isinstance(row, dict) and isinstance(row.get("text"), str):
+                    texts.append(row["text"])
+    else:
+        with open(path, encoding="utf-8") as fh:
+            texts = fh.read().splitlines()
+    texts = [t for t in (t.strip() for t in texts) if t]
+    if not texts:
+        raise TadaError(f"calibration: {path} contains no usable text")
+    if len(texts) < samples:
+        LOG.warning(
+            "calibration: %s has %d prompts, fewer than calibration_samples=%d; using them all",
+            path, len(texts), samples,
+        )
+    return texts[:samples]
