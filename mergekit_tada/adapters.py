@@ -159,6 +159,11 @@ class LoraAdapter:
                         "only plain LoRA (W + s*B*A) merges exactly"
                     )
             for key in keys:
+                if key.endswith(".base_layer.weight"):
+                    # PEFT saves a copy of the base weight when lm_head or an
+                    # embedding is targeted; the base model's own weight is used
+                    # (a changed vocabulary fails the shape check of the factors).
+                    continue
                 match = _KEY.match(key)
                 if match is None:
                     raise TadaError(

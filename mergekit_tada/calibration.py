@@ -54,16 +54,16 @@ Stats = dict[str, dict[str, ModuleStats]]  # adapter label -> module -> stats
 class _Recorder(nn.Module):
     """Stands in for block i: keeps the block's kwargs, passes hidden states on."""
 
-    def __init__(self, index: int, sink: dict, final: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, index: int, sink: dict, final: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.index = index
         self.sink = sink
         self.final = final
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args:
-            raise TadaError("calibration: blocks called with positional extras are unsupported")
-        self.sink[self.index] = (hidden_states, kwargs)
+        self.sink[self.index] = (hidden_states, args, kwargs)
         return hidden_states if self.final is None else self.final
 
 
@@ -79,7 +79,9 @@ def _block_list(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
 class StreamedModel:
     """The base model as a stem in memory and blocks read on demand."""
 
-    def __init__(self, base_path: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, base_path: str, device: torch.device, dtype: torch.dtype
+    ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModel
 
@@ -111,17 +113,25 @@ class StreamedModel:
         self.max_resident_blocks = 0
 
     def _checkpoint_prefix(self) -> str:
-        name = next(n for n, _ in self.model.named_parameters() if n.startswith(self.blocks_name))
+        name = next(
+            n
+            for n, _ in self.model.named_parameters()
+            if n.startswith(self.blocks_name)
+        )
         for prefix in ("", self.model.base_model_prefix + "."):
             if prefix + name in self.headers.index.tensor_paths:
                 return prefix
-        raise TadaError(f"calibration: {self.headers.path} has no weight named like {name}")
+        raise TadaError(
+            f"calibration: {self.headers.path} has no weight named like {name}"
+        )
 
     def checkpoint_name(self, module_name: str) -> str:
         """Base-model module name -> name in the checkpoint (= the adapter's)."""
         return self.prefix + module_name
 
-    def _load(self, root: nn.Module, params: dict[str, nn.Parameter], prefix: str = "") -> None:
+    def _load(
+        self, root: nn.Module, params: dict[str, nn.Parameter], prefix: str = ""
+    ) -> None:
         state = {}
         for name in params:
             key = self.checkpoint_name(prefix + name)
@@ -144,16 +154,22 @@ class StreamedModel:
             layer.to("meta")
             self.resident_blocks -= 1
 
-    def linear_modules(self, root: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Linear]]:
+    def linear_modules(
+        self, root: nn.Module, prefix: str
+    ) -> Iterator[tuple[str, nn.Linear]]:
         for name, module in root.named_modules():
             if isinstance(module, nn.Linear):
                 yield self.checkpoint_name(prefix + name), module
 
     @contextlib.contextmanager
-    def recorders(self, sink: dict, final: torch.Tensor | None = None) -> Iterator[None]:
+    def recorders(
+        self, sink: dict, final: torch.Tensor | None = None
+    ) -> Iterator[None]:
         """Swap blocks for recorders (the last may return ``final``) for one forward."""
         for i in range(self.n_layers):
-            self.blocks[i] = _Recorder(i, sink, final if i == self.n_layers - 1 else None)
+            self.blocks[i] = _Recorder(
+                i, sink, final if i == self.n_layers - 1 else None
+            )
         try:
             yield
         finally:
@@ -205,7 +221,9 @@ class _Accumulator:
     @contextlib.contextmanager
     def attached(self, named) -> Iterator[None]:
         handles = [
-            m.register_forward_hook(self.hook(name)) for name, m in named if name in self.targets
+            m.register_forward_hook(self.hook(name))
+            for name, m in named
+            if name in self.targets
         ]
         try:
             yield
@@ -221,7 +239,9 @@ class Batch:
     extra: dict
 
 
-def make_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[Batch]:
+def make_batches(
+    tokenizer, texts: Sequence[str], max_length: int, batch_size: int
+) -> list[Batch]:
     """Right-padded chunks (causal masks keep valid tokens blind to padding)."""
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
@@ -235,7 +255,9 @@ def make_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: i
             truncation=True,
             max_length=max_length,
         )
-        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        extra = {
+            k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")
+        }
         batches.append(Batch(enc["input_ids"], enc["attention_mask"], extra))
     return batches
 
@@ -270,7 +292,9 @@ def run_calibration(
         for b in on_device:
             sink: dict = {}
             with model.recorders(sink):
-                model.model(input_ids=b.input_ids, attention_mask=b.attention_mask, **b.extra)
+                model.model(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, **b.extra
+                )
             records.append(sink)
         hidden = [r[0][0] for r in records]
         # 2. stream the blocks
@@ -281,23 +305,32 @@ def run_calibration(
                 with acc.attached(model.linear_modules(layer, prefix)):
                     for c, b in enumerate(on_device):
                         acc.mask = b.attention_mask.bool()
-                        out = layer(hidden[c], **records[c][i][1])
+                        _, args, kwargs = records[c][i]
+                        out = layer(hidden[c], *args, **kwargs)
                         hidden[c] = out[0] if isinstance(out, tuple) else out
         # 3. the stem's tail (final norm, pooler) and lm_head on the final states
-        stem = [(n, m) for n, m in model.linear_modules(model.model, "")
-                if not n.startswith(model.checkpoint_name(model.blocks_name + "."))]
+        stem = [
+            (n, m)
+            for n, m in model.linear_modules(model.model, "")
+            if not n.startswith(model.checkpoint_name(model.blocks_name + "."))
+        ]
         lm_hook = acc.hook("lm_head") if "lm_head" in acc.targets else None
         with acc.attached(iter(stem)):
             for c, b in enumerate(on_device):
                 acc.mask = b.attention_mask.bool()
                 with model.recorders({}, final=hidden[c]):
                     out = model.model(
-                        input_ids=b.input_ids, attention_mask=b.attention_mask, **b.extra
+                        input_ids=b.input_ids,
+                        attention_mask=b.attention_mask,
+                        **b.extra,
                     )
                 if lm_hook:
                     lm_hook(None, (out.last_hidden_state,), None)
     missing = [
-        (label, m) for label, a in adapters.items() for m in a.modules if m not in stats[label]
+        (label, m)
+        for label, a in adapters.items()
+        for m in a.modules
+        if m not in stats[label]
     ]
     if missing:
         raise TadaError(
@@ -338,7 +371,9 @@ def read_prompts(path: str, samples: int) -> list[str]:
         try:
             data = load_from_disk(path)
         except Exception as error:
-            raise TadaError(f"calibration: {path}: not a saved dataset ({error})") from None
+            raise TadaError(
+                f"calibration: {path}: not a saved dataset ({error})"
+            ) from None
         if hasattr(data, "keys") and not hasattr(data, "column_names"):  # DatasetDict
             data = data[next(iter(data.keys()))]
         if "text" not in data.column_names:
@@ -352,7 +387,9 @@ def read_prompts(path: str, samples: int) -> list[str]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise TadaError(f"calibration: {path}:{n}: invalid JSON ({error})") from None
+                    raise TadaError(
+                        f"calibration: {path}:{n}: invalid JSON ({error})"
+                    ) from None
                 if isinstance(row, dict) and isinstance(row.get("text"), str):
                     texts.append(row["text"])
     else:
@@ -364,6 +401,8 @@ def read_prompts(path: str, samples: int) -> list[str]:
     if len(texts) < samples:
         LOG.warning(
             "calibration: %s has %d prompts, fewer than calibration_samples=%d; using them all",
-            path, len(texts), samples,
+            path,
+            len(texts),
+            samples,
         )
     return texts[:samples]

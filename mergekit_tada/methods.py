@@ -104,7 +104,9 @@ class TadaMethod(LoraMergeMethod):
     spec = MergeMethodSpec(
         name="tada",
         pretty_name="TaDA (task-domain LoRA merging)",
-        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2),
+        contract=InputContract(
+            base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2
+        ),
         optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
         parameters=(
             ParameterSpec("role", str | None, NON_BASE, None, "task | domain"),
@@ -164,9 +166,13 @@ class TadaMethod(LoraMergeMethod):
         )
         for key, low, high in limits:
             value = params[key]
-            if value is not None and (value < low or (high is not None and value > high)):
+            if value is not None and (
+                value < low or (high is not None and value > high)
+            ):
                 bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-                raise TadaError(f"tada: {key} must be {bound} (got {value}) for {tensor}")
+                raise TadaError(
+                    f"tada: {key} must be {bound} (got {value}) for {tensor}"
+                )
         if params["gate_min"] > params["gate_max"]:
             raise TadaError(f"tada: gate_min > gate_max for {tensor}")
         if params["tau"] <= 0:
@@ -195,7 +201,9 @@ class TadaMethod(LoraMergeMethod):
         w_task, w_domain = params["task_weight"], params["domain_weight"]
         if mode == "probe":
             probes: ProbeTable = job.context
-            role_source = {job.inputs[label]["role"]: m for label, m in job.sources.items()}
+            role_source = {
+                job.inputs[label]["role"]: m for label, m in job.sources.items()
+            }
             task_m, domain_m = role_source["task"], role_source["domain"]
             delta = probes.delta(task_m, domain_m)
             p_task, p_domain = gates_from_delta(
@@ -224,7 +232,9 @@ class TadaMethod(LoraMergeMethod):
         )
 
     def merge_module(self, job: ModuleJob) -> ModuleMerge:
-        by_role = {job.inputs[label]["role"]: update for label, update in job.updates.items()}
+        by_role = {
+            job.inputs[label]["role"]: update for label, update in job.updates.items()
+        }
         task_gate, domain_gate, extra = self.gates(job)
         merged = tada_merge_module(
             by_role["task"],

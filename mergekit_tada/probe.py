@@ -78,7 +78,9 @@ def gates_from_delta(
 ) -> tuple[float, float]:
     """(w_T, w_D) from a module's delta."""
     x = (delta - median) / tau
-    w_domain = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+    w_domain = (
+        1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+    )
     w_task = 1.0 - w_domain
     clip = lambda w: min(max(w, gate_min), gate_max)  # noqa: E731
     return clip(w_task) * scale, clip(w_domain) * scale

@@ -88,7 +88,9 @@ def build_report(session: MergeSession) -> dict[str, Any]:
     }
 
 
-def _depth_series(records: dict[str, dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+def _depth_series(
+    records: dict[str, dict],
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """projection -> {"task"|"domain" -> [(layer, gate)]} for modules inside blocks."""
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for module, record in sorted(records.items()):
@@ -136,7 +138,9 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent
+    )
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100, metadata={"Software": None})

@@ -329,7 +329,9 @@ class MergeSession:
                 "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
                 "tokens": tokens.hexdigest(),
                 "settings": {k: v for k, v in settings.items() if k != "cache_dir"},
-                "base": cache.file_hashes([*base_files, os.path.join(self.base_path, "config.json")]),
+                "base": cache.file_hashes(
+                    [*base_files, os.path.join(self.base_path, "config.json")]
+                ),
                 "device": device.type,
             }
         )
@@ -337,7 +339,11 @@ class MergeSession:
         hit = stats is not None
         if not hit:
             stats = run_calibration(
-                self.base_path, batches, self.adapters, device=device, quiet=self.options.quiet
+                self.base_path,
+                batches,
+                self.adapters,
+                device=device,
+                quiet=self.options.quiet,
             )
             cache.store(key, stats)
         self.calibration_info = {
@@ -348,7 +354,11 @@ class MergeSession:
             "cache_key": key,
             "cache_hit": hit,
         }
-        LOG.info("calibration statistics %s (%s)", "from cache" if hit else "computed", key[:12])
+        LOG.info(
+            "calibration statistics %s (%s)",
+            "from cache" if hit else "computed",
+            key[:12],
+        )
         return stats
 
     # ------------------------------------------------------------------ running
@@ -397,7 +407,9 @@ class MergeSession:
         if model_card:
             readme = self.out_path / "README.md"
             text = readme.read_text(encoding="utf-8") if readme.exists() else ""
-            write_text_atomic(readme, text.rstrip("\n") + "\n\n" + card_section(self, report))
+            write_text_atomic(
+                readme, text.rstrip("\n") + "\n\n" + card_section(self, report)
+            )
         write_text_atomic(self.out_path / REPORT_NAME, dumps(report))
 
     def merge_tensor(self, group: TensorGroup) -> torch.Tensor:

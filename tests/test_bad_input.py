@@ -89,7 +89,9 @@ def test_unknown_parameter_is_named(work):
 
 
 def test_bad_gate_mode(work):
-    expect_error(tada_config(gates="magic"), r"gates must be one of probe, uniform, fixed")
+    expect_error(
+        tada_config(gates="magic"), r"gates must be one of probe, uniform, fixed"
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -14,7 +14,9 @@ def sh(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run a console script of this environment (the venv need not be activated)."""
     exe = Path(sys.executable).parent / script
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def test_stock_mergekit_yaml(work):
