@@ -22,4 +22,14 @@ build_lora(
     seed=2,
     targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
 )
-print(f"built base, lora-instruct, lora-bio in {root}")
+# 32 unlabeled domain prompts for the calibration probe (one per line)
+subjects = ["protein", "enzyme", "receptor", "gene", "tumor", "cell", "patient", "dose"]
+verbs = ["binding of the", "with the", "in the", "and the"]
+prompts = [
+    f"the {a} {v} {b} in the trial"
+    for i, (a, v, b) in enumerate(
+        (subjects[i % 8], verbs[i % 4], subjects[(3 * i + 1) % 8]) for i in range(32)
+    )
+]
+(root / "bio_prompts.txt").write_text("\n".join(prompts) + "\n")
+print(f"built base, lora-instruct, lora-bio and bio_prompts.txt in {root}")

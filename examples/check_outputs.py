@@ -27,13 +27,18 @@ print(
     f"domain {summary['dropped_domain']}"
 )
 print(f"mean truncation energy: {summary['mean_truncation_energy']:.4f}")
-gates = {
-    k: (v["task_gate"], v["domain_gate"])
-    for k, v in report["modules"].items()
-    if k.endswith("q_proj")
-}
-for name, (t, d) in gates.items():
-    print(f"  {name}: task {t:.2f} domain {d:.2f}")
+calibration = report["inputs"]["calibration"]
+print(
+    f"calibration: {calibration['prompts']} prompts, {calibration['tokens']} tokens, "
+    f"cache hit: {calibration['cache_hit']}"
+)
+for name, m in report["modules"].items():
+    if name.endswith("q_proj"):
+        print(
+            f"  {name}: probe task {m['probe_task']:.3f} domain {m['probe_domain']:.3f}"
+            f" -> gates task {m['task_gate']:.2f} domain {m['domain_gate']:.2f}"
+        )
+print(f"gates by depth: {out / 'gates.png'}")
 print(f"max |PEFT merge_and_unload(out/adapter) - out/| = {worst:.2e}")
 same = (out / "adapter" / "adapter_model.safetensors").read_bytes() == (
     work / "out-adapter-only" / "adapter" / "adapter_model.safetensors"

@@ -106,7 +106,7 @@ def _depth_series(
 
 
 def plot_gates(records: dict[str, dict], path: Path) -> bool:
-    """Gates by layer depth, one line per projection, task dashed and domain solid.
+    """Gates by layer depth: domain and task panels, one line per projection.
 
     Returns False (and writes nothing) when there is nothing to draw.
     """
@@ -118,25 +118,29 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     colors = plt.get_cmap("tab10")
-    for i, (proj, roles) in enumerate(sorted(series.items())):
-        for role, style in (("domain", "-"), ("task", "--")):
+    layers = sorted(
+        {p[0] for roles in series.values() for pts in roles.values() for p in pts}
+    )
+    for ax, role in zip(axes, ("domain", "task"), strict=True):
+        for i, (proj, roles) in enumerate(sorted(series.items())):
             points = sorted(roles[role])
             ax.plot(
                 [p[0] for p in points],
                 [p[1] for p in points],
-                style,
                 marker="o",
                 markersize=3,
                 color=colors(i % 10),
-                label=f"{proj} ({role})",
+                label=proj,
             )
-    ax.set_xlabel("layer")
-    ax.set_ylabel("gate")
-    ax.set_title("TaDA gates by depth (solid: domain, dashed: task)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="best")
+        ax.set_title(f"{role} gate")
+        ax.set_xlabel("layer")
+        ax.set_xticks(layers if len(layers) <= 16 else layers[:: len(layers) // 16 + 1])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("gate")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("TaDA gates by depth, per projection")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(
         prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent
