@@ -5,6 +5,11 @@ zero-cost placeholders for the LoRA inputs. The work happens in the active
 :class:`~mergekit_tada.session.MergeSession`, which reads the LoRA factors,
 asks the method for the merged rank-r factors of the module (``merge_module``)
 and returns ``W + B A``.
+
+``merge_module`` is shared: optional Pico calibration of the inputs, the
+method's own ``combine`` (the merged update as a thin SVD), Pico's magnitude
+restoration, truncation to the output rank. Methods differ only in
+``combine``, their parameters and their checks.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
+from mergekit_tada import pico, rules
 from mergekit_tada.cache import DEFAULT_CACHE_DIR
 from mergekit_tada.errors import TadaError
-from mergekit_tada.lowrank import Factored
+from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, truncate
 from mergekit_tada.probe import ProbeTable, gates_from_delta
-from mergekit_tada.tada import ModuleMerge, tada_merge_module
+from mergekit_tada.tada import tada_combine
 
 SHARED = ParameterScope.SHARED
 NON_BASE = ParameterScope.NON_BASE
@@ -37,6 +43,7 @@ NON_BASE = ParameterScope.NON_BASE
 COMMON_PARAMETERS = (
     ParameterSpec("rank", int | None, SHARED, None, "output LoRA rank"),
     ParameterSpec("adapter_out", str, SHARED, "adapter", "adapter sub-folder"),
+    ParameterSpec("pico", bool, SHARED, False, "Pico B-space calibration first"),
 )
 ROLES = ("task", "domain")
 GATE_MODES = ("probe", "uniform", "fixed")
@@ -61,12 +68,20 @@ class ModuleJob:
     ``prepare`` returned (e.g. TaDA's probe table).
     """
 
+    module: str
     updates: dict[str, Factored | None]
     params: dict
     inputs: dict[str, dict]
     sources: dict[str, str | None]
     rank: int
+    seed: int = 0
     context: Any = None
+
+
+@dataclass(frozen=True)
+class ModuleMerge:
+    lora: Truncated
+    record: dict
 
 
 class LoraMergeMethod(GroupMergeMethod):
@@ -95,9 +110,32 @@ class LoraMergeMethod(GroupMergeMethod):
         """Method-wide context from calibration statistics (None without a pass)."""
         return None
 
+    def output_rank(self, params: dict, default: int, source_ranks: list[int]) -> int:
+        return params["rank"] or default
+
+    def combine(
+        self, job: ModuleJob, updates: dict[str, Factored | None]
+    ) -> tuple[ThinSVD, dict]:
+        """The merged update of one module (thin SVD, before truncation) and a record."""
+        raise NotImplementedError
+
     def merge_module(self, job: ModuleJob) -> ModuleMerge:
         """Merged rank-r factors of one module from the inputs' factored updates."""
-        raise NotImplementedError
+        record: dict = {}
+        updates = job.updates
+        if job.params["pico"]:
+            calibrated, sharing = pico.calibrate(list(updates.values()))
+            updates = dict(zip(updates, calibrated, strict=True))
+            record["pico_sharing"] = [float(f"{x:.6g}") for x in sharing]
+        merged, extra = self.combine(job, updates)
+        record.update(extra)
+        if job.params["pico"]:
+            merged, gamma = pico.restore_magnitude(merged, list(job.updates.values()))
+            record["pico_gamma"] = gamma
+        lora = truncate(merged, job.rank)
+        record["rank"] = job.rank
+        record["truncation_energy"] = lora.truncation_energy
+        return ModuleMerge(lora, record)
 
 
 class TadaMethod(LoraMergeMethod):
@@ -231,25 +269,162 @@ class TadaMethod(LoraMergeMethod):
             extra,
         )
 
-    def merge_module(self, job: ModuleJob) -> ModuleMerge:
+    def combine(
+        self, job: ModuleJob, updates: dict[str, Factored | None]
+    ) -> tuple[ThinSVD, dict]:
         by_role = {
-            job.inputs[label]["role"]: update for label, update in job.updates.items()
+            job.inputs[label]["role"]: update for label, update in updates.items()
         }
         task_gate, domain_gate, extra = self.gates(job)
-        merged = tada_merge_module(
+        merged, record = tada_combine(
             by_role["task"],
             by_role["domain"],
             task_gate=task_gate,
             domain_gate=domain_gate,
-            rank=job.rank,
             conflict_elimination=job.params["conflict_elimination"],
             kappa=job.params["conflict_threshold"],
         )
-        merged.record.update(extra)
-        return merged
+        record.update(extra)
+        return merged, record
 
 
-METHODS: tuple[LoraMergeMethod, ...] = (TadaMethod(),)
+# --------------------------------------------------------------------- the family
+
+WEIGHT = ParameterSpec("weight", float, NON_BASE, 1.0, "per-adapter weight")
+DENSITY = ParameterSpec("density", float, NON_BASE, 1.0, "fraction of entries kept")
+
+
+def _gta_parameters(normalize: bool, rescale: bool) -> tuple[ParameterSpec, ...]:
+    """mergekit's generalized-task-arithmetic parameters, with its defaults."""
+    return (
+        WEIGHT,
+        DENSITY,
+        ParameterSpec("normalize", bool, SHARED, normalize),
+        ParameterSpec("rescale", bool, SHARED, rescale),
+        ParameterSpec("int8_mask", bool, SHARED, False),
+        ParameterSpec("lambda", float, SHARED, 1.0),
+    )
+
+
+def _spec(name: str, pretty: str, extra: tuple[ParameterSpec, ...]) -> MergeMethodSpec:
+    return MergeMethodSpec(
+        name=name,
+        pretty_name=pretty,
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
+        optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
+        parameters=(*COMMON_PARAMETERS, *extra),
+    )
+
+
+class _FamilyMethod(LoraMergeMethod):
+    """Shared checks and input ordering of the multi-adapter methods."""
+
+    def check(self, tensor: str, params: dict, inputs: dict[str, dict]) -> None:
+        super().check(tensor, params, inputs)
+        for label, p in inputs.items():
+            density = p.get("density")
+            if density is not None and not 0 < density <= 1:
+                raise TadaError(
+                    f"{self.spec.name}: density must be in (0, 1] (got {density}) "
+                    f"for {label} at {tensor}"
+                )
+
+    @staticmethod
+    def per_input(job: ModuleJob, updates: dict, key: str) -> list:
+        return [job.inputs[label][key] for label in updates]
+
+
+class LoraTaskArithmetic(_FamilyMethod):
+    spec = _spec(
+        "lora_task_arithmetic",
+        "Task arithmetic on LoRA factors (exact)",
+        (
+            WEIGHT,
+            ParameterSpec("lossless", bool, SHARED, False, "rank = sum of input ranks"),
+        ),
+    )
+
+    def output_rank(self, params: dict, default: int, source_ranks: list[int]) -> int:
+        if params["lossless"]:
+            return sum(source_ranks)
+        return super().output_rank(params, default, source_ranks)
+
+    def combine(self, job, updates):
+        weights = self.per_input(job, updates, "weight")
+        return rules.task_arithmetic(list(updates.values()), weights), {
+            "weights": weights
+        }
+
+
+class LoraTies(_FamilyMethod):
+    """``lora_ties`` / ``lora_dare_ties``: mergekit's own kernels per module."""
+
+    def __init__(
+        self, name: str, kernel: str, pretty: str, normalize: bool, rescale: bool
+    ):
+        self.kernel = kernel
+        self.spec = _spec(name, pretty, _gta_parameters(normalize, rescale))
+
+    def combine(self, job, updates):
+        weights = self.per_input(job, updates, "weight")
+        densities = self.per_input(job, updates, "density")
+        seed = rules.module_seed(job.seed, job.module)
+        merged = rules.ties_dense(
+            self.kernel,
+            list(updates.values()),
+            weights,
+            densities,
+            job.params,
+            seed,
+            job.rank,
+        )
+        return merged, {"weights": weights, "densities": densities}
+
+
+class LoraKnotsTies(_FamilyMethod):
+    spec = _spec(
+        "lora_knots_ties", "KnOTS-TIES on LoRA factors", _gta_parameters(True, False)
+    )
+
+    def combine(self, job, updates):
+        weights = self.per_input(job, updates, "weight")
+        densities = self.per_input(job, updates, "density")
+        seed = rules.module_seed(job.seed, job.module)
+        merged = rules.knots_ties(
+            list(updates.values()), weights, densities, job.params, seed
+        )
+        return merged, {"weights": weights, "densities": densities}
+
+
+class LoraTsvM(_FamilyMethod):
+    spec = _spec(
+        "lora_tsv_m",
+        "TSV-M (task singular vectors merge) on LoRA factors",
+        (WEIGHT, ParameterSpec("alpha", float, SHARED, 1.0, "global scale")),
+    )
+
+    def combine(self, job, updates):
+        weights = self.per_input(job, updates, "weight")
+        merged = rules.tsv_m(list(updates.values()), weights, job.params["alpha"])
+        return merged, {"weights": weights}
+
+
+METHODS: tuple[LoraMergeMethod, ...] = (
+    TadaMethod(),
+    LoraTaskArithmetic(),
+    LoraTies(
+        "lora_ties", "ties", "TIES on LoRA updates", normalize=True, rescale=False
+    ),
+    LoraTies(
+        "lora_dare_ties",
+        "dare_ties",
+        "DARE-TIES on LoRA updates",
+        normalize=False,
+        rescale=True,
+    ),
+    LoraKnotsTies(),
+    LoraTsvM(),
+)
 METHOD_NAMES = frozenset(m.spec.name for m in METHODS)
 
 

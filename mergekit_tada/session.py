@@ -234,13 +234,18 @@ class MergeSession:
                 )
                 inputs[label] = dict(task.input_parameters[ref].items())
             params = dict(task.parameters.items())
+            source_ranks = [
+                self.adapters[label].modules[m].rank
+                for label, m in sources.items()
+                if m
+            ]
             plans[weight.name] = TensorPlan(
                 out_name=weight.name,
                 module=weight.name.removesuffix(".weight"),
                 sources=sources,
                 params=params,
                 inputs=inputs,
-                rank=params["rank"] or self.default_rank,
+                rank=self.method.output_rank(params, self.default_rank, source_ranks),
             )
             self._base_names[weight.name] = [
                 infos[task.base_model].name,
@@ -434,11 +439,13 @@ class MergeSession:
             for label, module in plan.sources.items()
         }
         job = ModuleJob(
+            module=plan.module,
             updates=updates,
             params=plan.params,
             inputs=plan.inputs,
             sources=plan.sources,
             rank=plan.rank,
+            seed=self.options.random_seed or 0,
             context=self.context,
         )
         threads = single_thread() if device.type == "cpu" else contextlib.nullcontext()

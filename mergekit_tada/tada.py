@@ -10,10 +10,11 @@ and their gates:
    up; of each pair whose members are both still kept, the one with the smaller
    gated strength (w_T sigma_i vs w_D sigma'_j) is dropped (a tie drops the
    domain component);
-3. gated combination of the kept components, w_T dT' + w_D dD', and
-   truncation to rank r (B = U S^1/2, A = S^1/2 V^T).
+3. gated combination of the kept components, w_T dT' + w_D dD'.
 
-A module present in one adapter only keeps that adapter's gated update.
+A module present in one adapter only keeps that adapter's gated update. The
+result is returned as a thin SVD; truncation to rank r (B = U S^1/2,
+A = S^1/2 V^T) is shared with the other methods (methods.LoraMergeMethod).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, combine, svd, truncate
+from mergekit_tada.lowrank import Factored, ThinSVD, combine, svd
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,16 @@ def find_conflicts(
     return Conflicts(sorted(dropped_t), sorted(dropped_d))
 
 
-@dataclass(frozen=True)
-class ModuleMerge:
-    lora: Truncated
-    record: dict
-
-
-def tada_merge_module(
+def tada_combine(
     task: Factored | None,
     domain: Factored | None,
     *,
     task_gate: float,
     domain_gate: float,
-    rank: int,
     conflict_elimination: bool,
     kappa: float,
-) -> ModuleMerge:
-    """Merge one module's task and domain updates into a rank-r LoRA pair."""
+) -> tuple[ThinSVD, dict]:
+    """The merged update of one module (thin SVD) and its report record."""
     parts: list[ThinSVD] = []
     record: dict = {"task_gate": task_gate, "domain_gate": domain_gate}
     svd_t = svd(task) if task is not None else None
@@ -89,9 +83,5 @@ def tada_merge_module(
         kept = [i for i in range(len(s)) if i not in set(dropped)]
         parts.append(s.take(kept).scaled(gate))
         record[f"dropped_{name}"] = dropped
-        record[f"sigma_{name}"] = [round(float(x), 6) for x in s.S]
-    merged = svd(combine(parts))
-    lora = truncate(merged, rank)
-    record["rank"] = rank
-    record["truncation_energy"] = lora.truncation_energy
-    return ModuleMerge(lora, record)
+        record[f"sigma_{name}"] = [float(f"{x:.6g}") for x in s.S.tolist()]
+    return svd(combine(parts)), record

@@ -124,6 +124,20 @@ def adapter_delta(adapter: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_adapter_matches_model(out: str | Path, base: str | Path = "base") -> None:
+    """PEFT loads out/adapter and its merge_and_unload() equals the merged model out/."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(
+        model, str(Path(out) / "adapter")
+    ).merge_and_unload()
+    written = load_weights(out)
+    for name, tensor in merged.state_dict().items():
+        assert torch.allclose(tensor, written[name], atol=1e-6, rtol=1e-5), name
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float(torch.linalg.norm(a - b) / max(torch.linalg.norm(b), 1e-30))

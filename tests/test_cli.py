@@ -68,9 +68,20 @@ def test_method_registered_in_a_fresh_interpreter():
     code = (
         "from mergekit.merge_methods import registry\n"
         "import mergekit.merge, mergekit.scripts.run_yaml as ry\n"
-        "print(registry.get('tada').spec.name, ry.run_merge is mergekit.merge.run_merge,"
+        "names = ('tada', 'lora_task_arithmetic', 'lora_ties', 'lora_dare_ties',"
+        " 'lora_knots_ties', 'lora_tsv_m')\n"
+        "print(*[registry.get(n).spec.name for n in names], ry.run_merge is mergekit.merge.run_merge,"
         " hasattr(ry.run_merge, '__wrapped__'))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["tada", "True", "True"]
+    assert done.stdout.split() == [
+        "tada",
+        "lora_task_arithmetic",
+        "lora_ties",
+        "lora_dare_ties",
+        "lora_knots_ties",
+        "lora_tsv_m",
+        "True",
+        "True",
+    ]

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from mergekit_tada.lowrank import Factored, combine, stack, svd, truncate
-from mergekit_tada.tada import find_conflicts, tada_merge_module
+from mergekit_tada.tada import find_conflicts, tada_combine
+
+
+def tada_lora(task, domain, rank, **kw):
+    """TaDA's merged update of one module, truncated to ``rank``: (lora, record)."""
+    merged, record = tada_combine(task, domain, **kw)
+    return truncate(merged, rank), record
 
 
 def rand_factored(m, k, n, seed):
@@ -93,12 +99,12 @@ def _opposing_pair(sigma_t, sigma_d):
 def test_opposing_direction_is_dropped(task_gate, domain_gate, drops):
     U, V, task, domain = _opposing_pair(sigma_t=2.0, sigma_d=1.0)
     c = find_conflicts(svd(task), svd(domain), task_gate, domain_gate, kappa=0.3)
-    out = tada_merge_module(
+    lora, record = tada_lora(
         task,
         domain,
+        4,
         task_gate=task_gate,
         domain_gate=domain_gate,
-        rank=4,
         conflict_elimination=True,
         kappa=0.3,
     )
@@ -111,9 +117,9 @@ def test_opposing_direction_is_dropped(task_gate, domain_gate, drops):
     else:  # 0.2 * 2.0 < 0.8 * 1.0: the task's u1 v1^T goes
         assert c.dropped_task == [0] and c.dropped_domain == []
         expected = task_gate * rest_t + domain_gate * (-1.0 * u1v1 + rest_d)
-    assert out.record["dropped_task"] == c.dropped_task
-    assert out.record["dropped_domain"] == c.dropped_domain
-    assert rel(out.lora.B @ out.lora.A, expected) < 1e-5
+    assert record["dropped_task"] == c.dropped_task
+    assert record["dropped_domain"] == c.dropped_domain
+    assert rel(lora.B @ lora.A, expected) < 1e-5
 
 
 def test_no_conflict_below_threshold_or_when_disabled():
@@ -123,33 +129,25 @@ def test_no_conflict_below_threshold_or_when_disabled():
         find_conflicts(svd(task), svd(domain), 0.5, 0.5, kappa=1.01).dropped_domain
         == []
     )
-    out = tada_merge_module(
+    lora, _ = tada_lora(
         task,
         domain,
+        6,
         task_gate=0.5,
         domain_gate=0.5,
-        rank=6,
         conflict_elimination=False,
         kappa=0.3,
     )
-    assert (
-        rel(out.lora.B @ out.lora.A, 0.5 * task.dense() + 0.5 * domain.dense()) < 1e-5
-    )
+    assert rel(lora.B @ lora.A, 0.5 * task.dense() + 0.5 * domain.dense()) < 1e-5
 
 
 def test_module_in_one_adapter_keeps_its_gated_update():
     f = rand_factored(10, 3, 8, 5)
-    out = tada_merge_module(
-        None,
-        f,
-        task_gate=0.3,
-        domain_gate=0.7,
-        rank=3,
-        conflict_elimination=True,
-        kappa=0.3,
+    lora, record = tada_lora(
+        None, f, 3, task_gate=0.3, domain_gate=0.7, conflict_elimination=True, kappa=0.3
     )
-    assert rel(out.lora.B @ out.lora.A, 0.7 * f.dense()) < 1e-5
-    assert out.record["dropped_task"] == [] and out.lora.truncation_energy < 1e-6
+    assert rel(lora.B @ lora.A, 0.7 * f.dense()) < 1e-5
+    assert record["dropped_task"] == [] and lora.truncation_energy < 1e-6
 
 
 def test_combine_matches_dense():

@@ -1,0 +1,171 @@
+"""Per-module merge rules of the LoRA-space family (algorithms.md sections 3, 6).
+
+Each rule takes the inputs' factored updates of one module (scaling folded
+in; ``None`` where an input lacks the module) and returns the thin SVD of the
+merged update, before truncation to the output rank.
+
+* task arithmetic: sum_t w_t dW_t, exactly, from stacked factors;
+* TIES / DARE-TIES: mergekit's own kernels (``ties``, ``dare_ties``) applied to
+  the dense per-module updates with a zero base, so the semantics are
+  mergekit's by construction. Element-wise rules need the dense matrix: it is
+  formed one module at a time and then truncated (exact or randomized SVD);
+* KnOTS-TIES: SVD of the stacked updates [dW_1 | ... | dW_T] = U S [V_1; ...]^T
+  from factors (QR of B_cat and of the block-diagonal A's, never the
+  d_out x T*d_in matrix), TIES on the d_in x k coefficient blocks V_t, then
+  U S V_merged^T;
+* TSV-M: per-task SVDs truncated to floor(n/T) directions, concatenated, U and
+  V orthogonalised by their polar factors, times alpha.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from mergekit_tada.lowrank import Factored, ThinSVD, stack, svd
+
+# Above this size a dense SVD of a merged module is slow on CPUs; a randomized
+# range finder with generous oversampling and power iterations is used instead.
+EXACT_SVD_MAX_DIM = 1024
+RANDOMIZED_OVERSAMPLE = 32
+RANDOMIZED_POWER_ITERATIONS = 8
+
+
+def task_arithmetic(
+    updates: Sequence[Factored | None], weights: Sequence[float]
+) -> ThinSVD:
+    pairs = [(u, w) for u, w in zip(updates, weights, strict=True) if u is not None]
+    return svd(stack([u for u, _ in pairs], [w for _, w in pairs]))
+
+
+def dense_svd(M: torch.Tensor, rank: int) -> ThinSVD:
+    """SVD of a dense merged module: exact when small, randomized (to rank) when large."""
+    M = M.to(torch.float32)
+    if min(M.shape) <= EXACT_SVD_MAX_DIM:
+        u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
+        keep = s > (s[0] * 1e-6 if s.numel() and s[0] > 0 else float("inf"))
+        return ThinSVD(u[:, keep].float(), s[keep].float(), vh[keep].T.float())
+    q = min(rank + RANDOMIZED_OVERSAMPLE, min(M.shape))
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # the range finder's test matrix: deterministic
+    try:
+        u, s, v = torch.svd_lowrank(M, q=q, niter=RANDOMIZED_POWER_ITERATIONS)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    keep = s > (s[0] * 1e-6 if s.numel() and s[0] > 0 else float("inf"))
+    return ThinSVD(u[:, keep], s[keep], v[:, keep])
+
+
+def module_seed(seed: int, module: str) -> int:
+    """A per-module seed: DARE's masks do not depend on the order modules run in."""
+    digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def mergekit_gta(
+    method_name: str,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    shared: dict,
+    seed: int,
+) -> torch.Tensor:
+    """mergekit's generalized task arithmetic kernel on deltas (zero base)."""
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    method = registry.get(method_name)
+    base = torch.zeros_like(deltas[0])
+    ids = ["base", *range(len(deltas))]
+    group = TensorGroup.from_tensors([base, *deltas], ids=ids, base_index=0)
+    params = {
+        "weight": dict(enumerate(weights)),
+        "density": dict(enumerate(densities)),
+        **{k: shared[k] for k in ("normalize", "rescale", "int8_mask", "lambda")},
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        (out,) = method([group], parameters=params)
+    return out
+
+
+def ties_dense(
+    method_name: str,
+    updates: Sequence[Factored | None],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    shared: dict,
+    seed: int,
+    rank: int,
+) -> ThinSVD:
+    """TIES / DARE-TIES on the dense per-module updates (a missing module is 0)."""
+    shape = next(u for u in updates if u is not None).shape
+    present = next(u for u in updates if u is not None).B
+    deltas = [
+        u.dense()
+        if u is not None
+        else torch.zeros(shape, dtype=present.dtype, device=present.device)
+        for u in updates
+    ]
+    merged = mergekit_gta(method_name, deltas, weights, densities, shared, seed)
+    return dense_svd(merged, rank)
+
+
+def knots_ties(
+    updates: Sequence[Factored | None],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    shared: dict,
+    seed: int,
+) -> ThinSVD:
+    """KnOTS: shared basis of the stacked updates from factors, TIES on V blocks."""
+    present = [u for u in updates if u is not None]
+    keep = [i for i, u in enumerate(updates) if u is not None]
+    B_cat = torch.cat([u.B.float() for u in present], dim=1)  # d_out x sum r
+    q_b, r_b = torch.linalg.qr(B_cat)
+    # A_blk^T = blockdiag(A_t^T): its QR is blockdiag(Q_t) blockdiag(R_t).
+    qs, rs = zip(*(torch.linalg.qr(u.A.float().T) for u in present), strict=True)
+    r_blk = torch.block_diag(*rs)  # sum r x sum r
+    u_c, s, vh_c = torch.linalg.svd(
+        r_b.double() @ r_blk.double().T, full_matrices=False
+    )
+    nonzero = s > (s[0] * 1e-6 if s[0] > 0 else float("inf"))
+    u_c, s, v_c = u_c[:, nonzero].float(), s[nonzero].float(), vh_c[nonzero].T.float()
+    U = q_b @ u_c
+    blocks, start = [], 0
+    for q in qs:  # V_t = Q_t V_c[rows of t]  (d_in x k)
+        blocks.append(q @ v_c[start : start + q.shape[1]])
+        start += q.shape[1]
+    V_merged = mergekit_gta(
+        "ties",
+        blocks,
+        [weights[i] for i in keep],
+        [densities[i] for i in keep],
+        shared,
+        seed,
+    )
+    return svd(Factored(U * s, V_merged.T))
+
+
+def tsv_m(
+    updates: Sequence[Factored | None], weights: Sequence[float], alpha: float
+) -> ThinSVD:
+    """Task singular vectors merge: concatenate per-task SVDs, orthogonalise U and V."""
+    pairs = [
+        (svd(u), w) for u, w in zip(updates, weights, strict=True) if u is not None
+    ]
+    m, n = pairs[0][0].U.shape[0], pairs[0][0].V.shape[0]
+    per_task = min(m, n) // len(pairs)
+    kept = [(s.take(range(min(per_task, len(s)))), w) for s, w in pairs]
+    U = torch.cat([s.U for s, _ in kept], dim=1)
+    V = torch.cat([s.V for s, _ in kept], dim=1)
+    sigma = torch.cat([s.S * w for s, w in kept])
+    return svd(Factored(_polar(U) * (alpha * sigma), _polar(V).T))
+
+
+def _polar(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormal polar factor P Q^T of a thin matrix X = P S Q^T."""
+    p, _, qh = torch.linalg.svd(X.double(), full_matrices=False)
+    return (p @ qh).float()

@@ -1,0 +1,326 @@
+"""The LoRA-space family against dense oracles computed independently in the test."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    adapter_delta,
+    assert_adapter_matches_model,
+    load_weights,
+    peft_delta,
+    rel_err,
+)
+
+import mergekit_tada
+from mergekit_tada.rules import module_seed
+from mergekit_tada.toy import build_lora
+
+INPUTS = ("lora-task", "lora-domain", "lora-third")
+WEIGHTS = (1.0, 0.6, 0.8)
+DENSITIES = (0.5, 0.7, 0.4)
+
+
+@pytest.fixture()
+def three(work):
+    build_lora(
+        "base",
+        "lora-third",
+        r=5,
+        alpha=5,
+        seed=9,
+        targets=("q_proj", "o_proj", "up_proj"),
+    )
+    return {name: peft_delta("base", name) for name in INPUTS}
+
+
+def family_config(method, rank=None, **params):
+    models = [
+        {"model": f"./base+./{name}", "parameters": {"weight": w, "density": d}}
+        for name, w, d in zip(INPUTS, WEIGHTS, DENSITIES, strict=True)
+    ]
+    if method in ("lora_task_arithmetic", "lora_tsv_m"):
+        for m in models:
+            del m["parameters"]["density"]
+    parameters = dict(params)
+    if rank is not None:
+        parameters["rank"] = rank
+    return {
+        "merge_method": method,
+        "base_model": "./base",
+        "models": models,
+        "parameters": parameters,
+        "dtype": "float32",
+    }
+
+
+def run(config, out="out", **kw) -> Path:
+    return Path(mergekit_tada.merge(config, out, quiet=True, **kw))
+
+
+def stacked(deltas, name):
+    zero = torch.zeros_like(next(d[name] for d in deltas.values() if name in d))
+    return [deltas[n].get(name, zero) for n in INPUTS]
+
+
+def best_rank(M, r):
+    u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+
+
+def mergekit_kernel(kernel, deltas, weights, densities, seed=0, **shared):
+    """mergekit's own kernel on dense deltas with a zero base (the oracle for GTA rules)."""
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    base = torch.zeros_like(deltas[0])
+    group = TensorGroup.from_tensors(
+        [base, *deltas], ids=["b", 0, 1, 2][: len(deltas) + 1], base_index=0
+    )
+    params = {
+        "weight": dict(enumerate(weights)),
+        "density": dict(enumerate(densities)),
+        **shared,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return registry.get(kernel)([group], parameters=params)[0]
+
+
+def test_task_arithmetic_lossless_and_truncated(three):
+    out = run(family_config("lora_task_arithmetic", lossless=True))
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    rank = {
+        "q_proj": 15,
+        "k_proj": 4,
+        "v_proj": 10,
+        "o_proj": 9,
+        "gate_proj": 4,
+        "up_proj": 15,
+        "down_proj": 10,
+    }  # sums of the inputs' ranks
+    for layer in range(3):
+        for proj, r in rank.items():
+            group = "self_attn" if proj[0] in "qkvo" else "mlp"
+            module = f"model.layers.{layer}.{group}.{proj}"
+            assert cfg["rank_pattern"].get(module, cfg["r"]) == r, module
+            assert cfg["alpha_pattern"].get(module, cfg["lora_alpha"]) == r, module
+    assert_adapter_matches_model(out)  # PEFT honours the written rank_pattern
+    ours = adapter_delta(out / "adapter")
+    assert set(ours) == set(three["lora-task"])
+    for name, delta in ours.items():
+        expected = sum(
+            w * d for w, d in zip(WEIGHTS, stacked(three, name), strict=True)
+        )
+        assert rel_err(delta, expected) < 1e-5, name
+    out = run(family_config("lora_task_arithmetic", rank=3), "out3")
+    for name, delta in adapter_delta(out / "adapter").items():
+        expected = sum(
+            w * d for w, d in zip(WEIGHTS, stacked(three, name), strict=True)
+        )
+        assert rel_err(delta, best_rank(expected, 3)) < 1e-5, name
+
+
+def test_lora_ties_equals_stock_mergekit_ties_over_base_plus_lora(three, tmp_path):
+    stock = {
+        "merge_method": "ties",
+        "base_model": "./base",
+        "models": [
+            {"model": f"./base+./{n}", "parameters": {"weight": w, "density": d}}
+            for n, w, d in zip(INPUTS, WEIGHTS, DENSITIES, strict=True)
+        ],
+        "dtype": "float32",
+    }
+    stock_out = run(stock, "stock", lora_merge_cache=str(tmp_path / "lora-cache"))
+    ours = run(family_config("lora_ties", rank=64))
+    base, dense = load_weights("base"), load_weights(stock_out)
+    deltas = adapter_delta(ours / "adapter")
+    assert len(deltas) == 21
+    for name, delta in deltas.items():
+        assert rel_err(delta, dense[name] - base[name]) < 1e-4, name
+    # and with rank 3, its best rank-3 approximation
+    low = adapter_delta(run(family_config("lora_ties", rank=3), "low") / "adapter")
+    for name, delta in low.items():
+        assert rel_err(delta, best_rank(dense[name] - base[name], 3)) < 1e-4, name
+
+
+def test_lora_dare_ties_is_mergekit_dare_seeded_per_module(three):
+    out = run(family_config("lora_dare_ties", rank=64), random_seed=7)
+    for name, delta in adapter_delta(out / "adapter").items():
+        seed = module_seed(7, name.removesuffix(".weight"))
+        expected = mergekit_kernel(
+            "dare_ties",
+            stacked(three, name),
+            WEIGHTS,
+            DENSITIES,
+            seed=seed,
+            normalize=False,
+            rescale=True,
+            int8_mask=False,
+            **{"lambda": 1.0},
+        )
+        assert rel_err(delta, expected) < 1e-5, name
+    again = run(family_config("lora_dare_ties", rank=64), "again", random_seed=7)
+    other = run(family_config("lora_dare_ties", rank=64), "other", random_seed=8)
+    a = (out / "adapter/adapter_model.safetensors").read_bytes()
+    assert (again / "adapter/adapter_model.safetensors").read_bytes() == a
+    assert (other / "adapter/adapter_model.safetensors").read_bytes() != a
+
+
+def test_lora_knots_ties(three):
+    out = run(family_config("lora_knots_ties", rank=64))
+    for name, delta in adapter_delta(out / "adapter").items():
+        present = [
+            (d, w, dens)
+            for d, w, dens, n in zip(
+                stacked(three, name), WEIGHTS, DENSITIES, INPUTS, strict=True
+            )
+            if name in three[n]
+        ]
+        cat = torch.cat(
+            [d for d, _, _ in present], dim=1
+        )  # d_out x T*d_in, dense oracle
+        u, s, vh = torch.linalg.svd(cat, full_matrices=False)
+        k = int((s > s[0] * 1e-6).sum())
+        u, s, v = u[:, :k], s[:k], vh[:k].T
+        n_in = present[0][0].shape[1]
+        blocks = [v[i * n_in : (i + 1) * n_in] for i in range(len(present))]
+        v_m = mergekit_kernel(
+            "ties",
+            blocks,
+            [w for _, w, _ in present],
+            [x for _, _, x in present],
+            normalize=True,
+            rescale=False,
+            int8_mask=False,
+            **{"lambda": 1.0},
+        )
+        expected = u @ torch.diag(s) @ v_m.T
+        assert rel_err(delta, expected) < 1e-5, name
+
+
+def test_lora_tsv_m(three):
+    out = run(family_config("lora_tsv_m", rank=64, alpha=0.9))
+    for name, delta in adapter_delta(out / "adapter").items():
+        present = [
+            (d, w)
+            for d, w, n in zip(stacked(three, name), WEIGHTS, INPUTS, strict=True)
+            if name in three[n]
+        ]
+        per = min(present[0][0].shape) // len(present)
+        us, ss, vs = [], [], []
+        for d, w in present:
+            u, s, vh = torch.linalg.svd(d, full_matrices=False)
+            k = min(per, int((s > s[0] * 1e-6).sum()))
+            us.append(u[:, :k])
+            ss.append(s[:k] * w)
+            vs.append(vh[:k].T)
+
+        def polar(x):
+            p, _, qh = torch.linalg.svd(x, full_matrices=False)
+            return p @ qh
+
+        expected = (
+            0.9
+            * polar(torch.cat(us, 1))
+            @ torch.diag(torch.cat(ss))
+            @ polar(torch.cat(vs, 1)).T
+        )
+        assert rel_err(delta, expected) < 1e-5, name
+
+
+def pico_oracle(deltas_and_factors):
+    """Dense Pico + task arithmetic (weights 1): calibrate B, merge, restore norm."""
+    Bs = [B for B, _ in deltas_and_factors]
+    U, S, _ = torch.linalg.svd(torch.cat(Bs, 1), full_matrices=False)
+    share = S**2 / (S**2).sum()
+    alpha = 1 / (1 + (len(Bs) - 1) * share)
+    merged = sum(
+        (B + U @ torch.diag(alpha - 1) @ U.T @ B) @ A for B, A in deltas_and_factors
+    )
+    target = sum(torch.linalg.norm(B @ A) for B, A in deltas_and_factors) / len(Bs)
+    return merged * (target / torch.linalg.norm(merged)), target
+
+
+def scaled_factors(adapter, module):
+    from mergekit_tada.adapters import LoraAdapter
+
+    f = LoraAdapter(adapter).factors(module)
+    return f.B.double(), f.A.double()
+
+
+def test_pico_with_task_arithmetic(three):
+    config = family_config("lora_task_arithmetic", lossless=True, pico=True)
+    for m in config["models"]:
+        m["parameters"]["weight"] = 1.0
+    out = run(config)
+    report = json.loads((out / "tada_report.json").read_text())
+    for name, delta in adapter_delta(out / "adapter").items():
+        module = name.removesuffix(".weight")
+        factors = [scaled_factors(n, module) for n in INPUTS if name in three[n]]
+        expected, target = pico_oracle(factors)
+        assert rel_err(delta, expected) < 1e-5, name
+        assert float(torch.linalg.norm(delta)) == pytest.approx(float(target), rel=1e-5)
+        record = report["modules"][module]
+        assert len(record["pico_sharing"]) == sum(f[0].shape[1] for f in factors)
+        assert sum(record["pico_sharing"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_pico_in_tada(three):
+    from conftest import tada_config
+
+    config = tada_config(pico=True, rank=10, conflict_elimination=False)
+    config["parameters"].update(task_weight=1.0, domain_weight=1.0)
+    out = run(config)
+    for name, delta in adapter_delta(out / "adapter").items():
+        module = name.removesuffix(".weight")
+        factors = [scaled_factors(n, module) for n in INPUTS[:2] if name in three[n]]
+        expected, _ = pico_oracle(factors)
+        assert rel_err(delta, expected) < 1e-5, name
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "lora_task_arithmetic",
+        "lora_ties",
+        "lora_dare_ties",
+        "lora_knots_ties",
+        "lora_tsv_m",
+    ],
+)
+def test_merged_model_agrees_with_adapter(three, method):
+    out = run(family_config(method, rank=6, pico=method == "lora_tsv_m"), random_seed=3)
+    assert_adapter_matches_model(out)
+    report = json.loads((out / "tada_report.json").read_text())
+    assert report["settings"]["merge_method"] == method
+    assert len(report["modules"]) == 21
+
+
+def test_density_out_of_range(three):
+    from mergekit_tada.errors import TadaError
+
+    config = family_config("lora_ties", rank=4)
+    config["models"][0]["parameters"]["density"] = 1.5
+    with pytest.raises(TadaError, match=r"density must be in \(0, 1\] \(got 1.5\)"):
+        run(config)
+
+
+def test_randomized_svd_is_near_optimal():
+    """Large dense modules use a randomized truncated SVD: within 0.5% of optimal."""
+    from mergekit_tada.rules import EXACT_SVD_MAX_DIM, dense_svd
+
+    g = torch.Generator().manual_seed(0)
+    n = EXACT_SVD_MAX_DIM + 64
+    # a TIES-like update: low-rank signal plus a sparse full-rank remainder
+    low = torch.randn(n, 24, generator=g) @ torch.randn(24, n - 32, generator=g)
+    sparse = torch.randn(n, n - 32, generator=g) * (
+        torch.rand(n, n - 32, generator=g) < 0.05
+    )
+    M = low + 3 * sparse
+    s = dense_svd(M, 16)
+    approx = (s.U[:, :16] * s.S[:16]) @ s.V[:, :16].T
+    exact = best_rank(M, 16).float()
+    err, best = torch.linalg.norm(M - approx), torch.linalg.norm(M - exact)
+    assert float(err / best) < 1.005
