@@ -17,6 +17,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class LoraAdapter:
         self.weights_path = os.path.join(self.path, WEIGHTS_NAME)
         self.config = self._read_config()
         self.modules = self._read_modules()
+        self._fh = None
+        self._lock = threading.Lock()
         self.hashes = {
             CONFIG_NAME: sha256_file(self.config_path),
             WEIGHTS_NAME: sha256_file(self.weights_path),
@@ -135,6 +138,13 @@ class LoraAdapter:
             raise TadaError(
                 f"{self.weights_path}: not a readable safetensors file ({error})"
             ) from None
+
+    def _handle(self):
+        """One open (memory-mapped) handle for all factor reads of this adapter."""
+        with self._lock:
+            if self._fh is None:
+                self._fh = self._open()
+            return self._fh
 
     def _scaling(self, module: str, rank: int) -> float:
         from peft.utils.other import get_pattern_key
@@ -203,18 +213,24 @@ class LoraAdapter:
             )
         return modules
 
-    def factors(self, module: str, device: torch.device | str = "cpu") -> Factored:
-        """The module's update s*B*A as float32 factors (scaling folded into B)."""
+    def factors(
+        self, module: str, device: torch.device | str = "cpu", check: bool = False
+    ) -> Factored:
+        """The module's update s*B*A as float32 factors (scaling folded into B).
+
+        ``check``: fail on NaN/Inf (done once for every module by
+        :meth:`check_all_finite` before a merge writes anything).
+        """
         spec = self.modules[module]
-        with self._open() as fh:
-            try:
-                A = fh.get_tensor(spec.a_key)
-                B = fh.get_tensor(spec.b_key)
-            except Exception as error:
-                raise TadaError(
-                    f"{self.weights_path}: module {module}: cannot read factors ({error})"
-                ) from None
-        for side, tensor in (("lora_A", A), ("lora_B", B)):
+        fh = self._handle()
+        try:
+            A = fh.get_tensor(spec.a_key)
+            B = fh.get_tensor(spec.b_key)
+        except Exception as error:
+            raise TadaError(
+                f"{self.weights_path}: module {module}: cannot read factors ({error})"
+            ) from None
+        for side, tensor in (("lora_A", A), ("lora_B", B)) if check else ():
             if not torch.isfinite(tensor).all():
                 raise TadaError(
                     f"{self.weights_path}: module {module}: {side} contains NaN or Inf"
@@ -225,7 +241,7 @@ class LoraAdapter:
     def check_all_finite(self) -> None:
         """Read every factor once so corrupt data or NaN/Inf fail before any output."""
         for module in self.modules:
-            self.factors(module)
+            self.factors(module, check=True)
 
 
 # --------------------------------------------------------------------------- writing

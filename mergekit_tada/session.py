@@ -426,12 +426,34 @@ class MergeSession:
         lora = self._merge_plan(plan, W.device)
         return torch.addmm(W.float(), lora.B, lora.A).to(W.dtype)
 
-    def merge_adapter_only(self, device: str = "cpu") -> None:
+    def merge_adapter_only(
+        self, device: str = "cpu", workers: int | None = None
+    ) -> None:
+        """Merge every LoRA'd module without mergekit's executor or base weights.
+
+        On the CPU, modules run on ``workers`` threads (default: torch's thread
+        count), each doing single-threaded small-matrix maths: torch releases
+        the GIL, and one thread per core beats one multi-threaded op at a time
+        for r x r work. Results do not depend on the order modules finish in.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm import tqdm
 
         targets = [p for p in self.plans.values() if p.is_lora_target]
-        for plan in tqdm(targets, desc="Merging modules", disable=self.options.quiet):
-            self._merge_plan(plan, torch.device(device))
+        dev = torch.device(device)
+        workers = workers or (
+            torch.get_num_threads() if dev.type == "cpu" else 1
+        )  # before 1-thread
+        with (
+            single_thread() if dev.type == "cpu" else contextlib.nullcontext(),
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            tqdm(
+                total=len(targets), desc="Merging modules", disable=self.options.quiet
+            ) as bar,
+        ):
+            for _ in pool.map(lambda p: self._merge_plan(p, dev), targets):
+                bar.update()
 
     def _merge_plan(self, plan: TensorPlan, device: torch.device) -> Truncated:
         updates = {

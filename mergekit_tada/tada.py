@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_tada.lowrank import Factored, ThinSVD, combine, svd
+from mergekit_tada.lowrank import Factored, ThinSVD, svd, svd_of_parts
 
 
 @dataclass(frozen=True)
@@ -84,4 +84,4 @@ def tada_combine(
         parts.append(s.take(kept).scaled(gate))
         record[f"dropped_{name}"] = dropped
         record[f"sigma_{name}"] = [float(f"{x:.6g}") for x in s.S.tolist()]
-    return svd(combine(parts)), record
+    return svd_of_parts(parts), record

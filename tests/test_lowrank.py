@@ -154,3 +154,20 @@ def test_combine_matches_dense():
     s1, s2 = svd(rand_factored(9, 2, 7, 1)), svd(rand_factored(9, 3, 7, 2))
     dense = s1.U @ torch.diag(s1.S) @ s1.V.T + 2 * (s2.U @ torch.diag(s2.S) @ s2.V.T)
     assert rel(combine([s1, s2.scaled(2.0)]).dense(), dense) < 1e-6
+
+
+def test_svd_of_parts_matches_dense():
+    from mergekit_tada.lowrank import svd_of_parts
+
+    parts = [
+        svd(rand_factored(40, 3, 30, 1)).scaled(0.7),
+        svd(rand_factored(40, 5, 30, 2)),
+    ]
+    parts.append(svd(rand_factored(40, 2, 30, 3)).take([1]))
+    dense = sum(p.U @ torch.diag(p.S) @ p.V.T for p in parts)
+    s = svd_of_parts(parts)
+    assert rel(s.U @ torch.diag(s.S) @ s.V.T, dense) < 1e-5
+    assert torch.allclose(
+        s.S.double(), torch.linalg.svdvals(dense.double())[: len(s)], rtol=1e-5
+    )
+    assert torch.allclose(s.U.T @ s.U, torch.eye(len(s)), atol=1e-5)
