@@ -29,7 +29,6 @@ SIZES = {
     "7b": dict(hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32),
 }
 VOCAB = 32000
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def block_shapes(i: int, s: dict) -> dict[str, tuple[int, ...]]:
@@ -129,12 +128,14 @@ def make_lora(base: Path, out: Path, size: str, seed: int, r: int = 16) -> Path:
     """A PEFT LoRA (config written by PEFT's LoraConfig) with random A and B."""
     from peft import LoraConfig
 
+    from mergekit_tada.toy import LLAMA_TARGETS
+
     s = SIZES[size]
     out.mkdir(parents=True, exist_ok=True)
     LoraConfig(
         r=r,
         lora_alpha=2 * r,
-        target_modules=list(PROJ),
+        target_modules=list(LLAMA_TARGETS),
         task_type="CAUSAL_LM",
         base_model_name_or_path=str(base),
     ).save_pretrained(out)

@@ -21,6 +21,7 @@ which is all the magnitude-invariant probe needs (mergekit_tada/probe.py).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,26 @@ class ModuleStats:
 Stats = dict[str, dict[str, ModuleStats]]  # adapter label -> module -> stats
 
 
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    A block's weights are tens of MB: glibc serves such tensors from its heap
+    once its dynamic mmap threshold has grown, and keeps the freed pages, so
+    without a trim the resident size grows by about one block per block.
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 class _Recorder(nn.Module):
     """Stands in for block i: keeps the block's kwargs, passes hidden states on."""
 
@@ -77,7 +98,11 @@ def _block_list(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
 
 
 class StreamedModel:
-    """The base model as a stem in memory and blocks read on demand."""
+    """The base model as a stem in memory and blocks read on demand.
+
+    Single use: :func:`run_calibration` frees the input embedding once it has
+    recorded the blocks' inputs.
+    """
 
     def __init__(
         self, base_path: str, device: torch.device, dtype: torch.dtype
@@ -109,6 +134,7 @@ class StreamedModel:
             if not name.startswith(self.blocks_name + ".")
         }
         self._load(self.model, stem)
+        _release_freed_memory()
         self.resident_blocks = 0  # for tests: never more than one at a time
         self.max_resident_blocks = 0
 
@@ -153,6 +179,7 @@ class StreamedModel:
         finally:
             layer.to("meta")
             self.resident_blocks -= 1
+            _release_freed_memory()
 
     def linear_modules(
         self, root: nn.Module, prefix: str
@@ -238,6 +265,16 @@ class Batch:
     attention_mask: torch.Tensor
     extra: dict
 
+    def forward_kwargs(self) -> dict:
+        # use_cache=False: a KV cache would keep every streamed block's keys and
+        # values alive for the whole pass.
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "use_cache": False,
+            **self.extra,
+        }
+
 
 def make_batches(
     tokenizer, texts: Sequence[str], max_length: int, batch_size: int
@@ -292,11 +329,14 @@ def run_calibration(
         for b in on_device:
             sink: dict = {}
             with model.recorders(sink):
-                model.model(
-                    input_ids=b.input_ids, attention_mask=b.attention_mask, **b.extra
-                )
+                model.model(**b.forward_kwargs())
             records.append(sink)
         hidden = [r[0][0] for r in records]
+        # The input embedding (vocab x hidden, float32) is not needed again: the
+        # tail forward below starts from zero embeddings, and its last recorder
+        # returns the streamed states.
+        model.model.get_input_embeddings().to("meta")
+        _release_freed_memory()
         # 2. stream the blocks
         bar = tqdm(range(model.n_layers), desc="Calibration blocks", disable=quiet)
         for i in bar:
@@ -318,12 +358,11 @@ def run_calibration(
         with acc.attached(iter(stem)):
             for c, b in enumerate(on_device):
                 acc.mask = b.attention_mask.bool()
+                kwargs = b.forward_kwargs()
+                ids = kwargs.pop("input_ids")
+                zeros = torch.zeros(*ids.shape, hidden[c].shape[-1], device=device)
                 with model.recorders({}, final=hidden[c]):
-                    out = model.model(
-                        input_ids=b.input_ids,
-                        attention_mask=b.attention_mask,
-                        **b.extra,
-                    )
+                    out = model.model(inputs_embeds=zeros, **kwargs)
                 if lm_hook:
                     lm_hook(None, (out.last_hidden_state,), None)
     missing = [

@@ -108,18 +108,21 @@ def _depth_series(
 def plot_gates(records: dict[str, dict], path: Path) -> bool:
     """Gates by layer depth: domain and task panels, one line per projection.
 
+    Drawn for probe gates (uniform and fixed gates are the configuration itself).
     Returns False (and writes nothing) when there is nothing to draw.
     """
+    records = {m: r for m, r in records.items() if r.get("gate_mode") == "probe"}
     series = _depth_series(records)
     if not series:
         return False
-    import matplotlib
+    # The Agg Figure API directly: pyplot's import and state machine would add
+    # about a second to every merge.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colors = plt.get_cmap("tab10")
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    colors = colormaps["tab10"]
     layers = sorted(
         {p[0] for roles in series.values() for pts in roles.values() for p in pts}
     )
@@ -141,7 +144,6 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
     axes[0].set_ylabel("gate")
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("TaDA gates by depth, per projection")
-    fig.tight_layout()
     fd, tmp = tempfile.mkstemp(
         prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent
     )
@@ -150,7 +152,6 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
         fig.savefig(tmp, dpi=100, metadata={"Software": None})
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
     return True

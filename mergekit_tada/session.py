@@ -81,6 +81,7 @@ class TensorPlan:
 
     out_name: str
     module: str  # output module name (out_name without ".weight")
+    base_names: list[str]  # the base's name for this tensor and its aliases
     sources: dict[str, str | None]  # input label -> adapter module (None: absent)
     params: dict
     inputs: dict[str, dict]  # input label -> per-model parameters
@@ -127,27 +128,25 @@ class MergeSession:
         self.base_path = base_path
         self.headers = HeaderIndex(base_path)
         self.float_dtype = dtype_from_name(config.dtype)
-        self.lora_refs = {
-            str(ref): ref for ref in config.referenced_models() if ref.lora is not None
-        }
         self.adapters = {
-            label: LoraAdapter(ref.lora.path) for label, ref in self.lora_refs.items()
+            str(ref): LoraAdapter(ref.lora.path)
+            for ref in config.referenced_models()
+            if ref.lora is not None
         }
         self.default_rank = max(a.max_rank for a in self.adapters.values())
-        self._base_names: dict[str, list[str]] = {}
         with self._activated():
             self.plans = self._plan()
         self._validate_plans()
+        adapter_out = {p.params["adapter_out"] for p in self.plans.values()}
+        if len(adapter_out) != 1:
+            raise TadaError(f"adapter_out must be one folder name, got {adapter_out}")
+        self.adapter_dir = self.out_path / adapter_out.pop()
         for adapter in self.adapters.values():
             adapter.check_all_finite()
         targets = [p for p in self.plans.values() if p.is_lora_target]
         self.calibration_info: dict | None = None
         stats = self._calibrate(targets)
         self.context = self.method.prepare(stats, targets)
-        adapter_out = {p.params["adapter_out"] for p in self.plans.values()}
-        if len(adapter_out) != 1:
-            raise TadaError(f"adapter_out must be one folder name, got {adapter_out}")
-        self.adapter_dir = self.out_path / adapter_out.pop()
         self.records: dict[str, dict] = {}
         self._lock = threading.Lock()
         self.writer: StreamingAdapterWriter | None = None
@@ -239,18 +238,16 @@ class MergeSession:
                 for label, m in sources.items()
                 if m
             ]
+            base_info = infos[task.base_model]
             plans[weight.name] = TensorPlan(
                 out_name=weight.name,
                 module=weight.name.removesuffix(".weight"),
+                base_names=[base_info.name, *(base_info.aliases or ())],
                 sources=sources,
                 params=params,
                 inputs=inputs,
                 rank=self.method.output_rank(params, self.default_rank, source_ranks),
             )
-            self._base_names[weight.name] = [
-                infos[task.base_model].name,
-                *(infos[task.base_model].aliases or ()),
-            ]
         return plans
 
     def _validate_plans(self) -> None:
@@ -258,7 +255,7 @@ class MergeSession:
         targets = [p for p in self.plans.values() if p.is_lora_target]
         for plan in targets:
             self.method.check(plan.out_name, plan.params, plan.inputs)
-            base_name = self.headers.resolve(self._base_names[plan.out_name])
+            base_name = self.headers.resolve(plan.base_names)
             base_shape = self.headers.meta(base_name)[0] if base_name else None
             for label, module in plan.sources.items():
                 if module is None:

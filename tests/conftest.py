@@ -16,20 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergekit_tada.toy import build_llama, build_lora
+from mergekit_tada.toy import LLAMA_TARGETS, build_llama, build_lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-TASK_TARGETS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+TASK_TARGETS = LLAMA_TARGETS
 DOMAIN_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 
 

@@ -42,7 +42,6 @@ def test_mergekit_tada_adapter_only_and_clear_errors(work):
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (work / "out").iterdir()) == [
         "adapter",
-        "gates.png",
         "tada_report.json",
     ]
     Path("bad.yml").write_text(yaml.safe_dump(tada_config(rank=0)))

@@ -471,20 +471,7 @@ def test_base_without_tokenizer(work):
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tok = build_tokenizer(tmp_path / "g")
-    config = AutoConfig.for_model(
-        "gemma",
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "g"))
+    _tiny_decoder(tmp_path / "g", "gemma")
     with pytest.raises(TadaError, match=r"architecture 'gemma' .* is not supported"):
         StreamedModel(str(tmp_path / "g"), torch.device("cpu"), torch.float32)
 
