@@ -80,10 +80,11 @@ def main() -> None:
             + " | ".join(f"{t * 1e3:.1f}" for t in times)
             + " |"
         )
+        cells = [f"{t * 1e3:.0f}" for t in dense] + ["(not run)"] * (
+            len(hidden) - len(dense)
+        )
         lines.append(
-            "| dense SVD of the h x h update (ms) | "
-            + " | ".join(f"{t * 1e3:.0f}" for t in dense)
-            + " | (not run) |" * (len(hidden) - len(dense))
+            "| dense SVD of the h x h update (ms) | " + " | ".join(cells) + " |"
         )
         lines.append(
             f"\nlog-log slope in h: TaDA {slope(hidden, times):.2f} (linear in m + n); "

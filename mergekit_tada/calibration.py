@@ -163,7 +163,7 @@ class StreamedModel:
             key = self.checkpoint_name(prefix + name)
             if key not in self.headers.index.tensor_paths:
                 raise TadaError(f"calibration: {self.headers.path} lacks weight {key}")
-            state[name] = self.headers.read(key).to(self.device, self.dtype)
+            state[name] = self.headers.read(key, self.dtype, self.device)
         root.load_state_dict(state, strict=False, assign=True)
 
     @contextlib.contextmanager

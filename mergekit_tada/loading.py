@@ -40,10 +40,30 @@ class HeaderIndex:
     def resolve(self, names: list[str]) -> str | None:
         return next((n for n in names if n in self.index.tensor_paths), None)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(
+        self,
+        name: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        chunk_bytes: int = 1 << 25,
+    ) -> torch.Tensor:
+        """Read one tensor, converted to ``dtype`` on ``device`` row chunk by row chunk.
+
+        Converting a whole bf16 embedding to float32 at once would hold both
+        copies; chunks keep the overhead to ``chunk_bytes``.
+        """
         shard = os.path.join(self.path, self.index.tensor_paths[name])
         with safe_open(shard, framework="pt") as fh:
-            return fh.get_tensor(name)
+            sl = fh.get_slice(name)
+            shape = sl.get_shape()
+            if dtype is None or len(shape) < 2:
+                return fh.get_tensor(name).to(device=device, dtype=dtype)
+            out = torch.empty(shape, dtype=dtype, device=device)
+            row_bytes = max(1, out[0].numel() * out.element_size())
+            step = max(1, chunk_bytes // row_bytes)
+            for start in range(0, shape[0], step):
+                out[start : start + step] = sl[start : start + step].to(device, dtype)
+            return out
 
     def meta(self, name: str) -> tuple[list[int], torch.dtype]:
         with self._lock:
