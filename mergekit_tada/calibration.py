@@ -33,6 +33,7 @@ from torch import nn
 from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
+from mergekit_tada.lowrank import frobenius_sq
 
 LOG = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class _Accumulator:
             f = self.adapters[label].factors(module_name, self.device)
             A, B = f.A.double(), f.B.double()
             entry = self.stats[label].setdefault(module_name, ModuleStats())
-            entry.frob_sq = float(torch.sum((B.T @ B) * (A @ A.T)))
+            entry.frob_sq = frobenius_sq(f)
             prepared.append((entry, A, B.T @ B))
 
         def accumulate(_module: nn.Module, inputs: tuple, _output) -> None:

@@ -123,7 +123,7 @@ class PlaceholderLoader:
         if not dtype.is_floating_point:
             # Integer buffers (position ids) must equal the base's: mergekit
             # checks that inputs agree. They are tiny, so read them.
-            return self.headers.read(name).to(device)
+            return self.headers.read(name, device=device)
         return torch.zeros((), dtype=self.float_dtype or dtype, device=device).expand(
             shape
         )

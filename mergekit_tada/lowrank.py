@@ -97,15 +97,28 @@ class ThinSVD:
         return float(torch.sum(self.S.double() ** 2))
 
 
+def significant(
+    values: torch.Tensor, tolerance: float = NULL_TOLERANCE
+) -> torch.Tensor:
+    """Mask of the values above ``tolerance`` times the largest (none if all are 0)."""
+    top = float(values.max()) if values.numel() else 0.0
+    if top <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    return values > top * tolerance
+
+
+def frobenius_sq(f: Factored) -> float:
+    """||B A||_F^2 without forming B A: tr((B^T B)(A A^T)), in float64."""
+    B, A = f.B.double(), f.A.double()
+    return max(float(torch.sum((B.T @ B) * (A @ A.T))), 0.0)
+
+
 def _gram_root(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """G = W diag(lambda) W^T (k x k, float64): W and sqrt(lambda), null part dropped."""
     lam, W = torch.linalg.eigh(G)
-    top = float(lam[-1]) if lam.numel() else 0.0
-    keep = (
-        lam > top * NULL_TOLERANCE**2
-        if top > 0
-        else torch.zeros_like(lam, dtype=torch.bool)
-    )
+    keep = significant(
+        lam, NULL_TOLERANCE**2
+    )  # eigenvalues are squared singular values
     return W[:, keep], lam[keep].sqrt()
 
 
@@ -136,12 +149,7 @@ def _svd_from_grams(
     w_a, r_a = _gram_root(gram_a)
     core = (r_b[:, None] * (w_b.T @ w_a)) * r_a[None, :]
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
-    largest = float(s[0]) if s.numel() else 0.0
-    keep = (
-        s > largest * NULL_TOLERANCE
-        if largest > 0
-        else torch.zeros_like(s, dtype=torch.bool)
-    )
+    keep = significant(s)
     u = B @ (w_b @ (u_c[:, keep] / r_b[:, None])).float()
     v = A.T @ (w_a @ (vh_c[keep].T / r_a[:, None])).float()
     return ThinSVD(u, s[keep].float(), v)

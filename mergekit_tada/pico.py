@@ -16,13 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_tada.lowrank import Factored, ThinSVD
-
-
-def frobenius(f: Factored) -> float:
-    """||B A||_F without forming B A: sqrt(tr((B^T B)(A A^T)))."""
-    B, A = f.B.double(), f.A.double()
-    return math.sqrt(max(float(torch.sum((B.T @ B) * (A @ A.T))), 0.0))
+from mergekit_tada.lowrank import Factored, ThinSVD, frobenius_sq
 
 
 def calibrate(
@@ -54,7 +48,7 @@ def restore_magnitude(
     merged: ThinSVD, originals: Sequence[Factored | None]
 ) -> tuple[ThinSVD, float]:
     """Scale the merged update to the mean Frobenius norm of the original updates."""
-    norms = [frobenius(u) for u in originals if u is not None]
+    norms = [math.sqrt(frobenius_sq(u)) for u in originals if u is not None]
     merged_norm = math.sqrt(merged.energy())
     if merged_norm == 0:
         return merged, 1.0

@@ -10,9 +10,8 @@ merged update, before truncation to the output rank.
   mergekit's by construction. Element-wise rules need the dense matrix: it is
   formed one module at a time and then truncated (exact or randomized SVD);
 * KnOTS-TIES: SVD of the stacked updates [dW_1 | ... | dW_T] = U S [V_1; ...]^T
-  from factors (QR of B_cat and of the block-diagonal A's, never the
-  d_out x T*d_in matrix), TIES on the d_in x k coefficient blocks V_t, then
-  U S V_merged^T;
+  from the factors B_cat and blockdiag(A_t) (never the d_out x T*d_in
+  matrix), TIES on the d_in x k coefficient blocks V_t, then U S V_merged^T;
 * TSV-M: per-task SVDs truncated to floor(n/T) directions, concatenated, U and
   V orthogonalised by their polar factors, times alpha.
 """
@@ -24,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_tada.lowrank import Factored, ThinSVD, stack, svd
+from mergekit_tada.lowrank import Factored, ThinSVD, significant, stack, svd
 
 # Above this size a dense SVD of a merged module is slow on CPUs; a randomized
 # range finder with generous oversampling and power iterations is used instead.
@@ -45,16 +44,13 @@ def dense_svd(M: torch.Tensor, rank: int) -> ThinSVD:
     M = M.to(torch.float32)
     if min(M.shape) <= EXACT_SVD_MAX_DIM:
         u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
-        keep = s > (s[0] * 1e-6 if s.numel() and s[0] > 0 else float("inf"))
+        keep = significant(s)
         return ThinSVD(u[:, keep].float(), s[keep].float(), vh[keep].T.float())
     q = min(rank + RANDOMIZED_OVERSAMPLE, min(M.shape))
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(0)  # the range finder's test matrix: deterministic
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the range finder's test matrix: deterministic
         u, s, v = torch.svd_lowrank(M, q=q, niter=RANDOMIZED_POWER_ITERATIONS)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    keep = s > (s[0] * 1e-6 if s.numel() and s[0] > 0 else float("inf"))
+    keep = significant(s)
     return ThinSVD(u[:, keep], s[keep], v[:, keep])
 
 
@@ -123,21 +119,16 @@ def knots_ties(
     """KnOTS: shared basis of the stacked updates from factors, TIES on V blocks."""
     present = [u for u in updates if u is not None]
     keep = [i for i, u in enumerate(updates) if u is not None]
-    B_cat = torch.cat([u.B.float() for u in present], dim=1)  # d_out x sum r
-    q_b, r_b = torch.linalg.qr(B_cat)
-    # A_blk^T = blockdiag(A_t^T): its QR is blockdiag(Q_t) blockdiag(R_t).
-    qs, rs = zip(*(torch.linalg.qr(u.A.float().T) for u in present), strict=True)
-    r_blk = torch.block_diag(*rs)  # sum r x sum r
-    u_c, s, vh_c = torch.linalg.svd(
-        r_b.double() @ r_blk.double().T, full_matrices=False
+    # [dW_1 | ... | dW_T] = B_cat blockdiag(A_1, ..., A_T): a product of thin
+    # factors (sum r columns), so its SVD is lowrank.svd's.
+    stacked = svd(
+        Factored(
+            torch.cat([u.B for u in present], dim=1),
+            torch.block_diag(*(u.A.float() for u in present)),
+        )
     )
-    nonzero = s > (s[0] * 1e-6 if s[0] > 0 else float("inf"))
-    u_c, s, v_c = u_c[:, nonzero].float(), s[nonzero].float(), vh_c[nonzero].T.float()
-    U = q_b @ u_c
-    blocks, start = [], 0
-    for q in qs:  # V_t = Q_t V_c[rows of t]  (d_in x k)
-        blocks.append(q @ v_c[start : start + q.shape[1]])
-        start += q.shape[1]
+    d_in = present[0].A.shape[1]  # V_t: the rows of V for task t (d_in x k)
+    blocks = [stacked.V[t * d_in : (t + 1) * d_in] for t in range(len(present))]
     V_merged = mergekit_gta(
         "ties",
         blocks,
@@ -146,7 +137,7 @@ def knots_ties(
         shared,
         seed,
     )
-    return svd(Factored(U * s, V_merged.T))
+    return svd(Factored(stacked.U * stacked.S, V_merged.T))
 
 
 def tsv_m(

@@ -223,14 +223,10 @@ class MergeSession:
                 info = infos[ref]
                 modules = self.adapters[label].modules
                 names = [info.name, *(info.aliases or ())]
-                sources[label] = next(
-                    (
-                        n[: -len(".weight")]
-                        for n in names
-                        if n.endswith(".weight") and n[: -len(".weight")] in modules
-                    ),
-                    None,
-                )
+                candidates = [
+                    n.removesuffix(".weight") for n in names if n.endswith(".weight")
+                ]
+                sources[label] = next((m for m in candidates if m in modules), None)
                 inputs[label] = dict(task.input_parameters[ref].items())
             params = dict(task.parameters.items())
             source_ranks = [
