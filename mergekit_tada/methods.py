@@ -33,7 +33,13 @@ from mergekit_tada import pico, rules
 from mergekit_tada.cache import DEFAULT_CACHE_DIR
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, truncate
-from mergekit_tada.probe import ProbeTable, gates_from_delta
+from mergekit_tada.probe import (
+    GATE_GRANULARITIES,
+    GATE_NORMALIZATIONS,
+    PROBE_STATISTICS,
+    ProbeTable,
+    gates_from_delta,
+)
 from mergekit_tada.tada import tada_combine
 
 SHARED = ParameterScope.SHARED
@@ -47,9 +53,11 @@ COMMON_PARAMETERS = (
 )
 ROLES = ("task", "domain")
 GATE_MODES = ("probe", "uniform", "fixed")
-# Calibration settings are read once per merge (they choose the data and the
-# pass), so they must not vary per tensor; the gate formula's settings may.
+# Settings read once per merge (the calibration data and pass, and how probes
+# become deltas), so they must not vary per tensor; the gate formula's may.
 CALIBRATION_KEYS = (
+    "gate_granularity",
+    "probe_statistic",
     "calibration",
     "calibration_samples",
     "calibration_max_length",
@@ -150,6 +158,11 @@ class TadaMethod(LoraMergeMethod):
             ParameterSpec("role", str | None, NON_BASE, None, "task | domain"),
             *COMMON_PARAMETERS,
             ParameterSpec("gates", str, SHARED, "probe", "probe | uniform | fixed"),
+            ParameterSpec("gate_granularity", str, SHARED, "module", "module | layer"),
+            ParameterSpec("gate_normalization", str, SHARED, "sum", "sum | max"),
+            ParameterSpec(
+                "probe_statistic", str, SHARED, "normalized", "normalized | raw"
+            ),
             ParameterSpec("task_weight", float | None, SHARED, None),
             ParameterSpec("domain_weight", float | None, SHARED, None),
             ParameterSpec("conflict_elimination", bool, SHARED, True),
@@ -161,7 +174,8 @@ class TadaMethod(LoraMergeMethod):
             ParameterSpec("tau", float, SHARED, 1.0),
             ParameterSpec("gate_min", float, SHARED, 0.1),
             ParameterSpec("gate_max", float, SHARED, 0.9),
-            ParameterSpec("scale", float, SHARED, 1.0, "global lambda on both gates"),
+            # lambda = 2: uniform gates are task arithmetic 1/1 (docs/quality.md)
+            ParameterSpec("scale", float, SHARED, 2.0, "global lambda on both gates"),
             ParameterSpec("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
         ),
     )
@@ -180,11 +194,17 @@ class TadaMethod(LoraMergeMethod):
                 "tada: exactly one model must have role 'task' and one role "
                 f"'domain'; got {roles} for {tensor}"
             )
-        if params["gates"] not in GATE_MODES:
-            raise TadaError(
-                f"tada: gates must be one of {', '.join(GATE_MODES)} "
-                f"(got {params['gates']!r}) for {tensor}"
-            )
+        for key, allowed in (
+            ("gates", GATE_MODES),
+            ("gate_granularity", GATE_GRANULARITIES),
+            ("gate_normalization", GATE_NORMALIZATIONS),
+            ("probe_statistic", PROBE_STATISTICS),
+        ):
+            if params[key] not in allowed:
+                raise TadaError(
+                    f"tada: {key} must be one of {', '.join(allowed)} "
+                    f"(got {params[key]!r}) for {tensor}"
+                )
         if params["gates"] == "probe" and not params["calibration"]:
             raise TadaError(
                 "tada: gates: probe (the default) needs calibration: a .txt (one prompt "
@@ -226,7 +246,12 @@ class TadaMethod(LoraMergeMethod):
             return None
         roles = {label: p["role"] for label, p in plans[0].inputs.items()}
         by_role = {role: stats[label] for label, role in roles.items()}
-        return ProbeTable.from_stats(by_role["task"], by_role["domain"])
+        return ProbeTable.from_stats(
+            by_role["task"],
+            by_role["domain"],
+            statistic=plans[0].params["probe_statistic"],
+            granularity=plans[0].params["gate_granularity"],
+        )
 
     @staticmethod
     def gates(job: ModuleJob) -> tuple[float, float, dict]:
@@ -234,8 +259,10 @@ class TadaMethod(LoraMergeMethod):
         params = job.params
         mode = params["gates"]
         extra: dict = {"gate_mode": mode}
+        # the uniform gate, also what `fixed` uses where a weight is unset
+        uniform = (1.0 if params["gate_normalization"] == "max" else 0.5) * params["scale"]
         if mode == "uniform":
-            return 0.5, 0.5, extra
+            return uniform, uniform, extra
         w_task, w_domain = params["task_weight"], params["domain_weight"]
         if mode == "probe":
             probes: ProbeTable = job.context
@@ -251,6 +278,7 @@ class TadaMethod(LoraMergeMethod):
                 gate_min=params["gate_min"],
                 gate_max=params["gate_max"],
                 scale=params["scale"],
+                normalization=params["gate_normalization"],
             )
             extra.update(
                 probe_task=probes.task.get(task_m) if task_m else None,
@@ -264,8 +292,8 @@ class TadaMethod(LoraMergeMethod):
             w_domain = p_domain if w_domain is None else w_domain
             return float(w_task), float(w_domain), extra
         return (
-            0.5 if w_task is None else float(w_task),
-            0.5 if w_domain is None else float(w_domain),
+            uniform if w_task is None else float(w_task),
+            uniform if w_domain is None else float(w_domain),
             extra,
         )
 

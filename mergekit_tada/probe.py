@@ -10,25 +10,66 @@ relative to its own size, not how large it is.
     delta(m) = log s_D(m) - log s_T(m)
     w_D(m)   = sigmoid((delta(m) - median_m delta) / tau),  w_T = 1 - w_D
     both clipped to [gate_min, gate_max], then multiplied by scale.
+    (gate_normalization "max": after clipping, both divided by the larger.)
 
 The median runs over the modules both adapters touch. A module in one adapter
 only, or where a probe is undefined (a zero update or zero inputs), gets the
 neutral delta = median (w = 0.5 before clipping and scaling).
+
+Two ablation settings (docs/quality.md): ``statistic="raw"`` uses the raw
+activation norm RMS_x ||dW_a x|| instead of the probe (not magnitude-invariant),
+and ``granularity="layer"`` gives every module of a decoder layer the mean
+delta of that layer (one gate per layer instead of per layer x projection).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from mergekit_tada.calibration import ModuleStats
 
+PROBE_STATISTICS = ("normalized", "raw")
+GATE_GRANULARITIES = ("module", "layer")
+GATE_NORMALIZATIONS = ("sum", "max")
+_LAYER = re.compile(r"^(.*\.(?:layers|layer|h|blocks)\.\d+)\.")
 
-def probe_value(stats: ModuleStats) -> float | None:
+
+def probe_value(stats: ModuleStats, statistic: str = "normalized") -> float | None:
     """The probe of one (adapter, module); None where it is undefined."""
     if stats.frob_sq <= 0 or stats.sum_sq_input <= 0:
         return None
+    if statistic == "raw":
+        return (
+            math.sqrt(stats.sum_sq_delta / stats.tokens)
+            if stats.sum_sq_delta > 0
+            else None
+        )
     return math.sqrt(stats.sum_sq_delta) / math.sqrt(stats.frob_sq * stats.sum_sq_input)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return 0.0
+    if n % 2:
+        return ordered[n // 2]
+    return 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+
+
+def _pool_by_layer(deltas: dict[str, float]) -> dict[str, float]:
+    """Each module's delta replaced by the mean delta of its decoder layer."""
+    groups: dict[str, list[str]] = {}
+    for module in deltas:
+        match = _LAYER.match(module)
+        groups.setdefault(match.group(1) if match else module, []).append(module)
+    pooled = {}
+    for members in groups.values():
+        mean = sum(deltas[m] for m in members) / len(members)
+        pooled.update(dict.fromkeys(members, mean))
+    return pooled
 
 
 @dataclass(frozen=True)
@@ -42,24 +83,23 @@ class ProbeTable:
 
     @classmethod
     def from_stats(
-        cls, task: dict[str, ModuleStats], domain: dict[str, ModuleStats]
+        cls,
+        task: dict[str, ModuleStats],
+        domain: dict[str, ModuleStats],
+        *,
+        statistic: str = "normalized",
+        granularity: str = "module",
     ) -> ProbeTable:
-        p_task = {m: probe_value(s) for m, s in task.items()}
-        p_domain = {m: probe_value(s) for m, s in domain.items()}
+        p_task = {m: probe_value(s, statistic) for m, s in task.items()}
+        p_domain = {m: probe_value(s, statistic) for m, s in domain.items()}
         deltas = {
             m: math.log(p_domain[m]) - math.log(p_task[m])
             for m in sorted(set(p_task) & set(p_domain))
             if p_task[m] and p_domain[m]
         }
-        ordered = sorted(deltas.values())
-        n = len(ordered)
-        if n == 0:
-            median = 0.0
-        elif n % 2:
-            median = ordered[n // 2]
-        else:
-            median = 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-        return cls(p_task, p_domain, deltas, median)
+        if granularity == "layer":
+            deltas = _pool_by_layer(deltas)
+        return cls(p_task, p_domain, deltas, _median(list(deltas.values())))
 
     def delta(self, task_module: str | None, domain_module: str | None) -> float:
         if task_module is None or domain_module is None or task_module != domain_module:
@@ -75,12 +115,21 @@ def gates_from_delta(
     gate_min: float,
     gate_max: float,
     scale: float,
+    normalization: str = "sum",
 ) -> tuple[float, float]:
-    """(w_T, w_D) from a module's delta."""
+    """(w_T, w_D) from a module's delta.
+
+    ``normalization="sum"``: the clipped sigmoid pair (w_T + w_D = 1 before
+    clipping and ``scale``); ``"max"``: both divided by the larger one.
+    """
     x = (delta - median) / tau
     w_domain = (
         1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
     )
     w_task = 1.0 - w_domain
     clip = lambda w: min(max(w, gate_min), gate_max)  # noqa: E731
-    return clip(w_task) * scale, clip(w_domain) * scale
+    w_task, w_domain = clip(w_task), clip(w_domain)
+    if normalization == "max":  # the stronger adapter keeps its trained size
+        top = max(w_task, w_domain)
+        w_task, w_domain = w_task / top, w_domain / top
+    return w_task * scale, w_domain * scale

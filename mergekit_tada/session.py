@@ -294,8 +294,9 @@ class MergeSession:
         if len(wanted) > 1:
             raise TadaError(
                 "calibration settings (calibration, calibration_samples, "
-                "calibration_max_length, calibration_batch_size, cache_dir) must be "
-                "the same for every tensor: give them as plain global parameters"
+                "calibration_max_length, calibration_batch_size, cache_dir, "
+                "gate_granularity, probe_statistic) must be the same for every "
+                "tensor: give them as plain global parameters"
             )
         from mergekit_tada.cache import StatsCache
         from mergekit_tada.calibration import (

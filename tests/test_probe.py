@@ -239,6 +239,15 @@ def test_gate_formula():
         0.8,
         0.2,
     )
+    # max normalisation: the stronger adapter at full size, the other relative to it
+    w_t, w_d = gates_from_delta(
+        1.0, 0.0, tau=1, gate_min=0.1, gate_max=0.9, scale=1, normalization="max"
+    )
+    sig = 1 / (1 + math.exp(-1.0))
+    assert (w_t, w_d) == pytest.approx(((1 - sig) / sig, 1.0))
+    assert gates_from_delta(
+        -900, 0, tau=1, gate_min=0.2, gate_max=0.8, scale=2, normalization="max"
+    ) == pytest.approx((2.0, 0.5))
 
 
 def test_probe_merge_end_to_end(work):
@@ -259,13 +268,14 @@ def test_probe_merge_end_to_end(work):
         if r.get("probe_domain") and r.get("probe_task")
     )
     median = 0.5 * (deltas[5] + deltas[6])  # 12 shared modules
-    w_d = min(max(1 / (1 + math.exp(-(delta - median))), 0.1), 0.9)
+    lam = 2.0  # the default scale: gates sum to 2 (uniform = task arithmetic 1/1)
+    w_d = lam * min(max(1 / (1 + math.exp(-(delta - median))), 0.1), 0.9)
     assert both["domain_gate"] == pytest.approx(w_d, rel=1e-9)
     assert both["task_gate"] == pytest.approx(
-        min(max(1 - 1 / (1 + math.exp(-(delta - median))), 0.1), 0.9)
+        lam * min(max(1 - 1 / (1 + math.exp(-(delta - median))), 0.1), 0.9)
     )
     task_only = report["modules"]["model.layers.0.self_attn.k_proj"]
-    assert task_only["probe_domain"] is None and task_only["task_gate"] == 0.5
+    assert task_only["probe_domain"] is None and task_only["task_gate"] == 0.5 * lam
     assert "gates from the calibration probe" in (out / "README.md").read_text()
     # the merged weights use those gates (no conflict removal at kappa=1.01)
     out2 = Path(
@@ -283,6 +293,67 @@ def test_probe_merge_end_to_end(work):
     from conftest import adapter_delta
 
     assert rel_err(adapter_delta(out2 / "adapter")[name + ".weight"], expected) < 1e-5
+
+
+def test_per_layer_gates_and_raw_statistic(work):
+    """gate_granularity: layer pools delta per layer; probe_statistic: raw drops the norms."""
+    write_prompts()
+    module_run = json.loads(
+        (
+            Path(mergekit_tada.merge(probe_config(), "m", quiet=True))
+            / "tada_report.json"
+        ).read_text()
+    )["modules"]
+    layer_run = json.loads(
+        (
+            Path(
+                mergekit_tada.merge(
+                    probe_config(gate_granularity="layer"), "l", quiet=True
+                )
+            )
+            / "tada_report.json"
+        ).read_text()
+    )["modules"]
+    deltas = {
+        m: math.log(r["probe_domain"]) - math.log(r["probe_task"])
+        for m, r in module_run.items()
+        if r.get("probe_domain") and r.get("probe_task")
+    }
+    layer_of = lambda m: m.split(".")[2]  # noqa: E731  model.layers.<i>.
+    pooled = {
+        m: sum(d for n, d in deltas.items() if layer_of(n) == layer_of(m))
+        / sum(layer_of(n) == layer_of(m) for n in deltas)
+        for m in deltas
+    }
+    assert len(set(pooled.values())) == 3  # one delta per layer, 3 layers
+    ordered = sorted(pooled.values())
+    median = 0.5 * (ordered[5] + ordered[6])
+    for m, d in pooled.items():
+        w_d = 2.0 * min(max(1 / (1 + math.exp(-(d - median))), 0.1), 0.9)
+        assert layer_run[m]["domain_gate"] == pytest.approx(w_d, rel=1e-9), m
+        assert layer_run[m]["delta"] == pytest.approx(d, rel=1e-9), m
+    # raw: the probe times ||dW||_F * RMS||x||, so it follows the adapter's size
+    raw_run = json.loads(
+        (
+            Path(
+                mergekit_tada.merge(
+                    probe_config(probe_statistic="raw"), "r", quiet=True
+                )
+            )
+            / "tada_report.json"
+        ).read_text()
+    )["modules"]
+    m = "model.layers.1.mlp.up_proj"
+    d_t = peft_delta("base", "lora-task")[m + ".weight"]
+    ratio = raw_run[m]["probe_task"] / module_run[m]["probe_task"]
+    ratio_domain = raw_run[m]["probe_domain"] / module_run[m]["probe_domain"]
+    d_d = peft_delta("base", "lora-domain")[m + ".weight"]
+    # the same RMS||x|| divides out of both adapters' ratios
+    assert ratio / ratio_domain == pytest.approx(
+        float(d_t.norm() / d_d.norm()), rel=1e-4
+    )
+    with pytest.raises(Exception, match="probe_statistic must be one of"):
+        mergekit_tada.merge(probe_config(probe_statistic="rms"), "bad", quiet=True)
 
 
 def test_user_weights_override_probe_gates(work):

@@ -90,7 +90,11 @@ def test_report_schema(work):
         "truncation_energy",
     ):
         assert key in module
-    assert module["task_gate"] == module["domain_gate"] == 0.5
+    # the default lambda = 2 applies to uniform gates too: task arithmetic 1/1
+    assert module["task_gate"] == module["domain_gate"] == 1.0
+    averaged = run(tada_config(gates="uniform", rank=4, scale=1.0), "averaged")
+    module = json.loads((averaged / "tada_report.json").read_text())["modules"]
+    assert module["model.layers.0.self_attn.q_proj"]["task_gate"] == 0.5
     # k_proj is in the task adapter only: nothing of the domain to drop
     assert report["modules"]["model.layers.0.self_attn.k_proj"]["dropped_domain"] == []
 
