@@ -260,7 +260,9 @@ class TadaMethod(LoraMergeMethod):
         mode = params["gates"]
         extra: dict = {"gate_mode": mode}
         # the uniform gate, also what `fixed` uses where a weight is unset
-        uniform = (1.0 if params["gate_normalization"] == "max" else 0.5) * params["scale"]
+        uniform = (1.0 if params["gate_normalization"] == "max" else 0.5) * params[
+            "scale"
+        ]
         if mode == "uniform":
             return uniform, uniform, extra
         w_task, w_domain = params["task_weight"], params["domain_weight"]
