@@ -1,0 +1,312 @@
+"""A controlled task x domain world, generated from a seed and trained here.
+
+Entities carry facts (attribute -> value). The *base* model is pre-trained on
+declarative text about the general entities, in several templates, so that
+its knowledge is stored in an extractable form. Then three PEFT LoRAs are
+trained on the base:
+
+- task: an output format on general entities only: after the marker
+  "repeat :", give the answer twice ("repeat : the color of g3 is red red ."),
+  a skill the base does not have. As in supervised fine-tuning, the loss is
+  on the response only: the prompt ends with the first answer word, so the
+  adapter learns the format, not the facts;
+- domain: plain declarative text about the domain entities only
+  ("the color of d7 is blue ."), knowledge the base does not have;
+- joint: both data sets (the upper reference).
+
+Every adapter's data is mixed about 1:1 with replayed base text.
+
+The combined evaluation asks task-format prompts about domain entities
+("repeat : the color of d7 is" -> "blue blue"): neither single adapter answers
+them. The task prompt keeps the declarative prefix so that the facts are
+retrieved at the same position as in the domain text (a question template
+makes even the jointly trained adapter fail to extract new facts; see
+docs/quality.md). Controls: task-format prompts about
+held-out general entities (the skill) and declarative completions about the
+domain entities (the knowledge). Calibration prompts are unlabeled domain
+sentences in a template the domain adapter never saw, so they are disjoint
+from the evaluation and from the training text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ATTRIBUTES = {
+    "color": "red blue green yellow black white purple orange".split(),
+    "city": "paris rome tokyo cairo lima oslo delhi quito".split(),
+    "food": "rice bread soup fish apple cheese beans honey".split(),
+    "job": "doctor farmer pilot singer baker lawyer judge nurse".split(),
+}
+DECLARATIVE = (
+    "the {attr} of {e} is {v} .",
+    "{e} has {attr} {v} .",
+    "{e} {attr} = {v} .",
+)
+CALIBRATION = "we know that {e} has the {attr} {v} ."  # unseen by every adapter
+QUESTION = "repeat : the {attr} of {e} is"
+CONTROL = "the {attr} of {e} is"
+MENTION = "{e} is a name ."
+# Declarative text comes with varied openings (as real text does), so that
+# facts are retrievable behind any short prefix, the task marker included.
+OPENINGS = ("", "note : ", "also : ", "fact : ", "we read : ")
+FUNCTION_WORDS = (
+    "the of is has = : . repeat a name we know that note also fact read".split()
+)
+
+
+@dataclass
+class WorldSpec:
+    """Sizes and training budgets of one world (a seed picks the facts)."""
+
+    seed: int
+    n_general: int = 48
+    n_domain: int = 32
+    task_train_fraction: float = 0.75
+    hidden: int = 64
+    layers: int = 4
+    intermediate: int = 256
+    heads: int = 4
+    base_steps: int = 1200
+    lora_steps: int = 600
+    lora_rank: int = 8
+    lora_lr: float = 2e-3
+    batch: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class World:
+    spec: WorldSpec
+    facts: dict[str, dict[str, str]]  # entity -> attr -> value
+    general: list[str]
+    domain: list[str]
+    task_entities: list[str]
+    held_out: list[str]
+
+    @classmethod
+    def generate(cls, spec: WorldSpec) -> World:
+        rng = random.Random(spec.seed)
+        general = [f"g{i}" for i in range(spec.n_general)]
+        domain = [f"d{i}" for i in range(spec.n_domain)]
+        facts = {
+            e: {a: rng.choice(vals) for a, vals in ATTRIBUTES.items()}
+            for e in general + domain
+        }
+        shuffled = general[:]
+        rng.shuffle(shuffled)
+        k = int(len(general) * spec.task_train_fraction)
+        return cls(
+            spec, facts, general, domain, sorted(shuffled[:k]), sorted(shuffled[k:])
+        )
+
+    def vocabulary(self) -> list[str]:
+        values = [v for vals in ATTRIBUTES.values() for v in vals]
+        return FUNCTION_WORDS + list(ATTRIBUTES) + values + self.general + self.domain
+
+    def _fill(self, template: str, entities: list[str]) -> list[str]:
+        return [
+            template.format(e=e, attr=a, v=v)
+            for e in entities
+            for a, v in self.facts[e].items()
+        ]
+
+    def base_corpus(self) -> list[str]:
+        text = self._declarative(self.general)
+        return text + [MENTION.format(e=e) for e in self.general + self.domain]
+
+    def task_corpus(self) -> list[tuple[str, str]]:
+        prompts = self._fill(QUESTION + " {v}", self.task_entities)
+        return [(p, p.split()[-1] + " .") for p in prompts]
+
+    def domain_corpus(self) -> list[tuple[str, str]]:
+        return [("", t) for t in self._declarative(self.domain)]
+
+    def joint_corpus(self) -> list[tuple[str, str]]:
+        """Both data sets, the task one repeated so that each is half the samples."""
+        task, domain = self.task_corpus(), self.domain_corpus()
+        return task * max(1, round(len(domain) / len(task))) + domain
+
+    def with_replay(self, corpus: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``corpus`` mixed about 1:1 with the base's own text (a guard against forgetting).
+
+        Without replay the adapters move 30-45 % of the base weights' norm and
+        every merge of the two scores about 0 (docs/quality.md, world v7).
+        """
+        replay = [("", t) for t in self.base_corpus()]
+        replay = random.Random(self.spec.seed + 2).sample(
+            replay, min(len(replay), len(corpus))
+        )
+        return corpus * max(1, round(len(replay) / len(corpus))) + replay
+
+    def _declarative(self, entities: list[str]) -> list[str]:
+        return [
+            o + t
+            for o in OPENINGS
+            for tpl in DECLARATIVE
+            for t in self._fill(tpl, entities)
+        ]
+
+    def calibration_prompts(self) -> list[str]:
+        """All 4 x n_domain calibration sentences, shuffled (a run takes the first N)."""
+        prompts = self._fill(CALIBRATION, self.domain)
+        random.Random(self.spec.seed + 1).shuffle(prompts)
+        return prompts
+
+    def eval_sets(self) -> dict[str, list[tuple[str, str]]]:
+        """name -> [(prompt, answer)]; answers are words, one token each."""
+
+        def pairs(template: str, entities: list[str]) -> list[tuple[str, str]]:
+            return [
+                (template.format(e=e, attr=a), v)
+                for e in entities
+                for a, v in self.facts[e].items()
+            ]
+
+        def twice(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+            return [(p, f"{v} {v}") for p, v in items]
+
+        return {
+            "combined": twice(pairs(QUESTION, self.domain)),
+            "task": twice(pairs(QUESTION, self.held_out)),
+            "domain": pairs(CONTROL, self.domain),
+        }
+
+
+def _batches(
+    ids: list[tuple[list[int], list[int]]], batch: int, steps: int, seed: int, pad: int
+):
+    """Random minibatches, right-padded; prompt and padding are masked out of the loss."""
+    rng = random.Random(seed)
+    for _ in range(steps):
+        rows = [ids[rng.randrange(len(ids))] for _ in range(batch)]
+        width = max(len(p) + len(r) for p, r in rows)
+        x = torch.full((batch, width), pad, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        for i, (p, r) in enumerate(rows):
+            x[i, : len(p) + len(r)] = torch.tensor(p + r)
+            mask[i, : len(p) + len(r)] = 1
+            labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+        yield x, mask, labels
+
+
+def train(
+    model,
+    tokenizer,
+    corpus: list[tuple[str, str]],
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+):
+    """AdamW, warm-up and cosine decay; the loss is on the response words only."""
+    torch.manual_seed(seed)
+    ids = [
+        (tokenizer(p)["input_ids"] if p else [], tokenizer(r)["input_ids"])
+        for p, r in corpus
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm)
+            * 0.5
+            * (1 + torch.cos(torch.tensor(s / steps * 3.14159265)).item())
+        ),
+    )
+    model.train()
+    loss = None
+    for x, mask, labels in _batches(ids, batch, steps, seed, tokenizer.pad_token_id):
+        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return float(loss.detach()) if loss is not None else float("nan")
+
+
+def build(world: World, root: Path, log=print) -> dict:
+    """Train the base and the three adapters of ``world`` under ``root``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergekit_tada.toy import LLAMA_TARGETS, build_tokenizer
+
+    spec = world.spec
+    root.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(root / "base", world.vocabulary())
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    base = LlamaForCausalLM(config)
+    info: dict = {"spec": asdict(spec)}
+    t0 = time.perf_counter()
+    info["base_loss"] = train(
+        base,
+        tok,
+        [("", t) for t in world.base_corpus()],
+        steps=spec.base_steps,
+        lr=3e-3,
+        batch=spec.batch,
+        seed=spec.seed,
+    )
+    info["base_seconds"] = round(time.perf_counter() - t0, 1)
+    log(f"  base: loss {info['base_loss']:.3f} in {info['base_seconds']} s")
+    base.save_pretrained(str(root / "base"))
+    corpora = {
+        "task": world.with_replay(world.task_corpus()),
+        "domain": world.with_replay(world.domain_corpus()),
+        "joint": world.with_replay(world.joint_corpus()),
+    }
+    for i, (name, corpus) in enumerate(corpora.items()):
+        model = LlamaForCausalLM.from_pretrained(str(root / "base"))
+        lora = LoraConfig(
+            r=spec.lora_rank,
+            lora_alpha=2 * spec.lora_rank,
+            target_modules=list(LLAMA_TARGETS),
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(spec.seed * 10 + i)
+        peft_model = get_peft_model(model, lora)
+        t0 = time.perf_counter()
+        steps = spec.lora_steps * (2 if name == "joint" else 1)
+        loss = train(
+            peft_model,
+            tok,
+            corpus,
+            steps=steps,
+            lr=spec.lora_lr,
+            batch=spec.batch,
+            seed=spec.seed + i,
+        )
+        info[f"{name}_loss"] = loss
+        info[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
+        log(f"  {name} LoRA: loss {loss:.3f} in {info[f'{name}_seconds']} s")
+        peft_model.save_pretrained(str(root / f"lora-{name}"))
+    (root / "calibration.txt").write_text("\n".join(world.calibration_prompts()) + "\n")
+    (root / "world.json").write_text(
+        json.dumps(info | {"facts": world.facts}, indent=1)
+    )
+    return info
