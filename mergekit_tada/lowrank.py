@@ -141,57 +141,31 @@ def svd(f: Factored) -> ThinSVD:
     return _svd_from_grams(B, A, B64.T @ B64, A64 @ A64.T)
 
 
-def _svd_from_grams(
-    B: torch.Tensor, A: torch.Tensor, gram_b: torch.Tensor, gram_a: torch.Tensor
-) -> ThinSVD:
-    """Thin SVD of B A (float32 factors) given float64 Grams B^T B and A A^T."""
+def svd_coordinates(
+    gram_b: torch.Tensor, gram_a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of B A in the coordinates of its factors, from their Grams alone.
+
+    Returns float64 (X, S, Y) with B A = (B X) diag(S) (A^T Y)^T, where B X
+    and A^T Y have orthonormal columns (X: k x s, Y: k x s). Lets a caller
+    chain several SVDs in k x k space and form one m x k product at the end.
+    """
     w_b, r_b = _gram_root(gram_b)
     w_a, r_a = _gram_root(gram_a)
     core = (r_b[:, None] * (w_b.T @ w_a)) * r_a[None, :]
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
     keep = significant(s)
-    u = B @ (w_b @ (u_c[:, keep] / r_b[:, None])).float()
-    v = A.T @ (w_a @ (vh_c[keep].T / r_a[:, None])).float()
-    return ThinSVD(u, s[keep].float(), v)
+    x = w_b @ (u_c[:, keep] / r_b[:, None])
+    y = w_a @ (vh_c[keep].T / r_a[:, None])
+    return x, s[keep], y
 
 
-def svd_of_parts(parts: Sequence[ThinSVD]) -> ThinSVD:
-    """Thin SVD of sum_i U_i S_i V_i^T, where each part comes from an SVD.
-
-    The parts' U_i and V_i are orthonormal, so the Grams of the stacked factors
-    need only the cross products U_i^T U_j and V_i^T V_j (k x k); nothing of
-    size m x k is formed in float64. Cross products are float32 products of
-    orthonormal bases (absolute error ~1e-7), so directions weaker than ~3e-4
-    of the strongest are resolved less precisely; they carry < 1e-7 of the
-    energy, below every tolerance the merges state.
-    """
-    f = combine(parts)
-    blocks_b = [[None] * len(parts) for _ in parts]
-    blocks_a = [[None] * len(parts) for _ in parts]
-    for i, p in enumerate(parts):
-        for j, q in enumerate(parts):
-            if j < i:
-                blocks_b[i][j] = blocks_b[j][i].T
-                blocks_a[i][j] = blocks_a[j][i].T
-                continue
-            if i == j:
-                cross_u = torch.eye(len(p), dtype=torch.float64, device=p.S.device)
-                cross_v = cross_u
-            else:
-                cross_u = (p.U.T @ q.U).double()
-                cross_v = (p.V.T @ q.V).double()
-            blocks_b[i][j] = p.S.double()[:, None] * cross_u * q.S.double()[None, :]
-            blocks_a[i][j] = cross_v
-    gram_b = torch.cat([torch.cat(row, dim=1) for row in blocks_b], dim=0)
-    gram_a = torch.cat([torch.cat(row, dim=1) for row in blocks_a], dim=0)
-    return _svd_from_grams(f.B, f.A, gram_b, gram_a)
-
-
-def combine(parts: Sequence[ThinSVD]) -> Factored:
-    """Stack weighted SVD pieces into one factored sum ``sum_i U_i S_i V_i^T``."""
-    B = torch.cat([p.U * p.S for p in parts], dim=1)
-    A = torch.cat([p.V.T for p in parts], dim=0)
-    return Factored(B, A)
+def _svd_from_grams(
+    B: torch.Tensor, A: torch.Tensor, gram_b: torch.Tensor, gram_a: torch.Tensor
+) -> ThinSVD:
+    """Thin SVD of B A (float32 factors) given float64 Grams B^T B and A A^T."""
+    x, s, y = svd_coordinates(gram_b, gram_a)
+    return ThinSVD(B @ x.float(), s.float(), A.T @ y.float())
 
 
 def stack(updates: Sequence[Factored], weights: Sequence[float]) -> Factored:

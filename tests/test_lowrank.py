@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergekit_tada.lowrank import Factored, combine, stack, svd, truncate
+from mergekit_tada.lowrank import Factored, stack, svd, truncate
 from mergekit_tada.tada import find_conflicts, tada_combine
 
 
@@ -93,12 +93,18 @@ def _opposing_pair(sigma_t, sigma_d):
     return U, V, task, domain
 
 
+def conflicts(task, domain, task_gate, domain_gate, kappa):
+    """find_conflicts on two explicit thin SVDs (cosines from their vectors)."""
+    cosines = (task.U.T @ domain.U) * (task.V.T @ domain.V)
+    return find_conflicts(cosines, task.S, domain.S, task_gate, domain_gate, kappa)
+
+
 @pytest.mark.parametrize(
     "task_gate,domain_gate,drops", [(0.5, 0.5, "domain"), (0.2, 0.8, "task")]
 )
 def test_opposing_direction_is_dropped(task_gate, domain_gate, drops):
     U, V, task, domain = _opposing_pair(sigma_t=2.0, sigma_d=1.0)
-    c = find_conflicts(svd(task), svd(domain), task_gate, domain_gate, kappa=0.3)
+    c = conflicts(svd(task), svd(domain), task_gate, domain_gate, kappa=0.3)
     lora, record = tada_lora(
         task,
         domain,
@@ -125,10 +131,7 @@ def test_opposing_direction_is_dropped(task_gate, domain_gate, drops):
 def test_no_conflict_below_threshold_or_when_disabled():
     U, V, task, domain = _opposing_pair(2.0, 1.0)
     # c_ij >= -1 always, so a threshold above 1 never drops anything.
-    assert (
-        find_conflicts(svd(task), svd(domain), 0.5, 0.5, kappa=1.01).dropped_domain
-        == []
-    )
+    assert conflicts(svd(task), svd(domain), 0.5, 0.5, kappa=1.01).dropped_domain == []
     lora, _ = tada_lora(
         task,
         domain,
@@ -150,24 +153,16 @@ def test_module_in_one_adapter_keeps_its_gated_update():
     assert record["dropped_task"] == [] and lora.truncation_energy < 1e-6
 
 
-def test_combine_matches_dense():
-    s1, s2 = svd(rand_factored(9, 2, 7, 1)), svd(rand_factored(9, 3, 7, 2))
-    dense = s1.U @ torch.diag(s1.S) @ s1.V.T + 2 * (s2.U @ torch.diag(s2.S) @ s2.V.T)
-    assert rel(combine([s1, s2.scaled(2.0)]).dense(), dense) < 1e-6
+def test_svd_coordinates_match_dense():
+    """(X, S, Y) from the Grams alone: B A = (B X) S (A^T Y)^T, orthonormal bases."""
+    from mergekit_tada.lowrank import svd_coordinates
 
-
-def test_svd_of_parts_matches_dense():
-    from mergekit_tada.lowrank import svd_of_parts
-
-    parts = [
-        svd(rand_factored(40, 3, 30, 1)).scaled(0.7),
-        svd(rand_factored(40, 5, 30, 2)),
-    ]
-    parts.append(svd(rand_factored(40, 2, 30, 3)).take([1]))
-    dense = sum(p.U @ torch.diag(p.S) @ p.V.T for p in parts)
-    s = svd_of_parts(parts)
-    assert rel(s.U @ torch.diag(s.S) @ s.V.T, dense) < 1e-5
-    assert torch.allclose(
-        s.S.double(), torch.linalg.svdvals(dense.double())[: len(s)], rtol=1e-5
-    )
-    assert torch.allclose(s.U.T @ s.U, torch.eye(len(s)), atol=1e-5)
+    f = rand_factored(40, 5, 30, 1)
+    B, A = f.B.double(), f.A.double()
+    x, s, y = svd_coordinates(B.T @ B, A @ A.T)
+    u, v = B @ x, A.T @ y
+    dense = B @ A
+    assert rel(u @ torch.diag(s) @ v.T, dense) < 1e-10
+    assert torch.allclose(s, torch.linalg.svdvals(dense)[: len(s)], rtol=1e-10)
+    assert torch.allclose(u.T @ u, torch.eye(len(s), dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(v.T @ v, torch.eye(len(s), dtype=torch.float64), atol=1e-10)
