@@ -18,8 +18,10 @@ merged update, before truncation to the output rank.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -47,11 +49,26 @@ def dense_svd(M: torch.Tensor, rank: int) -> ThinSVD:
         keep = significant(s)
         return ThinSVD(u[:, keep].float(), s[keep].float(), vh[keep].T.float())
     q = min(rank + RANDOMIZED_OVERSAMPLE, min(M.shape))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the range finder's test matrix: deterministic
+    with seeded(0):  # the range finder's test matrix: deterministic
         u, s, v = torch.svd_lowrank(M, q=q, niter=RANDOMIZED_POWER_ITERATIONS)
     keep = significant(s)
     return ThinSVD(u[:, keep], s[keep], v[:, keep])
+
+
+_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global CPU generator seeded for this block, one block at a time.
+
+    Modules merge on worker threads (session.merge_adapter_only) and mergekit's
+    kernels draw from the global generator, so seeding and drawing must not
+    interleave with another thread's; the caller's generator state is restored.
+    """
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def module_seed(seed: int, module: str) -> int:
@@ -81,8 +98,7 @@ def mergekit_gta(
         "density": dict(enumerate(densities)),
         **{k: shared[k] for k in ("normalize", "rescale", "int8_mask", "lambda")},
     }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         (out,) = method([group], parameters=params)
     return out
 

@@ -168,6 +168,26 @@ def test_lora_dare_ties_is_mergekit_dare_seeded_per_module(three):
     assert (other / "adapter/adapter_model.safetensors").read_bytes() != a
 
 
+def test_dare_masks_do_not_race_across_worker_threads(three):
+    """Adapter-only merges run modules on threads; DARE's seeded RNG must not be shared."""
+    from mergekit.options import MergeOptions
+
+    from mergekit_tada.api import load_config
+    from mergekit_tada.session import MergeSession
+
+    reference = run(family_config("lora_dare_ties", rank=64), random_seed=7)
+    expected = (reference / "adapter/adapter_model.safetensors").read_bytes()
+    config, _ = load_config(family_config("lora_dare_ties", rank=64))
+    for attempt in range(4):
+        out = f"threads-{attempt}"
+        session = MergeSession(config, MergeOptions(quiet=True, random_seed=7), out)
+        with session.writing(model_card=False):
+            session.merge_adapter_only(workers=8)
+        assert (
+            Path(out) / "adapter/adapter_model.safetensors"
+        ).read_bytes() == expected
+
+
 def test_lora_knots_ties(three):
     out = run(family_config("lora_knots_ties", rank=64))
     for name, delta in adapter_delta(out / "adapter").items():
