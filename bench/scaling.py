@@ -54,6 +54,14 @@ def slope(xs, ys) -> float:
     )
 
 
+def _ms_row(times: list[float]) -> str:
+    return (
+        "| per-module TaDA maths (ms) | "
+        + " | ".join(f"{t * 1e3:.1f}" for t in times)
+        + " |"
+    )
+
+
 def main() -> None:
     lines = []
     with single_thread():
@@ -61,11 +69,7 @@ def main() -> None:
         times = [module_time(4096, r) for r in ranks]
         lines.append("| h = 4096, rank r | " + " | ".join(map(str, ranks)) + " |")
         lines.append("|---|" + "---|" * len(ranks))
-        lines.append(
-            "| per-module TaDA maths (ms) | "
-            + " | ".join(f"{t * 1e3:.1f}" for t in times)
-            + " |"
-        )
+        lines.append(_ms_row(times))
         lines.append(
             f"\nlog-log slope over r = 32..128: {slope(ranks[2:], times[2:]):.2f} "
             "(r^2 work at large r; below that the O((m+n) r) products dominate)\n"
@@ -75,11 +79,7 @@ def main() -> None:
         dense = [dense_svd_time(h, 16) for h in hidden[:2]]
         lines.append("| rank 16, hidden h | " + " | ".join(map(str, hidden)) + " |")
         lines.append("|---|" + "---|" * len(hidden))
-        lines.append(
-            "| per-module TaDA maths (ms) | "
-            + " | ".join(f"{t * 1e3:.1f}" for t in times)
-            + " |"
-        )
+        lines.append(_ms_row(times))
         cells = [f"{t * 1e3:.0f}" for t in dense] + ["(not run)"] * (
             len(hidden) - len(dense)
         )

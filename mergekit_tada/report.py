@@ -88,7 +88,7 @@ def build_report(session: MergeSession) -> dict[str, Any]:
     }
 
 
-def _depth_series(
+def depth_series(
     records: dict[str, dict],
 ) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """projection -> {"task"|"domain" -> [(layer, gate)]} for modules inside blocks."""
@@ -112,7 +112,7 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
     Returns False (and writes nothing) when there is nothing to draw.
     """
     records = {m: r for m, r in records.items() if r.get("gate_mode") == "probe"}
-    series = _depth_series(records)
+    series = depth_series(records)
     if not series:
         return False
     # The Agg Figure API directly: pyplot's import and state machine would add

@@ -292,10 +292,9 @@ class MergeSession:
         if not wanted:
             return None
         if len(wanted) > 1:
+            keys = ", ".join(json.loads(next(iter(wanted))))
             raise TadaError(
-                "calibration settings (calibration, calibration_samples, "
-                "calibration_max_length, calibration_batch_size, cache_dir, "
-                "gate_granularity, probe_statistic) must be the same for every "
+                f"calibration settings ({keys}) must be the same for every "
                 "tensor: give them as plain global parameters"
             )
         from mergekit_tada.cache import StatsCache

@@ -40,6 +40,12 @@ PROMPTS = [
 ]
 
 
+def merged_modules(config: dict, out: str) -> dict:
+    """Run a merge; the per-module records of its report."""
+    out_path = Path(mergekit_tada.merge(config, out, quiet=True))
+    return json.loads((out_path / "tada_report.json").read_text())["modules"]
+
+
 def write_prompts(path="prompts.txt", lines=PROMPTS) -> str:
     Path(path).write_text("\n".join(lines) + "\n")
     return path
@@ -278,12 +284,7 @@ def test_probe_merge_end_to_end(work):
     assert task_only["probe_domain"] is None and task_only["task_gate"] == 0.5 * lam
     assert "gates from the calibration probe" in (out / "README.md").read_text()
     # the merged weights use those gates (no conflict removal at kappa=1.01)
-    out2 = Path(
-        mergekit_tada.merge(
-            probe_config(conflict_threshold=1.01, rank=10), "o2", quiet=True
-        )
-    )
-    rec = json.loads((out2 / "tada_report.json").read_text())["modules"]
+    rec = merged_modules(probe_config(conflict_threshold=1.01, rank=10), "o2")
     name = "model.layers.2.mlp.down_proj"
     d_t, d_d = peft_delta("base", "lora-task"), peft_delta("base", "lora-domain")
     expected = (
@@ -292,28 +293,14 @@ def test_probe_merge_end_to_end(work):
     )
     from conftest import adapter_delta
 
-    assert rel_err(adapter_delta(out2 / "adapter")[name + ".weight"], expected) < 1e-5
+    assert rel_err(adapter_delta(Path("o2/adapter"))[name + ".weight"], expected) < 1e-5
 
 
 def test_per_layer_gates_and_raw_statistic(work):
     """gate_granularity: layer pools delta per layer; probe_statistic: raw drops the norms."""
     write_prompts()
-    module_run = json.loads(
-        (
-            Path(mergekit_tada.merge(probe_config(), "m", quiet=True))
-            / "tada_report.json"
-        ).read_text()
-    )["modules"]
-    layer_run = json.loads(
-        (
-            Path(
-                mergekit_tada.merge(
-                    probe_config(gate_granularity="layer"), "l", quiet=True
-                )
-            )
-            / "tada_report.json"
-        ).read_text()
-    )["modules"]
+    module_run = merged_modules(probe_config(), "m")
+    layer_run = merged_modules(probe_config(gate_granularity="layer"), "l")
     deltas = {
         m: math.log(r["probe_domain"]) - math.log(r["probe_task"])
         for m, r in module_run.items()
@@ -333,16 +320,7 @@ def test_per_layer_gates_and_raw_statistic(work):
         assert layer_run[m]["domain_gate"] == pytest.approx(w_d, rel=1e-9), m
         assert layer_run[m]["delta"] == pytest.approx(d, rel=1e-9), m
     # raw: the probe times ||dW||_F * RMS||x||, so it follows the adapter's size
-    raw_run = json.loads(
-        (
-            Path(
-                mergekit_tada.merge(
-                    probe_config(probe_statistic="raw"), "r", quiet=True
-                )
-            )
-            / "tada_report.json"
-        ).read_text()
-    )["modules"]
+    raw_run = merged_modules(probe_config(probe_statistic="raw"), "r")
     m = "model.layers.1.mlp.up_proj"
     d_t = peft_delta("base", "lora-task")[m + ".weight"]
     ratio = raw_run[m]["probe_task"] / module_run[m]["probe_task"]
@@ -359,8 +337,7 @@ def test_per_layer_gates_and_raw_statistic(work):
 def test_user_weights_override_probe_gates(work):
     write_prompts()
     config = probe_config(task_weight=[{"filter": "layers.0.", "value": 0.77}])
-    out = Path(mergekit_tada.merge(config, "out", quiet=True))
-    modules = json.loads((out / "tada_report.json").read_text())["modules"]
+    modules = merged_modules(config, "out")
     assert modules["model.layers.0.mlp.up_proj"]["task_gate"] == 0.77
     assert modules["model.layers.0.mlp.up_proj"]["gate_override"] is True
     assert modules["model.layers.1.mlp.up_proj"]["task_gate"] != 0.77  # the probe's

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import statistics
 from pathlib import Path
 
+from mergekit_tada.report import depth_series
+
 SETS = ("combined", "task", "domain")
-_LAYER = re.compile(r"layers\.(\d+)\.[^.]+\.(\w+)$")
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -50,20 +50,19 @@ def summary(per_seed: dict) -> dict:
 def gate_shift(gates: dict, a: str, b: str) -> float:
     """Largest |gate difference| between two tada runs, over modules and roles."""
     return max(
-        abs(x - y)
-        for m in gates[a]
-        for x, y in zip(gates[a][m], gates[b][m], strict=True)
+        abs(record[key] - gates[b][m][key])
+        for m, record in gates[a].items()
+        for key in ("task_gate", "domain_gate")
     )
 
 
-def depth_profile(gates: dict[str, list[float]]) -> dict[str, list[float]]:
-    """projection -> domain gate by layer."""
-    profile: dict[str, dict[int, float]] = {}
-    for module, (_, w_domain) in gates.items():
-        match = _LAYER.search(module)
-        if match:
-            profile.setdefault(match.group(2), {})[int(match.group(1))] = w_domain
-    return {p: [v[k] for k in sorted(v)] for p, v in sorted(profile.items())}
+def depth_profile(gates: dict[str, dict]) -> dict[str, list[float]]:
+    """projection -> domain gate by layer (the package's own gate-plot series)."""
+    series = depth_series(gates)
+    return {
+        p: [g for _, g in sorted(roles["domain"])]
+        for p, roles in sorted(series.items())
+    }
 
 
 def plot(per_seed: dict, path: Path) -> None:

@@ -336,7 +336,8 @@ def run_seed(seed: int, spec_overrides: dict, log=print) -> dict:
     ):
         report = json.loads((ctx.out / slug(name) / "tada_report.json").read_text())
         gates[name] = {
-            m: [r["task_gate"], r["domain_gate"]] for m, r in report["modules"].items()
+            m: {k: r[k] for k in ("task_gate", "domain_gate")}
+            for m, r in report["modules"].items()
         }
     return {
         "world": json.loads((root / "world.json").read_text()) | {"facts": None},
