@@ -2,9 +2,10 @@
 
 Reading: an adapter folder is validated once (config flags, key layout, shapes,
 finiteness) and then read one module at a time with ``safetensors.safe_open``.
-Writing: factors are appended to a temporary data file as modules finish and
-assembled into ``adapter_model.safetensors`` at the end, so at most one
-module's factors are held in memory.
+Writing: the output layout is known before the merge, so each module's factors
+go straight to their place in ``adapter_model.safetensors`` as they are merged
+(at most one module's factors are held in memory), inside a temporary folder
+that replaces the output folder only when complete.
 """
 
 from __future__ import annotations
@@ -256,90 +257,140 @@ _DTYPE_NAMES = {
 
 
 class StreamingAdapterWriter:
-    """Collects LoRA factors module by module and writes a PEFT adapter folder.
+    """Writes a PEFT adapter folder module by module, straight into its final file.
 
-    Tensor bytes go to a temporary file as they arrive; ``finalize`` writes the
-    safetensors header and copies the bytes in sorted key order (deterministic
-    whatever order modules were merged in), then moves the folder into place.
+    Every module's output rank and shape are known before the merge starts, so
+    the safetensors header (keys in sorted order, deterministic whatever order
+    modules finish in) is written first and each module's factors go to their
+    own offsets as they arrive: one pass over the bytes, no copy. A background
+    thread flushes what has been written while the merge goes on, so the final
+    fsync waits only for the tail; an older adapter folder is moved aside at
+    once and deleted meanwhile. ``finalize`` moves the folder into place; until
+    then it sits under a temporary name that no reader trusts.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, dtype: torch.dtype) -> None:
+    FLUSH_EVERY = 32 << 20  # bytes written between background flushes
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        dtype: torch.dtype,
+        layout: dict[str, tuple[int, int, int]],
+    ) -> None:
+        """``layout``: module -> (rank, out_features, in_features)."""
         self.out_dir = Path(out_dir)
         self.dtype = dtype
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(
-            tempfile.mkdtemp(
-                prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent
-            )
-        )
-        self._data = open(self._tmp / "data.bin", "wb")  # noqa: SIM115 - closed in finalize
-        self._entries: dict[str, tuple[list[int], int, int]] = {}
-        self.ranks: dict[str, int] = {}
-
-    def add(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
-        if module in self.ranks:
-            raise RuntimeError(f"module {module} written twice")
-        self.ranks[module] = A.shape[0]
-        prefix = f"base_model.model.{module}"
-        for key, tensor in (
-            (f"{prefix}.lora_A.weight", A),
-            (f"{prefix}.lora_B.weight", B),
-        ):
-            data = tensor.detach().to("cpu", self.dtype).contiguous()
-            raw = data.view(-1).view(torch.uint8).numpy().tobytes()
-            start = self._data.tell()
-            self._data.write(raw)
-            self._entries[key] = (list(data.shape), start, len(raw))
-
-    def abort(self) -> None:
-        self._data.close()
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def finalize(self, config: dict) -> None:
-        """Write adapter_config.json + adapter_model.safetensors, then rename into place."""
-        self._data.close()
+        self.layout = dict(layout)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        shapes = {}
+        for module, (rank, out_features, in_features) in layout.items():
+            prefix = f"base_model.model.{module}"
+            shapes[f"{prefix}.lora_A.weight"] = [rank, in_features]
+            shapes[f"{prefix}.lora_B.weight"] = [out_features, rank]
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
-        order = sorted(self._entries)
-        for key in order:
-            shape, _, size = self._entries[key]
+        for key in sorted(shapes):
+            size = math.prod(shapes[key]) * itemsize
             header[key] = {
-                "dtype": _DTYPE_NAMES[self.dtype],
-                "shape": shape,
+                "dtype": _DTYPE_NAMES[dtype],
+                "shape": shapes[key],
                 "data_offsets": [offset, offset + size],
             }
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        with (
-            open(self._tmp / "data.bin", "rb") as src,
-            open(self._tmp / WEIGHTS_NAME, "wb") as dst,
+        self._header = header
+        self._data_start = 8 + len(blob)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._background: list[threading.Thread] = []
+        if self.out_dir.exists():
+            # An older adapter must not look like this run's output, even if
+            # the run fails; it is moved aside at once and deleted meanwhile.
+            old = Path(
+                tempfile.mkdtemp(
+                    prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent
+                )
+            )
+            os.rmdir(old)
+            os.rename(self.out_dir, old)
+            self._start(shutil.rmtree, old, True)
+        self._tmp = Path(
+            tempfile.mkdtemp(
+                prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent
+            )
+        )
+        self._fd: int | None = os.open(
+            self._tmp / WEIGHTS_NAME, os.O_WRONLY | os.O_CREAT, 0o644
+        )
+        os.pwrite(self._fd, struct.pack("<Q", len(blob)) + blob, 0)
+        os.ftruncate(self._fd, self._data_start + offset)
+        self.ranks: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._unflushed = 0
+        self._flushing: threading.Thread | None = None
+
+    def _start(self, target, *args) -> threading.Thread:
+        """Run file-system work (which releases the GIL) beside the merge."""
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._background.append(thread)
+        return thread
+
+    def add(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
+        prefix = f"base_model.model.{module}"
+        with self._lock:
+            if module not in self.layout or module in self.ranks:
+                raise RuntimeError(f"module {module} not planned or written twice")
+            self.ranks[module] = A.shape[0]
+        for key, tensor in (
+            (f"{prefix}.lora_A.weight", A),
+            (f"{prefix}.lora_B.weight", B),
         ):
-            dst.write(struct.pack("<Q", len(blob)))
-            dst.write(blob)
-            for key in order:
-                _, start, size = self._entries[key]
-                src.seek(start)
-                dst.write(src.read(size))
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.remove(self._tmp / "data.bin")
+            entry = self._header[key]
+            if list(tensor.shape) != entry["shape"]:
+                raise RuntimeError(
+                    f"{key}: shape {list(tensor.shape)}, planned {entry['shape']}"
+                )
+            data = tensor.detach().to("cpu", self.dtype).contiguous()
+            view = memoryview(data.view(-1).view(torch.uint8).numpy())
+            position = self._data_start + entry["data_offsets"][0]
+            while view:
+                written = os.pwrite(self._fd, view, position)
+                view, position = view[written:], position + written
+            self._flushed_in_background(data.numel() * data.element_size())
+
+    def _flushed_in_background(self, size: int) -> None:
+        """Start a flush of the bytes written so far once enough have piled up."""
+        with self._lock:
+            self._unflushed += size
+            busy = self._flushing is not None and self._flushing.is_alive()
+            if self._unflushed < self.FLUSH_EVERY or busy:
+                return
+            self._unflushed = 0
+            self._flushing = self._start(os.fdatasync, self._fd)
+
+    def _close(self) -> None:
+        for thread in self._background:
+            thread.join()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def abort(self) -> None:
+        self._close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def finalize(self, config: dict) -> None:
+        """Check every planned module arrived, fsync, write the config, move into place."""
+        missing = sorted(set(self.layout) - set(self.ranks))
+        if missing:
+            raise RuntimeError(f"modules never merged: {missing[:5]}")
+        os.fsync(self._fd)
+        self._close()
         with open(self._tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")
-        replace_dir(self._tmp, self.out_dir)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; an old one is moved aside first."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.rmdir(old)
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        os.rename(self._tmp, self.out_dir)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -1,9 +1,9 @@
 """Exact low-rank algebra on factored updates (algorithms.md section 0).
 
 Every update is kept as a product ``B @ A`` (B: m x k, A: k x n, k small). An SVD
-of such a product costs O((m + n) k^2): orthonormal bases of both thin factors
-(here from their k x k Gram matrices, in float64) and an SVD of the k x k core.
-Nothing here ever forms a dense m x n matrix.
+of such a product costs O((m + n) k^2): the k x k Gram matrices of both thin
+factors (in float64) and two k x k eigendecompositions. Nothing here ever forms
+a dense m x n matrix.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -71,11 +72,27 @@ class Factored:
 
 @dataclass(frozen=True)
 class ThinSVD:
-    """``U @ diag(S) @ V.T`` with orthonormal columns in U and V, S descending."""
+    """``U @ diag(S) @ V.T`` with orthonormal columns in U and V, S descending.
 
-    U: torch.Tensor  # m x p
+    U and V may be held in the coordinates of thin factors, U = left @ x and
+    V = right @ y (x, y: k x p), so that truncation forms only the r columns it
+    keeps: those m x k products are most of the cost of a low-rank merge.
+    Without coordinates, ``left`` and ``right`` are U and V themselves.
+    """
+
+    left: torch.Tensor  # m x k (U when x is None)
     S: torch.Tensor  # p
-    V: torch.Tensor  # n x p
+    right: torch.Tensor  # n x k (V when y is None)
+    x: torch.Tensor | None = None  # k x p
+    y: torch.Tensor | None = None  # k x p
+
+    @cached_property
+    def U(self) -> torch.Tensor:
+        return _in_basis(self.left, self.x)
+
+    @cached_property
+    def V(self) -> torch.Tensor:
+        return _in_basis(self.right, self.y)
 
     def __len__(self) -> int:
         return self.S.shape[0]
@@ -84,17 +101,31 @@ class ThinSVD:
         index = list(index)
         if index == list(range(len(index))):  # a leading block: views, no copies
             k = len(index)
-            return ThinSVD(self.U[:, :k], self.S[:k], self.V[:, :k])
-        idx = torch.tensor(index, dtype=torch.long, device=self.S.device)
-        return ThinSVD(
-            self.U.index_select(1, idx), self.S[idx], self.V.index_select(1, idx)
-        )
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t[:, :k]
+
+            S = self.S[:k]
+        else:
+            idx = torch.tensor(index, dtype=torch.long, device=self.S.device)
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t.index_select(1, idx)
+
+            S = self.S[idx]
+        if self.x is None:
+            return ThinSVD(pick(self.left), S, pick(self.right))
+        return ThinSVD(self.left, S, self.right, pick(self.x), pick(self.y))
 
     def scaled(self, weight: float) -> ThinSVD:
-        return ThinSVD(self.U, self.S * weight, self.V)
+        return ThinSVD(self.left, self.S * weight, self.right, self.x, self.y)
 
     def energy(self) -> float:
         return float(torch.sum(self.S.double() ** 2))
+
+
+def _in_basis(basis: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
+    return basis if coords is None else basis @ coords.to(basis.dtype)
 
 
 def significant(
@@ -107,38 +138,46 @@ def significant(
     return values > top * tolerance
 
 
+def gram(factor: torch.Tensor, of: str) -> torch.Tensor:
+    """float64 Gram matrix of a thin factor's columns (X^T X) or rows (X X^T).
+
+    float64 because a float32 Gram would lose directions weaker than ~3e-4 of
+    the strongest (its eigenvalues are squared singular values).
+    """
+    x = factor.double()
+    return x.T @ x if of == "columns" else x @ x.T
+
+
 def frobenius_sq(f: Factored) -> float:
     """||B A||_F^2 without forming B A: tr((B^T B)(A A^T)), in float64."""
-    B, A = f.B.double(), f.A.double()
-    return max(float(torch.sum((B.T @ B) * (A @ A.T))), 0.0)
+    return max(float(torch.sum(gram(f.B, "columns") * gram(f.A, "rows"))), 0.0)
 
 
-def _gram_root(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """G = W diag(lambda) W^T (k x k, float64): W and sqrt(lambda), null part dropped."""
-    lam, W = torch.linalg.eigh(G)
-    keep = significant(
-        lam, NULL_TOLERANCE**2
-    )  # eigenvalues are squared singular values
-    return W[:, keep], lam[keep].sqrt()
+def _significant_count(ascending: torch.Tensor, tolerance: float) -> int:
+    """How many of the (ascending) values exceed ``tolerance`` times the largest.
+
+    Sorted values make the kept ones a trailing block, taken with a slice (a
+    view) instead of a boolean gather: this runs three times per module.
+    """
+    values = ascending.tolist()
+    if not values or values[-1] <= 0:
+        return 0
+    cut = values[-1] * tolerance
+    return sum(v > cut for v in values)
 
 
 def svd(f: Factored) -> ThinSVD:
     """Exact thin SVD of ``B @ A`` with null directions removed, in O((m + n) k^2).
 
-    With B^T B = W_B L_B W_B^T and A A^T = W_A L_A W_A^T (k x k), the matrices
-    Q_B = B W_B L_B^-1/2 and Q_A = A^T W_A L_A^-1/2 have orthonormal columns and
-    B A = Q_B (L_B^1/2 W_B^T W_A L_A^1/2) Q_A^T; the SVD of that small core,
-    U_c S V_c^T, gives U = B (W_B L_B^-1/2 U_c) and V = A^T (W_A L_A^-1/2 V_c).
-
-    Precision: the Gram matrices are formed in float64 (a float32 Gram would
-    lose directions weaker than ~3e-4 of the strongest); the m x k products
-    run in float32 (4-5x faster on CPUs). No Householder QR of the thin factors
-    (2-3x slower here) and no dense m x n matrix.
+    Held in the coordinates of the factors (see :func:`svd_coordinates`):
+    U = B x, V = A^T y. The Gram matrices are float64 (:func:`gram`); the m x k
+    products run in float32 (4-5x faster on CPUs). No Householder QR of the
+    thin factors (2-3x slower here) and no dense m x n matrix.
     """
     B = f.B.float()
     A = f.A.float()
-    B64, A64 = B.double(), A.double()
-    return _svd_from_grams(B, A, B64.T @ B64, A64 @ A64.T)
+    x, s, y = svd_coordinates(gram(B, "columns"), gram(A, "rows"))
+    return ThinSVD(B, s.float(), A.T, x, y)
 
 
 def svd_coordinates(
@@ -148,24 +187,27 @@ def svd_coordinates(
 
     Returns float64 (X, S, Y) with B A = (B X) diag(S) (A^T Y)^T, where B X
     and A^T Y have orthonormal columns (X: k x s, Y: k x s). Lets a caller
-    chain several SVDs in k x k space and form one m x k product at the end.
+    chain several SVDs in k x k space and form the m x k products once, at the
+    end, for the columns it keeps.
+
+    With B^T B = W diag(r^2) W^T, Q = B W diag(1/r) is orthonormal and
+    B A = Q C with C = diag(r) W^T A. The eigendecomposition of the small
+    C C^T = (W r)^T (A A^T) (W r) = U_c diag(S^2) U_c^T gives U = Q U_c and
+    V = C^T U_c diag(1/S): two k x k eigendecompositions and no SVD call.
+    Eigenvalues are squared singular values, so the null cut on them is the
+    square of ``NULL_TOLERANCE``, well above float64 resolution.
     """
-    w_b, r_b = _gram_root(gram_b)
-    w_a, r_a = _gram_root(gram_a)
-    core = (r_b[:, None] * (w_b.T @ w_a)) * r_a[None, :]
-    u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
-    keep = significant(s)
-    x = w_b @ (u_c[:, keep] / r_b[:, None])
-    y = w_a @ (vh_c[keep].T / r_a[:, None])
-    return x, s[keep], y
-
-
-def _svd_from_grams(
-    B: torch.Tensor, A: torch.Tensor, gram_b: torch.Tensor, gram_a: torch.Tensor
-) -> ThinSVD:
-    """Thin SVD of B A (float32 factors) given float64 Grams B^T B and A A^T."""
-    x, s, y = svd_coordinates(gram_b, gram_a)
-    return ThinSVD(B @ x.float(), s.float(), A.T @ y.float())
+    tolerance = NULL_TOLERANCE**2
+    lam_b, w = torch.linalg.eigh(gram_b)  # ascending
+    k = lam_b.shape[0]
+    start = k - _significant_count(lam_b, tolerance)
+    r = lam_b[start:].sqrt()
+    c = w[:, start:] * r
+    lam, u_c = torch.linalg.eigh(c.T @ gram_a @ c)
+    p = lam.shape[0]
+    kept = p - _significant_count(lam, tolerance)
+    u_c, s = u_c[:, kept:].flip(1), lam[kept:].flip(0).sqrt()
+    return w[:, start:] @ (u_c / r[:, None]), s, c @ (u_c / s)
 
 
 def stack(updates: Sequence[Factored], weights: Sequence[float]) -> Factored:
@@ -193,18 +235,27 @@ def truncate(s: ThinSVD, rank: int) -> Truncated:
     """Best rank-r approximation (Eckart-Young), split as B = U S^1/2, A = S^1/2 V^T.
 
     Fewer nonzero directions than ``rank`` are padded with zero columns/rows so
-    every module of the output adapter has exactly rank r.
+    every module of the output adapter has exactly rank r. Singular vectors
+    held in coordinates are formed here, for the r kept columns only.
     """
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
     total = s.energy()
     kept = s.take(range(min(rank, len(s))))
     dropped = total - kept.energy()
-    root = kept.S.sqrt()
-    m, n = s.U.shape[0], s.V.shape[0]
-    B = torch.zeros(m, rank, dtype=torch.float32, device=s.S.device)
-    A = torch.zeros(rank, n, dtype=torch.float32, device=s.S.device)
-    B[:, : len(kept)] = kept.U * root
-    A[: len(kept)] = (kept.V * root).T
+    root = kept.S.double().sqrt()
+    if kept.x is None:
+        B = _padded(kept.left, root, rank)
+        A = _padded(kept.right, root, rank).T
+    else:
+        B = kept.left @ _padded(kept.x, root, rank).to(kept.left.dtype)
+        A = _padded(kept.y, root, rank).T.to(kept.right.dtype) @ kept.right.T
     fraction = max(dropped, 0.0) / total if total > 0 else 0.0
-    return Truncated(B, A, fraction)
+    return Truncated(B.float(), A.float(), fraction)
+
+
+def _padded(columns: torch.Tensor, scale: torch.Tensor, rank: int) -> torch.Tensor:
+    """``columns * scale`` followed by zero columns up to ``rank``."""
+    out = columns.new_zeros(columns.shape[0], rank)
+    out[:, : columns.shape[1]] = columns * scale.to(columns.dtype)
+    return out

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -382,23 +381,16 @@ class MergeSession:
         # A failed run must not leave an older adapter and report that look finished.
         (self.out_path / REPORT_NAME).unlink(missing_ok=True)
         (self.out_path / GATES_PLOT).unlink(missing_ok=True)
-        if self.adapter_dir.is_dir():
-            shutil.rmtree(self.adapter_dir)
-        self.writer = StreamingAdapterWriter(self.adapter_dir, torch.float32)
+        self.writer = StreamingAdapterWriter(
+            self.adapter_dir, torch.float32, self._adapter_layout()
+        )
         try:
             with self._activated():
                 yield
-            missing = [
-                p.module
-                for p in self.plans.values()
-                if p.is_lora_target and p.module not in self.records
-            ]
-            if missing:
-                raise RuntimeError(f"modules never merged: {missing[:5]}")
+            self.writer.finalize(self._adapter_config())
         except BaseException:
             self.writer.abort()
             raise
-        self.writer.finalize(self._adapter_config())
         report = build_report(self)
         if plot_gates(self.records, self.out_path / GATES_PLOT):
             report["gates_plot"] = GATES_PLOT
@@ -472,6 +464,17 @@ class MergeSession:
         return result.lora
 
     # ------------------------------------------------------------------ outputs
+
+    def _adapter_layout(self) -> dict[str, tuple[int, int, int]]:
+        """module -> (output rank, out_features, in_features) of every LoRA target."""
+        layout = {}
+        for plan in self.plans.values():
+            sources = [(label, m) for label, m in plan.sources.items() if m]
+            if sources:
+                label, module = sources[0]
+                spec = self.adapters[label].modules[module]
+                layout[plan.module] = (plan.rank, spec.out_features, spec.in_features)
+        return layout
 
     def _adapter_config(self) -> dict:
         from peft import LoraConfig

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_tada.lowrank import Factored, ThinSVD, svd, svd_coordinates
+from mergekit_tada.lowrank import Factored, ThinSVD, gram, svd, svd_coordinates
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,9 @@ def find_conflicts(
 
     ``cosines[i, j]`` = (u_i . u'_j)(v_i . v'_j), r_T x r_D.
     """
-    if cosines.numel() == 0:
-        return Conflicts([], [])
     rows, cols = torch.nonzero(cosines < -kappa, as_tuple=True)
+    if rows.numel() == 0:
+        return Conflicts([], [])
     order = torch.argsort(cosines[rows, cols], stable=True)
     strength_t = (sigma_task * task_gate).tolist()
     strength_d = (sigma_domain * domain_gate).tolist()
@@ -62,6 +62,16 @@ def find_conflicts(
         else:
             dropped_d.add(j)
     return Conflicts(sorted(dropped_t), sorted(dropped_d))
+
+
+def _kept(
+    x: torch.Tensor, s: torch.Tensor, y: torch.Tensor, dropped: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD coordinates without the dropped components (views if none)."""
+    if not dropped:
+        return x, s, y
+    keep = torch.tensor([i for i in range(len(s)) if i not in set(dropped)])
+    return x[:, keep], s[keep], y[:, keep]
 
 
 def _sigmas(s: torch.Tensor) -> list[float]:
@@ -83,8 +93,8 @@ def tada_combine(
     stacked factors B = [B_T | B_D], A = [A_T; A_D]: one float64 Gram per side
     gives both adapters' SVDs (their diagonal blocks), the conflict cosines
     (U_T^T U_D = X_T^T (B_T^T B_D) X_D) and the SVD of the gated sum of the
-    kept components; the only m x k and k x n products are the Grams and the
-    final singular vectors.
+    kept components. The only m x k and k x n products are the Grams; the
+    singular vectors stay in coordinates until truncation forms the kept ones.
     """
     record: dict = {"task_gate": task_gate, "domain_gate": domain_gate}
     if task is None or domain is None:
@@ -99,8 +109,7 @@ def tada_combine(
         return single.scaled(gate), record
     B = torch.cat([task.B.float(), domain.B.float()], dim=1)
     A = torch.cat([task.A.float(), domain.A.float()], dim=0)
-    B64, A64 = B.double(), A.double()
-    gram_b, gram_a = B64.T @ B64, A64 @ A64.T
+    gram_b, gram_a = gram(B, "columns"), gram(A, "rows")
     t, d = slice(0, task.B.shape[1]), slice(task.B.shape[1], B.shape[1])
     x_t, s_t, y_t = svd_coordinates(gram_b[t, t], gram_a[t, t])
     x_d, s_d, y_d = svd_coordinates(gram_b[d, d], gram_a[d, d])
@@ -108,18 +117,13 @@ def tada_combine(
     if conflict_elimination:
         cosines = (x_t.T @ gram_b[t, d] @ x_d) * (y_t.T @ gram_a[t, d] @ y_d)
         conflicts = find_conflicts(cosines, s_t, s_d, task_gate, domain_gate, kappa)
-    keep_t = [i for i in range(len(s_t)) if i not in set(conflicts.dropped_task)]
-    keep_d = [j for j in range(len(s_d)) if j not in set(conflicts.dropped_domain)]
+    kx_t, ks_t, ky_t = _kept(x_t, s_t, y_t, conflicts.dropped_task)
+    kx_d, ks_d, ky_d = _kept(x_d, s_d, y_d, conflicts.dropped_domain)
     # merged = B P Q^T A with block-diagonal coordinates P (scaled) and Q
-    k, n_t = B.shape[1], len(keep_t)
-    P = torch.zeros(k, n_t + len(keep_d), dtype=torch.float64, device=B.device)
-    Q = torch.zeros_like(P)
-    P[t, :n_t] = x_t[:, keep_t] * (task_gate * s_t[keep_t])
-    P[d, n_t:] = x_d[:, keep_d] * (domain_gate * s_d[keep_d])
-    Q[t, :n_t] = y_t[:, keep_t]
-    Q[d, n_t:] = y_d[:, keep_d]
+    P = torch.block_diag(kx_t * (task_gate * ks_t), kx_d * (domain_gate * ks_d))
+    Q = torch.block_diag(ky_t, ky_d)
     x, s, y = svd_coordinates(P.T @ gram_b @ P, Q.T @ gram_a @ Q)
-    merged = ThinSVD(B @ (P @ x).float(), s.float(), A.T @ (Q @ y).float())
+    merged = ThinSVD(B, s.float(), A.T, P @ x, Q @ y)
     record.update(
         dropped_task=conflicts.dropped_task,
         sigma_task=_sigmas(s_t),
