@@ -16,6 +16,7 @@ import torch
 from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.calibration import (
     StreamedModel,
+    large_allocations_unmapped,
     make_batches,
     read_prompts,
     run_calibration,
@@ -25,22 +26,23 @@ from mergekit_tada.calibration import (
 mode, base, prompts, lora_a, lora_b = sys.argv[1:6]
 batches = make_batches(tokenizer_for(base), read_prompts(prompts, 32), 256, 8)
 start = time.perf_counter()
-model = StreamedModel(base, torch.device("cpu"), torch.float32)
-if mode == "tada":
-    adapters = {"a": LoraAdapter(lora_a), "b": LoraAdapter(lora_b)}
-    run_calibration(base, batches, adapters, quiet=True, streamed=model)
-else:
-    with torch.inference_mode():  # each block loaded once, run on every batch
-        sinks = []
-        for b in batches:
-            sink: dict = {}
-            with model.recorders(sink):
-                model.model(**b.forward_kwargs())
-            sinks.append(sink)
-        hidden = [s[0][0] for s in sinks]
-        for i in range(model.n_layers):
-            with model.block(i) as layer:
-                for c, sink in enumerate(sinks):
-                    _, args, kwargs = sink[i]
-                    hidden[c] = layer(hidden[c], *args, **kwargs)
+with large_allocations_unmapped():  # as in run_calibration, for both modes
+    model = StreamedModel(base, torch.device("cpu"), torch.float32)
+    if mode == "tada":
+        adapters = {"a": LoraAdapter(lora_a), "b": LoraAdapter(lora_b)}
+        run_calibration(base, batches, adapters, quiet=True, streamed=model)
+    else:
+        with torch.inference_mode():  # each block loaded once, run on every batch
+            sinks = []
+            for b in batches:
+                sink: dict = {}
+                with model.recorders(sink):
+                    model.model(**b.forward_kwargs())
+                sinks.append(sink)
+            hidden = [s[0][0] for s in sinks]
+            for i in range(model.n_layers):
+                with model.block(i) as layer:
+                    for c, sink in enumerate(sinks):
+                        _, args, kwargs = sink[i]
+                        hidden[c] = layer(hidden[c], *args, **kwargs)
 print(json.dumps({"mode": mode, "seconds": time.perf_counter() - start}))

@@ -10,6 +10,7 @@ that replaces the output folder only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -302,7 +303,14 @@ class StreamingAdapterWriter:
         self._header = header
         self._data_start = 8 + len(blob)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.ranks: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._unflushed = 0
+        self._complete = 0  # modules whose bytes are written
         self._background: list[threading.Thread] = []
+        self._flushing: threading.Thread | None = None
+        self._synced: threading.Thread | None = None  # the final fsync
+        self._errors: list[BaseException] = []
         if self.out_dir.exists():
             # An older adapter must not look like this run's output, even if
             # the run fails; it is moved aside at once and deleted meanwhile.
@@ -324,17 +332,6 @@ class StreamingAdapterWriter:
         )
         os.pwrite(self._fd, struct.pack("<Q", len(blob)) + blob, 0)
         os.ftruncate(self._fd, self._data_start + offset)
-        self.ranks: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._unflushed = 0
-        self._flushing: threading.Thread | None = None
-
-    def _start(self, target, *args) -> threading.Thread:
-        """Run file-system work (which releases the GIL) beside the merge."""
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        thread.start()
-        self._background.append(thread)
-        return thread
 
     def add(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
         prefix = f"base_model.model.{module}"
@@ -342,6 +339,7 @@ class StreamingAdapterWriter:
             if module not in self.layout or module in self.ranks:
                 raise RuntimeError(f"module {module} not planned or written twice")
             self.ranks[module] = A.shape[0]
+        size = 0
         for key, tensor in (
             (f"{prefix}.lora_A.weight", A),
             (f"{prefix}.lora_B.weight", B),
@@ -353,40 +351,69 @@ class StreamingAdapterWriter:
                 )
             data = tensor.detach().to("cpu", self.dtype).contiguous()
             view = memoryview(data.view(-1).view(torch.uint8).numpy())
+            size += len(view)
             position = self._data_start + entry["data_offsets"][0]
             while view:
                 written = os.pwrite(self._fd, view, position)
                 view, position = view[written:], position + written
-            self._flushed_in_background(data.numel() * data.element_size())
+        self._flush(size)
 
-    def _flushed_in_background(self, size: int) -> None:
-        """Start a flush of the bytes written so far once enough have piled up."""
+    def _flush(self, size: int) -> None:
+        """Flush in the background: every FLUSH_EVERY bytes, and all once complete.
+
+        The last module's bytes start the final fsync at once, so that during
+        a full-model merge it runs beside the rest of mergekit's work (on ext4
+        it also waits for mergekit's own dirty shards).
+        """
         with self._lock:
             self._unflushed += size
+            self._complete += 1
+            if self._complete == len(self.layout):
+                self._synced = self._start(os.fsync, self._fd)
+                return
             busy = self._flushing is not None and self._flushing.is_alive()
             if self._unflushed < self.FLUSH_EVERY or busy:
                 return
             self._unflushed = 0
             self._flushing = self._start(os.fdatasync, self._fd)
 
+    def _start(self, target, *args) -> threading.Thread:
+        """Run file-system work (which releases the GIL) beside the merge."""
+
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException as error:  # re-raised by _close
+                self._errors.append(error)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self._background.append(thread)
+        return thread
+
     def _close(self) -> None:
+        """Wait for the background work, close the file, raise what failed there."""
         for thread in self._background:
             thread.join()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._errors:
+            raise self._errors[0]
 
     def abort(self) -> None:
-        self._close()
+        with contextlib.suppress(OSError):
+            self._close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def finalize(self, config: dict) -> None:
-        """Check every planned module arrived, fsync, write the config, move into place."""
+        """Check every planned module arrived and is on disk, then move into place."""
         missing = sorted(set(self.layout) - set(self.ranks))
         if missing:
             raise RuntimeError(f"modules never merged: {missing[:5]}")
-        os.fsync(self._fd)
-        self._close()
+        if self._synced is None:  # nothing planned: no last module started it
+            os.fsync(self._fd)
+        self._close()  # waits for the final fsync
         with open(self._tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")

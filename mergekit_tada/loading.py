@@ -62,7 +62,8 @@ class HeaderIndex:
             row_bytes = max(1, out[0].numel() * out.element_size())
             step = max(1, chunk_bytes // row_bytes)
             for start in range(0, shape[0], step):
-                out[start : start + step] = sl[start : start + step].to(device, dtype)
+                # copy_ converts in place: no converted temporary per chunk
+                out[start : start + step].copy_(sl[start : start + step])
             return out
 
     def meta(self, name: str) -> tuple[list[int], torch.dtype]:

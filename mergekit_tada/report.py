@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,22 @@ def depth_series(
     return series
 
 
+def preload_plotting() -> threading.Thread:
+    """Import matplotlib on a background thread while the merge runs.
+
+    The import is most of the plot's cost (~0.7 s) and needs nothing from the
+    merge; ``plot_gates``'s own import then finds it done (or waits for it).
+    """
+    thread = threading.Thread(target=_import_matplotlib, daemon=True)
+    thread.start()
+    return thread
+
+
+def _import_matplotlib() -> None:
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def plot_gates(records: dict[str, dict], path: Path) -> bool:
     """Gates by layer depth: domain and task panels, one line per projection.
 
@@ -116,11 +133,13 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
     if not series:
         return False
     # The Agg Figure API directly: pyplot's import and state machine would add
-    # about a second to every merge.
+    # about a second to every merge; fixed margins instead of the constrained
+    # layout halve the drawing time.
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(11, 4.2))
+    fig.subplots_adjust(left=0.06, right=0.87, bottom=0.12, top=0.86, wspace=0.06)
     axes = fig.subplots(1, 2, sharey=True)
     colors = colormaps["tab10"]
     layers = sorted(

@@ -44,7 +44,7 @@ from mergekit_tada.adapters import (
 )
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
-from mergekit_tada.lowrank import Truncated, single_thread
+from mergekit_tada.lowrank import Truncated, add_product, single_thread
 from mergekit_tada.methods import LoraMergeMethod, ModuleJob
 from mergekit_tada.report import (
     GATES_PLOT,
@@ -53,6 +53,7 @@ from mergekit_tada.report import (
     card_section,
     dumps,
     plot_gates,
+    preload_plotting,
 )
 
 LOG = logging.getLogger(__name__)
@@ -384,6 +385,8 @@ class MergeSession:
         self.writer = StreamingAdapterWriter(
             self.adapter_dir, torch.float32, self._adapter_layout()
         )
+        if self.calibration_info is not None:  # probe gates: a plot at the end
+            preload_plotting()
         try:
             with self._activated():
                 yield
@@ -409,7 +412,7 @@ class MergeSession:
         if plan is None or not plan.is_lora_target:
             return W
         lora = self._merge_plan(plan, W.device)
-        return torch.addmm(W.float(), lora.B, lora.A).to(W.dtype)
+        return add_product(W, lora.B, lora.A)
 
     def merge_adapter_only(
         self, device: str = "cpu", workers: int | None = None

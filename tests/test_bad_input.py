@@ -204,3 +204,18 @@ def test_crash_mid_merge_leaves_nothing_that_looks_finished(work, monkeypatch):
     leftovers = sorted(p.name for p in Path("out").iterdir())
     assert "tada_report.json" not in leftovers and "adapter" not in leftovers
     assert not [name for name in leftovers if name.startswith(".")], leftovers
+
+
+def test_failed_fsync_fails_the_merge(work, monkeypatch):
+    """The final fsync runs on a background thread: its error must still surface."""
+    import os
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        mergekit_tada.merge(tada_config(), "out", quiet=True)
+    leftovers = sorted(p.name for p in Path("out").iterdir())
+    assert "adapter" not in leftovers and "tada_report.json" not in leftovers
+    assert not [name for name in leftovers if name.startswith(".")], leftovers

@@ -166,3 +166,22 @@ def test_svd_coordinates_match_dense():
     assert torch.allclose(s, torch.linalg.svdvals(dense)[: len(s)], rtol=1e-10)
     assert torch.allclose(u.T @ u, torch.eye(len(s), dtype=torch.float64), atol=1e-10)
     assert torch.allclose(v.T @ v, torch.eye(len(s), dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_add_product_is_w_plus_ba_rounded_once(dtype):
+    """Row blocks (7 rows, not dividing 30): W + B A within one rounding to dtype."""
+    from mergekit_tada.lowrank import add_product
+
+    f = rand_factored(30, 4, 12, 5)
+    W = torch.randn(30, 12).to(dtype)
+    W64, B64, A64 = W.double(), f.B.double(), f.A.double()
+    reference = W64 + B64 @ A64
+    out = add_product(W, f.B, f.A, rows=7)
+    assert out.dtype == dtype and out.shape == W.shape
+    # one rounding to dtype, plus float32 accumulation of the k products
+    bound = torch.finfo(dtype).eps * reference.abs() + 8 * torch.finfo(
+        torch.float32
+    ).eps * (W64.abs() + B64.abs() @ A64.abs())
+    assert ((out.double() - reference).abs() <= bound).all()
+    assert (out.double() - W64).abs().max() > 1  # the update is there
