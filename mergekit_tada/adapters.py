@@ -10,7 +10,6 @@ that replaces the output folder only when complete.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -391,19 +390,18 @@ class StreamingAdapterWriter:
         self._background.append(thread)
         return thread
 
-    def _close(self) -> None:
-        """Wait for the background work, close the file, raise what failed there."""
+    def _close(self) -> list[BaseException]:
+        """Wait for the background work, close the file; what failed there."""
         for thread in self._background:
             thread.join()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._errors:
-            raise self._errors[0]
+        return self._errors
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self._close()
+        """Remove the partial folder (background errors give way to the caller's)."""
+        self._close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def finalize(self, config: dict) -> None:
@@ -413,7 +411,9 @@ class StreamingAdapterWriter:
             raise RuntimeError(f"modules never merged: {missing[:5]}")
         if self._synced is None:  # nothing planned: no last module started it
             os.fsync(self._fd)
-        self._close()  # waits for the final fsync
+        errors = self._close()  # waits for the final fsync
+        if errors:
+            raise errors[0]
         with open(self._tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")

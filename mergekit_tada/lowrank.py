@@ -97,25 +97,11 @@ class ThinSVD:
     def __len__(self) -> int:
         return self.S.shape[0]
 
-    def take(self, index: Sequence[int]) -> ThinSVD:
-        index = list(index)
-        if index == list(range(len(index))):  # a leading block: views, no copies
-            k = len(index)
-
-            def pick(t: torch.Tensor) -> torch.Tensor:
-                return t[:, :k]
-
-            S = self.S[:k]
-        else:
-            idx = torch.tensor(index, dtype=torch.long, device=self.S.device)
-
-            def pick(t: torch.Tensor) -> torch.Tensor:
-                return t.index_select(1, idx)
-
-            S = self.S[idx]
+    def head(self, k: int) -> ThinSVD:
+        """The k strongest components (views, no copies)."""
         if self.x is None:
-            return ThinSVD(pick(self.left), S, pick(self.right))
-        return ThinSVD(self.left, S, self.right, pick(self.x), pick(self.y))
+            return ThinSVD(self.left[:, :k], self.S[:k], self.right[:, :k])
+        return ThinSVD(self.left, self.S[:k], self.right, self.x[:, :k], self.y[:, :k])
 
     def scaled(self, weight: float) -> ThinSVD:
         return ThinSVD(self.left, self.S * weight, self.right, self.x, self.y)
@@ -261,7 +247,7 @@ def truncate(s: ThinSVD, rank: int) -> Truncated:
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
     total = s.energy()
-    kept = s.take(range(min(rank, len(s))))
+    kept = s.head(min(rank, len(s)))
     dropped = total - kept.energy()
     root = kept.S.double().sqrt()
     if kept.x is None:

@@ -165,7 +165,7 @@ def tsv_m(
     ]
     m, n = pairs[0][0].U.shape[0], pairs[0][0].V.shape[0]
     per_task = min(m, n) // len(pairs)
-    kept = [(s.take(range(min(per_task, len(s)))), w) for s, w in pairs]
+    kept = [(s.head(per_task), w) for s, w in pairs]
     U = torch.cat([s.U for s, _ in kept], dim=1)
     V = torch.cat([s.V for s, _ in kept], dim=1)
     sigma = torch.cat([s.S * w for s, w in kept])
