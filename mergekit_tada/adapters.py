@@ -308,7 +308,6 @@ class StreamingAdapterWriter:
         self._complete = 0  # modules whose bytes are written
         self._background: list[threading.Thread] = []
         self._flushing: threading.Thread | None = None
-        self._synced: threading.Thread | None = None  # the final fsync
         self._errors: list[BaseException] = []
         if self.out_dir.exists():
             # An older adapter must not look like this run's output, even if
@@ -368,7 +367,7 @@ class StreamingAdapterWriter:
             self._unflushed += size
             self._complete += 1
             if self._complete == len(self.layout):
-                self._synced = self._start(os.fsync, self._fd)
+                self._start(os.fsync, self._fd)
                 return
             busy = self._flushing is not None and self._flushing.is_alive()
             if self._unflushed < self.FLUSH_EVERY or busy:
@@ -409,7 +408,7 @@ class StreamingAdapterWriter:
         missing = sorted(set(self.layout) - set(self.ranks))
         if missing:
             raise RuntimeError(f"modules never merged: {missing[:5]}")
-        if self._synced is None:  # nothing planned: no last module started it
+        if not self.layout:  # nothing planned: no last module started the fsync
             os.fsync(self._fd)
         errors = self._close()  # waits for the final fsync
         if errors:

@@ -185,6 +185,13 @@ def test_validation_failure_leaves_earlier_output_intact(work):
     assert Path("out/adapter/adapter_model.safetensors").read_bytes() == before
 
 
+def assert_nothing_looks_finished(out: Path) -> None:
+    """No adapter, no report, no temporary or moved-aside folder left behind."""
+    leftovers = sorted(p.name for p in out.iterdir())
+    assert "tada_report.json" not in leftovers and "adapter" not in leftovers
+    assert not [name for name in leftovers if name.startswith(".")], leftovers
+
+
 def test_crash_mid_merge_leaves_nothing_that_looks_finished(work, monkeypatch):
     from mergekit_tada.methods import TadaMethod
 
@@ -201,9 +208,7 @@ def test_crash_mid_merge_leaves_nothing_that_looks_finished(work, monkeypatch):
     monkeypatch.setattr(TadaMethod, "merge_module", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
         mergekit_tada.merge(tada_config(), "out", quiet=True)
-    leftovers = sorted(p.name for p in Path("out").iterdir())
-    assert "tada_report.json" not in leftovers and "adapter" not in leftovers
-    assert not [name for name in leftovers if name.startswith(".")], leftovers
+    assert_nothing_looks_finished(Path("out"))
 
 
 def test_failed_fsync_fails_the_merge(work, monkeypatch):
@@ -216,6 +221,4 @@ def test_failed_fsync_fails_the_merge(work, monkeypatch):
     monkeypatch.setattr(os, "fsync", broken)
     with pytest.raises(OSError, match="Input/output error"):
         mergekit_tada.merge(tada_config(), "out", quiet=True)
-    leftovers = sorted(p.name for p in Path("out").iterdir())
-    assert "adapter" not in leftovers and "tada_report.json" not in leftovers
-    assert not [name for name in leftovers if name.startswith(".")], leftovers
+    assert_nothing_looks_finished(Path("out"))
