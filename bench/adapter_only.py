@@ -12,6 +12,7 @@ imports excluded, reported separately). Prints medians and the ratio.
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -59,7 +60,8 @@ def main() -> None:
     imported = time.perf_counter() - t0
     cfg, _ = load_config("tada.yml")
     t0 = time.perf_counter()
-    session = MergeSession(cfg, MergeOptions(quiet=True), "out")
+    session = MergeSession(cfg, MergeOptions(quiet=True))
+    session.prepare()
     prepared = time.perf_counter() - t0
     files = [
         Path("lora-a/adapter_model.safetensors"),
@@ -78,8 +80,9 @@ def main() -> None:
         floor.append(time.perf_counter() - t0)
         del data
         session.records.clear()
+        shutil.rmtree("out", ignore_errors=True)
         t0 = time.perf_counter()
-        with session.writing():
+        with session.writing(Path("out")):
             session.merge_adapter_only()
         work.append(time.perf_counter() - t0)
         out_bytes = Path("out/adapter/adapter_model.safetensors").stat().st_size

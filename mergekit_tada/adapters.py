@@ -264,9 +264,9 @@ class StreamingAdapterWriter:
     modules finish in) is written first and each module's factors go to their
     own offsets as they arrive: one pass over the bytes, no copy. A background
     thread flushes what has been written while the merge goes on, so the final
-    fsync waits only for the tail; an older adapter folder is moved aside at
-    once and deleted meanwhile. ``finalize`` moves the folder into place; until
-    then it sits under a temporary name that no reader trusts.
+    fsync waits only for the tail. ``out_dir`` must not exist: the writer works
+    inside a run's stage folder (mergekit_tada/output.py), which is what makes
+    the adapter appear whole or not at all.
     """
 
     FLUSH_EVERY = 32 << 20  # bytes written between background flushes
@@ -301,7 +301,6 @@ class StreamingAdapterWriter:
         blob += b" " * (-len(blob) % 8)
         self._header = header
         self._data_start = 8 + len(blob)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.ranks: dict[str, int] = {}
         self._lock = threading.Lock()
         self._unflushed = 0
@@ -309,24 +308,9 @@ class StreamingAdapterWriter:
         self._background: list[threading.Thread] = []
         self._flushing: threading.Thread | None = None
         self._errors: list[BaseException] = []
-        if self.out_dir.exists():
-            # An older adapter must not look like this run's output, even if
-            # the run fails; it is moved aside at once and deleted meanwhile.
-            old = Path(
-                tempfile.mkdtemp(
-                    prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent
-                )
-            )
-            os.rmdir(old)
-            os.rename(self.out_dir, old)
-            self._start(shutil.rmtree, old, True)
-        self._tmp = Path(
-            tempfile.mkdtemp(
-                prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent
-            )
-        )
+        self.out_dir.mkdir()
         self._fd: int | None = os.open(
-            self._tmp / WEIGHTS_NAME, os.O_WRONLY | os.O_CREAT, 0o644
+            self.out_dir / WEIGHTS_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
         )
         os.pwrite(self._fd, struct.pack("<Q", len(blob)) + blob, 0)
         os.ftruncate(self._fd, self._data_start + offset)
@@ -401,10 +385,10 @@ class StreamingAdapterWriter:
     def abort(self) -> None:
         """Remove the partial folder (background errors give way to the caller's)."""
         self._close()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def finalize(self, config: dict) -> None:
-        """Check every planned module arrived and is on disk, then move into place."""
+        """Check every planned module arrived and is on disk; write the config."""
         missing = sorted(set(self.layout) - set(self.ranks))
         if missing:
             raise RuntimeError(f"modules never merged: {missing[:5]}")
@@ -413,17 +397,21 @@ class StreamingAdapterWriter:
         errors = self._close()  # waits for the final fsync
         if errors:
             raise errors[0]
-        with open(self._tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
+        with open(self.out_dir / CONFIG_NAME, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")
-        os.rename(self._tmp, self.out_dir)
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a file so readers see either the old or the complete new content."""
+    from mergekit_tada.output import follow_umask
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        follow_umask(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

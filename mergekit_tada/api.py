@@ -13,7 +13,9 @@ def load_config(config: str | os.PathLike | dict | Any):
     from mergekit.config import MergeConfiguration
 
     if isinstance(config, MergeConfiguration):
-        return config, config.to_yaml()
+        from mergekit_tada.report import config_as_written
+
+        return config, yaml.safe_dump(config_as_written(config, None))
     if isinstance(config, dict):
         return MergeConfiguration.model_validate(config), yaml.safe_dump(config)
     text = str(config)
@@ -41,6 +43,7 @@ def merge(
     import mergekit.merge
     from mergekit.options import MergeOptions
 
+    from mergekit_tada import session
     from mergekit_tada._hook import ensure_installed
 
     ensure_installed()
@@ -51,11 +54,7 @@ def merge(
         options = options.model_copy(update=option_values)
     out_path = str(out_path)
     if adapter_only:
-        from mergekit_tada.session import MergeSession
-
-        session = MergeSession(merge_config, options, out_path)
-        with session.writing(model_card=False):
-            session.merge_adapter_only(device=options.device or "cpu")
+        session.run(merge_config, options, out_path, source)
     else:
         mergekit.merge.run_merge(
             merge_config, out_path, options=options, config_source=source

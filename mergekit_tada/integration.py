@@ -53,7 +53,8 @@ def install() -> None:
     from mergekit.io.tasks import LoaderCache
     from mergekit.plan import MergePlanner
 
-    from mergekit_tada.session import MergeSession, current_session
+    from mergekit_tada import session
+    from mergekit_tada.session import current_session
 
     # Called while ``mergekit.merge`` finishes importing: the parent package has
     # no ``merge`` attribute yet, sys.modules has the module.
@@ -64,9 +65,7 @@ def install() -> None:
     def run_merge(merge_config, out_path, options, config_source=None):
         if not _is_ours(merge_config.merge_method):
             return original_run_merge(merge_config, out_path, options, config_source)
-        session = MergeSession(merge_config, options, out_path)
-        with session.writing(model_card=options.write_model_card):
-            original_run_merge(merge_config, out_path, options, config_source)
+        session.run(merge_config, options, out_path, config_source, original_run_merge)
 
     original_get = LoaderCache.get
 

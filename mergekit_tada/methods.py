@@ -466,3 +466,8 @@ def register_all() -> None:
     for method in METHODS:
         if method.spec.name not in known:
             registry.register(method)
+
+
+# Imported first (before mergekit.merge_methods), this module triggered the
+# start-up hook while half-initialized; the hook left registration to us.
+register_all()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from mergekit_tada import __version__
 from mergekit_tada.adapters import sha256_file
@@ -25,15 +26,28 @@ def dumps(report: dict) -> str:
     return json.dumps(report, indent=2, sort_keys=True) + "\n"
 
 
+def config_as_written(config: Any, source: str | None) -> Any:
+    """The configuration as the user wrote it (the YAML), else a plain-data dump.
+
+    mergekit's own serializer fails on paths with spaces or quotes (its
+    ``ModelReference`` serializer returns itself), so the fallback dumps
+    Python objects and turns references into their strings.
+    """
+    if source:
+        return yaml.safe_load(source)
+    data = config.model_dump(mode="python", exclude_none=True)
+    return json.loads(json.dumps(data, default=str))
+
+
 def _settings(session: MergeSession) -> dict[str, Any]:
     from importlib.metadata import version
 
     config = session.config
     return {
         "merge_method": config.merge_method,
-        "config": config.model_dump(mode="json", exclude_none=True),
+        "config": config_as_written(config, session.source),
         "output_rank": session.output_rank,
-        "adapter_out": session.adapter_dir.name,
+        "adapter_out": session.adapter_out,
         "versions": {
             "mergekit_tada": __version__,
             "mergekit": version("mergekit"),
@@ -163,16 +177,7 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
     axes[0].set_ylabel("gate")
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("TaDA gates by depth, per projection")
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent
-    )
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, metadata={"Software": None})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # in the run's stage
     return True
 
 
@@ -210,7 +215,7 @@ def card_section(session: MergeSession, report: dict) -> str:
         f"This model was merged with the `{session.config.merge_method}` method of "
         f"mergekit-tada {__version__}, which merges LoRA adapters in factored form "
         "and writes the result both as this full model and as a "
-        f"rank-{session.output_rank} PEFT adapter in `{session.adapter_dir.name}/`.\n\n"
+        f"rank-{session.output_rank} PEFT adapter in `{session.adapter_out}/`.\n\n"
         f"- modules merged: {summary['modules']}\n"
         f"{probe}{_depth_summary(session.records)}"
         f"- mean energy lost to truncation: {summary['mean_truncation_energy']:.4g}\n"

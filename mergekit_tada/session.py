@@ -1,20 +1,24 @@
 """One merge run of a LoRA-space method, from YAML to outputs.
 
-Data flow (full model, ``mergekit-yaml``):
+Data flow (:func:`run`; full model through ``mergekit-yaml``):
 
-1. ``MergeSession(config, options, out_path)`` validates everything before any
+1. The output folder is locked (mergekit_tada/output.py).
+2. ``MergeSession(config, options, source)`` validates everything before any
    output exists: parameter keys, LoRA inputs (config flags, tensor layout),
    the plan of every output tensor (mergekit's own planner, run on a copy of the
    config) with its resolved parameters, shapes against the base's safetensors
-   headers, and every factor for NaN/Inf.
-2. ``with session.writing():`` mergekit's executor runs; for each output tensor
-   it calls our method's ``merge_group``, which lands in :meth:`merge_tensor`:
-   read the module's factors, ``method.merge_module`` -> rank-r (B, A), stream
-   them to the adapter writer, return ``W + B A`` to mergekit's writer.
-3. On success the adapter folder, the model-card section and the report are
-   written atomically; on failure the partial adapter is removed.
+   headers, and every factor for NaN/Inf. The run is refused if its outputs
+   would replace one of its inputs. ``session.prepare()`` then runs (or reads
+   from the cache) the calibration pass a method asks for.
+3. ``with session.writing(stage):`` mergekit's executor runs into the stage
+   folder; for each output tensor it calls our method's ``merge_group``, which
+   lands in :meth:`merge_tensor`: read the module's factors,
+   ``method.merge_module`` -> rank-r (B, A), stream them to the adapter writer,
+   return ``W + B A`` to mergekit's writer. Then the adapter config, report,
+   plot and model-card section are written into the stage.
+4. The stage is committed: the complete outputs replace the earlier ones.
 
-``merge_adapter_only`` runs step 2 without mergekit's executor or the base
+``merge_adapter_only`` runs step 3 without mergekit's executor or the base
 weights (only their safetensors headers are read).
 """
 
@@ -26,7 +30,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,15 +41,12 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import TensorGroup
 from mergekit.options import MergeOptions
 
-from mergekit_tada.adapters import (
-    LoraAdapter,
-    StreamingAdapterWriter,
-    write_text_atomic,
-)
+from mergekit_tada.adapters import LoraAdapter, StreamingAdapterWriter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
 from mergekit_tada.methods import LoraMergeMethod, ModuleJob
+from mergekit_tada.output import CARD, MANIFEST_NAME, OutputFolder, check_folder_name
 from mergekit_tada.report import (
     GATES_PLOT,
     REPORT_NAME,
@@ -111,13 +112,45 @@ def _parameter_blocks(
             yield f"slices[{i}]", src.model, src.parameters or {}
 
 
+def run(
+    config: MergeConfiguration,
+    options: MergeOptions,
+    out_path: str | os.PathLike,
+    source: str | None = None,
+    mergekit_run: Callable[[MergeConfiguration, str, MergeOptions, str | None], None]
+    | None = None,
+) -> None:
+    """One whole merge into ``out_path``: lock, validate, merge into a stage, commit.
+
+    ``mergekit_run``: mergekit's own ``run_merge`` for a full-model merge
+    (called with the stage folder as its output); None merges the adapter only.
+    """
+    folder = OutputFolder(out_path)
+    with folder.locked():
+        session = MergeSession(config, options, source)
+        folder.guard_inputs(session.input_paths(), session.output_names())
+        session.prepare()
+        target = folder.new_stage()
+        if mergekit_run is None:
+            with session.writing(target):
+                session.merge_adapter_only(device=options.device or "cpu")
+        else:
+            with session.writing(target, model_card=options.write_model_card):
+                mergekit_run(config, str(target), options, source)
+        folder.commit(target)
+
+
 class MergeSession:
     def __init__(
-        self, config: MergeConfiguration, options: MergeOptions, out_path: str
+        self,
+        config: MergeConfiguration,
+        options: MergeOptions,
+        source: str | None = None,
     ) -> None:
+        """Validate the merge; nothing is read beyond headers and factors."""
         self.config = config
         self.options = options
-        self.out_path = Path(out_path)
+        self.source = source
         method = registry.get(config.merge_method)
         if not isinstance(method, LoraMergeMethod):
             raise TadaError(f"{config.merge_method} is not a mergekit-tada method")
@@ -140,16 +173,35 @@ class MergeSession:
         adapter_out = {p.params["adapter_out"] for p in self.plans.values()}
         if len(adapter_out) != 1:
             raise TadaError(f"adapter_out must be one folder name, got {adapter_out}")
-        self.adapter_dir = self.out_path / adapter_out.pop()
+        self.adapter_out = check_folder_name(adapter_out.pop())
         for adapter in self.adapters.values():
             adapter.check_all_finite()
-        targets = [p for p in self.plans.values() if p.is_lora_target]
         self.calibration_info: dict | None = None
-        stats = self._calibrate(targets)
-        self.context = self.method.prepare(stats, targets)
+        self.context = None
         self.records: dict[str, dict] = {}
         self._lock = threading.Lock()
         self.writer: StreamingAdapterWriter | None = None
+
+    def prepare(self) -> None:
+        """Run (or read from the cache) what the method needs before merging."""
+        targets = [p for p in self.plans.values() if p.is_lora_target]
+        stats = self._calibrate(targets)
+        self.context = self.method.prepare(stats, targets)
+
+    def input_paths(self) -> dict[str, str]:
+        """What this merge reads: described -> path (guarded against the output)."""
+        paths = {f"base model {self.base}": self.base_path}
+        for label, adapter in self.adapters.items():
+            paths[f"adapter of {label}"] = adapter.path
+        for p in self.plans.values():
+            data = self.method.calibration(p.params) if p.is_lora_target else None
+            if data and data.get("calibration"):
+                paths["calibration data"] = data["calibration"]
+        return paths
+
+    def output_names(self) -> list[str]:
+        """Names this merge writes into the output folder."""
+        return [self.adapter_out, REPORT_NAME, GATES_PLOT, CARD, MANIFEST_NAME]
 
     # ------------------------------------------------------------------ checks
 
@@ -376,14 +428,16 @@ class MergeSession:
         return PlaceholderLoader(self.headers, self.float_dtype)
 
     @contextlib.contextmanager
-    def writing(self, model_card: bool = False) -> Iterator[None]:
-        """Run the body with this session active, then write adapter, card, report."""
-        self.out_path.mkdir(parents=True, exist_ok=True)
-        # A failed run must not leave an older adapter and report that look finished.
-        (self.out_path / REPORT_NAME).unlink(missing_ok=True)
-        (self.out_path / GATES_PLOT).unlink(missing_ok=True)
+    def writing(self, target: Path, model_card: bool = False) -> Iterator[None]:
+        """Run the body with this session active, then write adapter, card, report.
+
+        ``target`` is a run's stage folder (see :func:`run`): nothing here needs
+        to be atomic on its own.
+        """
+        target = Path(target)
+        target.mkdir(parents=True, exist_ok=True)
         self.writer = StreamingAdapterWriter(
-            self.adapter_dir, torch.float32, self._adapter_layout()
+            target / self.adapter_out, torch.float32, self._adapter_layout()
         )
         if self.calibration_info is not None:  # probe gates: a plot at the end
             preload_plotting()
@@ -395,15 +449,16 @@ class MergeSession:
             self.writer.abort()
             raise
         report = build_report(self)
-        if plot_gates(self.records, self.out_path / GATES_PLOT):
+        if plot_gates(self.records, target / GATES_PLOT):
             report["gates_plot"] = GATES_PLOT
         if model_card:
-            readme = self.out_path / "README.md"
+            readme = target / CARD
             text = readme.read_text(encoding="utf-8") if readme.exists() else ""
-            write_text_atomic(
-                readme, text.rstrip("\n") + "\n\n" + card_section(self, report)
+            readme.write_text(
+                text.rstrip("\n") + "\n\n" + card_section(self, report),
+                encoding="utf-8",
             )
-        write_text_atomic(self.out_path / REPORT_NAME, dumps(report))
+        (target / REPORT_NAME).write_text(dumps(report), encoding="utf-8")
 
     def merge_tensor(self, group: TensorGroup) -> torch.Tensor:
         """mergekit's per-tensor call: ``W + B A`` for LoRA targets, else ``W``."""

@@ -40,15 +40,23 @@ def test_mergekit_tada_adapter_only_and_clear_errors(work):
     Path("tada.yml").write_text(yaml.safe_dump(tada_config(rank=4, gates="uniform")))
     done = sh("mergekit-tada", "tada.yml", "out", "--adapter-only", "--quiet", cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in (work / "out").iterdir()) == [
-        "adapter",
-        "tada_report.json",
-    ]
+    visible = [p.name for p in (work / "out").iterdir() if p.name[0] != "."]
+    assert sorted(visible) == ["adapter", "tada_report.json"]
     Path("bad.yml").write_text(yaml.safe_dump(tada_config(rank=0)))
     bad = sh("mergekit-tada", "bad.yml", "out2", "--adapter-only", cwd=work)
     assert bad.returncode == 1
     assert "Error: rank must be a positive integer (got 0)" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_stock_cli_prints_our_errors_as_one_line(work):
+    """Under mergekit-yaml too: `Error: ...`, exit 1, no traceback."""
+    Path("bad.yml").write_text(yaml.safe_dump(tada_config(adapter_out="../x")))
+    bad = sh("mergekit-yaml", "bad.yml", "out", cwd=work)
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("Error: ")]
+    assert lines and "adapter_out must be a plain sub-folder name" in lines[0]
 
 
 def test_startup_hook_imports_nothing_heavy():

@@ -180,8 +180,9 @@ def test_dare_masks_do_not_race_across_worker_threads(three):
     config, _ = load_config(family_config("lora_dare_ties", rank=64))
     for attempt in range(4):
         out = f"threads-{attempt}"
-        session = MergeSession(config, MergeOptions(quiet=True, random_seed=7), out)
-        with session.writing(model_card=False):
+        session = MergeSession(config, MergeOptions(quiet=True, random_seed=7))
+        session.prepare()
+        with session.writing(Path(out)):
             session.merge_adapter_only(workers=8)
         assert (
             Path(out) / "adapter/adapter_model.safetensors"

@@ -1,0 +1,407 @@
+"""The output folder of one run: locked, staged, and replaced only when complete.
+
+A merge writes several things into one folder (mergekit's shards, index,
+config and card; our adapter, report and plots). Users rerun into the same
+folder, run two merges at once, press Ctrl-C, or merge the last result again;
+none of that may lose data or leave a mixed folder. One mechanism covers it:
+
+* **Lock.** An exclusive ``fcntl.flock`` on ``<out>/.mergekit-tada.lock`` for
+  the whole run (the kernel releases it when the process dies, however it
+  dies). A second run into the same folder fails at once, naming the folder
+  and the holder's pid.
+* **Stage.** Everything the run writes goes into a hidden stage folder inside
+  the output folder, ``.mergekit-tada-stage-<pid>-<random>/`` (same file
+  system, so moving results into place is a rename). The output folder itself
+  is untouched while the merge runs: a failing or interrupted run leaves the
+  earlier outputs exactly as they were.
+* **Commit.** When every output is complete, a journal (``commit.json``: what
+  moves in, what earlier merge outputs go) is written and fsynced in the stage,
+  then applied: earlier outputs are moved into the stage, new ones into place,
+  the stage deleted. A run killed during those renames leaves the journal; the
+  next run into the folder finishes the commit before it starts (roll forward).
+  A stage without a journal is an unfinished run: the next run deletes it
+  (the lock proves its owner is gone).
+* **What counts as an earlier merge's output.** The names listed in
+  ``.mergekit-tada-outputs.json`` (written by every commit), or, in a folder
+  written by stock mergekit or an older mergekit-tada, mergekit's files
+  (shards, index, config, tokenizer, ``mergekit_config.yml``, a README that is
+  a mergekit model card) and our report, plots and the adapter folder the old
+  report names. Nothing else in the folder is ever touched.
+
+Inputs are guarded: a run whose commit would replace or remove one of its own
+inputs (``model: base+out/adapter`` with output ``out``) is refused before it
+starts, naming both paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import fnmatch
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from mergekit_tada.errors import TadaError
+
+LOG = logging.getLogger(__name__)
+
+LOCK_NAME = ".mergekit-tada.lock"
+MANIFEST_NAME = ".mergekit-tada-outputs.json"
+STAGE_PREFIX = ".mergekit-tada-stage-"
+JOURNAL_NAME = "commit.json"
+_REPLACED = "replaced"  # earlier outputs moved here during a commit
+
+# Files stock mergekit writes into an output folder.
+MERGEKIT_OUTPUTS = (
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "config.json",
+    "generation_config.json",
+    "mergekit_config.yml",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.jinja",
+)
+# Files mergekit-tada 0.1.0 wrote beside them (before the manifest existed).
+LEGACY_OUTPUTS = ("tada_report.json", "gates.png")
+CARD = "README.md"
+# The last names a commit moves in: the report is what readers trust.
+_LAST = (CARD, "tada_report.json", "merge_report.json", MANIFEST_NAME)
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file made by ``tempfile`` (0600/0700) the mode ``open`` would give."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~umask())
+
+
+def check_folder_name(value: object, key: str = "adapter_out") -> str:
+    """A plain sub-folder name: one relative path component, not '.' or '..'."""
+    text = value if isinstance(value, str) else ""
+    if (
+        not text
+        or text in (".", "..")
+        or "/" in text
+        or "\\" in text
+        or "\0" in text
+        or os.path.isabs(text)
+        or text.startswith(".")
+    ):
+        raise TadaError(
+            f"{key} must be a plain sub-folder name inside the output folder, such "
+            f"as 'adapter' (got {value!r}): no path separators, no '.', '..' or "
+            "hidden names, not absolute"
+        )
+    return text
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class OutputFolder:
+    """One run's view of its output folder; see the module docstring."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.stage: Path | None = None
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------- the lock
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[OutputFolder]:
+        """Hold the folder for the run; on any exit leave no temporaries.
+
+        SIGTERM is turned into ``SystemExit`` for the duration (in the main
+        thread), so ``kill`` cleans up like Ctrl-C does. A folder this run
+        created and left empty is removed.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise TadaError(f"output folder {self.path} is an existing file")
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TadaError(
+                f"output folder {self.path}: cannot create ({error.strerror})"
+            ) from None
+        self._lock()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            self._recover()
+            yield self
+        finally:
+            try:
+                self._discard_stage()
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+                self._unlock(remove_folder=created)
+
+    def _lock(self) -> None:
+        lock_path = self.path / LOCK_NAME
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = lock_path.read_text(encoding="ascii", errors="replace").strip()
+            raise TadaError(
+                f"output folder {self.path} is in use by another merge "
+                f"(pid {holder or 'unknown'}); wait for it to finish or choose "
+                "another output folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self, remove_folder: bool) -> None:
+        if self._lock_fd is None:
+            return
+        if remove_folder and os.listdir(self.path) == [LOCK_NAME]:
+            # The run created the folder and left nothing: remove it (still
+            # holding the lock, so no other run is inside).
+            os.unlink(self.path / LOCK_NAME)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    # ------------------------------------------------------- stale stages
+
+    def _recover(self) -> None:
+        """Finish an interrupted commit; delete what unfinished runs left."""
+        for entry in sorted(os.listdir(self.path)):
+            if not entry.startswith(STAGE_PREFIX):
+                continue
+            stage = self.path / entry
+            journal = stage / JOURNAL_NAME
+            if journal.exists():
+                LOG.warning("finishing the interrupted commit of %s", stage)
+                self._apply(stage, json.loads(journal.read_text(encoding="utf-8")))
+            else:
+                owner = entry[len(STAGE_PREFIX) :].split("-", 1)[0]
+                LOG.warning(
+                    "removing %s, left by an unfinished run (pid %s)", stage, owner
+                )
+            shutil.rmtree(stage, ignore_errors=True)
+
+    # ------------------------------------------------------- inputs
+
+    def earlier_outputs(self) -> set[str]:
+        """Names in the folder that an earlier merge wrote (see module docstring)."""
+        names = set(os.listdir(self.path))
+        manifest = self.path / MANIFEST_NAME
+        if manifest.exists():
+            try:
+                listed = json.loads(manifest.read_text(encoding="utf-8"))["outputs"]
+                return {n for n in listed if n in names} | {MANIFEST_NAME}
+            except (OSError, ValueError, KeyError, TypeError):
+                LOG.warning("ignoring unreadable %s", manifest)
+        found: set[str] = set()
+        if "mergekit_config.yml" in names or "tada_report.json" in names:
+            found |= {
+                n for n in names if any(fnmatch.fnmatch(n, p) for p in MERGEKIT_OUTPUTS)
+            }
+            found |= {n for n in LEGACY_OUTPUTS if n in names}
+            if CARD in names and _is_mergekit_card(self.path / CARD):
+                found.add(CARD)
+            old_adapter = _legacy_adapter_name(self.path / "tada_report.json")
+            if old_adapter in names:
+                found.add(old_adapter)
+        return found
+
+    def guard_inputs(self, inputs: dict[str, str], writes: Iterable[str]) -> None:
+        """Refuse a run whose commit would replace or remove one of its inputs.
+
+        ``inputs``: what -> path (base model, adapters, data files);
+        ``writes``: names (or glob patterns) this run may write into the folder.
+        """
+        out = self.path.resolve()
+        touched = [*writes, *self.earlier_outputs(), *MERGEKIT_OUTPUTS, CARD]
+        for what, path in inputs.items():
+            target = Path(path).resolve()
+            if target == out:
+                raise TadaError(
+                    f"output folder {self.path} is the {what} {path}: choose "
+                    "another output folder"
+                )
+            if not target.is_relative_to(out):
+                continue
+            top = target.relative_to(out).parts[0]
+            if any(fnmatch.fnmatch(top, p) for p in touched):
+                raise TadaError(
+                    f"output folder {self.path} would replace the {what} {path} "
+                    f"(its '{top}' is an output of this merge); copy the input "
+                    "elsewhere or choose another output folder"
+                )
+
+    # ------------------------------------------------------- stage and commit
+
+    def new_stage(self) -> Path:
+        """A fresh stage; returns the folder the run writes its outputs into.
+
+        That folder carries the output folder's name (mergekit names the model
+        card after it).
+        """
+        self.stage = Path(
+            tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=self.path)
+        )
+        target = self.stage / (self.path.resolve().name or "out")
+        target.mkdir()
+        return target
+
+    def commit(self, produced: Path) -> list[str]:
+        """Move the complete outputs into place; returns the earlier ones removed."""
+        assert self.stage is not None and produced.parent == self.stage
+        new = sorted(os.listdir(produced))
+        (produced / MANIFEST_NAME).write_text(
+            json.dumps({"outputs": new}, indent=1) + "\n", encoding="utf-8"
+        )
+        new.append(MANIFEST_NAME)
+        new.sort(key=lambda n: (n in _LAST, _LAST.index(n) if n in _LAST else 0, n))
+        old = sorted(self.earlier_outputs() - set(new))
+        journal = {"produced": produced.name, "new": new, "old": old}
+        _settle_tree(produced)
+        path = self.stage / JOURNAL_NAME
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(journal, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(self.stage)
+        if old:
+            LOG.warning(
+                "removing the earlier merge's %s from %s", ", ".join(old), self.path
+            )
+        self._apply(self.stage, journal)
+        return old
+
+    def _apply(self, stage: Path, journal: dict) -> None:
+        """Apply a commit journal; idempotent, so an interrupted one can be rerun."""
+        produced = stage / journal["produced"]
+        replaced = stage / _REPLACED
+        replaced.mkdir(exist_ok=True)
+        for name in journal["new"]:
+            source = produced / name
+            if not (source.exists() or source.is_symlink()):
+                continue  # moved in by the interrupted attempt
+            final = self.path / name
+            if final.exists() or final.is_symlink():
+                _remove(replaced / name)
+                os.rename(final, replaced / name)
+            os.rename(source, final)
+        for name in journal["old"]:
+            final = self.path / name
+            if final.exists() or final.is_symlink():
+                _remove(replaced / name)
+                os.rename(final, replaced / name)
+        _fsync_dir(self.path)
+        shutil.rmtree(stage, ignore_errors=True)
+        if stage == self.stage:
+            self.stage = None
+
+    def _discard_stage(self) -> None:
+        """Delete this run's stage; finish its commit if the journal was written."""
+        if self.stage is None:
+            return
+        journal = self.stage / JOURNAL_NAME
+        if journal.exists():
+            self._apply(self.stage, json.loads(journal.read_text(encoding="utf-8")))
+        shutil.rmtree(self.stage, ignore_errors=True)
+        self.stage = None
+
+
+def _terminate(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _settle_tree(root: Path) -> None:
+    """Make every output under root follow the umask and reach the disk.
+
+    Some writers create files 0600 (safetensors' ``save_file``, ``tempfile``);
+    outputs get the mode any file the user creates gets. fsync before the
+    commit's renames, so a commit never points at unwritten data.
+    """
+    for folder, _dirs, files in os.walk(root):
+        follow_umask(folder)
+        for name in files:
+            follow_umask(os.path.join(folder, name))
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _is_mergekit_card(path: Path) -> bool:
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:4096]
+    except OSError:
+        return False
+    return "mergekit" in head
+
+
+def _legacy_adapter_name(report: Path) -> str | None:
+    try:
+        name = json.loads(report.read_text(encoding="utf-8"))["settings"]["adapter_out"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and "/" not in name and name else None
