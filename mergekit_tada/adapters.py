@@ -34,6 +34,7 @@ _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$"
 )
 
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Adapter-config flags whose maths the exact B @ A update does not cover.
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (use_dora) adds a magnitude vector",
@@ -130,6 +131,11 @@ class LoraAdapter:
             )
         if "lora_alpha" not in config or "r" not in config:
             raise TadaError(f"{self.config_path}: needs 'r' and 'lora_alpha'")
+        r = config["r"]
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise TadaError(
+                f"{self.config_path}: r must be a positive integer (got {r!r})"
+            )
         return config
 
     def _open(self):
@@ -158,6 +164,20 @@ class LoraAdapter:
             return alpha / math.sqrt(rank)
         return alpha / rank
 
+    def _check_rank(self, module: str, rank: int) -> None:
+        """The config's r (or rank_pattern) must be the factors' rank: s = alpha/r."""
+        from peft.utils.other import get_pattern_key
+
+        pattern = self.config.get("rank_pattern") or {}
+        key = get_pattern_key(pattern.keys(), module)
+        declared = pattern.get(key, self.config["r"])
+        if declared != rank:
+            where = f"rank_pattern[{key!r}]" if key in pattern else "r"
+            raise TadaError(
+                f"{self.config_path}: {where} = {declared}, but module {module} in "
+                f"{WEIGHTS_NAME} has rank {rank}; the scaling alpha/r would be wrong"
+            )
+
     def _read_modules(self) -> dict[str, LoraModule]:
         shapes: dict[str, dict[str, tuple[str, list[int]]]] = {}
         with self._open() as fh:
@@ -181,7 +201,14 @@ class LoraAdapter:
                         f"{self.weights_path}: unexpected tensor {key}; "
                         "expected <module>.lora_A.weight / <module>.lora_B.weight"
                     )
-                shape = fh.get_slice(key).get_shape()
+                tensor = fh.get_slice(key)
+                if tensor.get_dtype() not in _FLOAT_DTYPES:
+                    raise TadaError(
+                        f"{self.weights_path}: tensor {key} is {tensor.get_dtype()}; "
+                        "LoRA factors must be floating point (F16, BF16, F32 or F64): "
+                        "dequantize the adapter first"
+                    )
+                shape = tensor.get_shape()
                 shapes.setdefault(match["module"], {})[match["side"]] = (key, shape)
         if not shapes:
             raise TadaError(f"{self.weights_path}: contains no LoRA factors")
@@ -203,6 +230,7 @@ class LoraAdapter:
                     f"{self.weights_path}: module {name}: lora_A {a} and lora_B {b} "
                     "do not share a rank"
                 )
+            self._check_rank(name, a[0])
             modules[name] = LoraModule(
                 name=name,
                 rank=a[0],

@@ -5,24 +5,48 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pydantic
 import yaml
 
 
 def load_config(config: str | os.PathLike | dict | Any):
-    """A MergeConfiguration from a YAML path, YAML text, a dict or itself."""
+    """A MergeConfiguration from a YAML path, YAML text, a dict or itself.
+
+    Unreadable YAML and mergekit's own validation errors become one
+    ``TadaError`` line naming the file and the offending key.
+    """
     from mergekit.config import MergeConfiguration
+
+    from mergekit_tada.errors import TadaError
 
     if isinstance(config, MergeConfiguration):
         from mergekit_tada.report import config_as_written
 
         return config, yaml.safe_dump(config_as_written(config, None))
+    where, text = "config", None
     if isinstance(config, dict):
-        return MergeConfiguration.model_validate(config), yaml.safe_dump(config)
-    text = str(config)
-    if "\n" not in text and os.path.exists(text):
-        with open(text, encoding="utf-8") as fh:
-            text = fh.read()
-    return MergeConfiguration.model_validate(yaml.safe_load(text)), text
+        data, text = config, yaml.safe_dump(config)
+    else:
+        text = str(config)
+        if "\n" not in text and os.path.exists(text):
+            where = text
+            with open(text, encoding="utf-8") as fh:
+                text = fh.read()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            message = f"{where}: not valid YAML ({error})".replace("\n", " ")
+            raise TadaError(message) from None
+    try:
+        return MergeConfiguration.model_validate(data), text
+    except pydantic.ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}"
+            for e in error.errors()
+        )
+        raise TadaError(
+            f"{where}: invalid mergekit configuration: {problems}"
+        ) from None
 
 
 def merge(

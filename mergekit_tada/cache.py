@@ -37,8 +37,21 @@ def _digest(obj) -> str:
 
 
 class StatsCache:
+    """A cache that cannot be read or written is skipped with one warning line."""
+
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(os.path.expanduser(str(directory)))
+        self._warned = False
+
+    def _unusable(self, doing: str, error: BaseException) -> None:
+        if not self._warned:
+            LOG.warning(
+                "calibration cache %s: cannot %s (%s); continuing without it",
+                self.dir,
+                doing,
+                error,
+            )
+            self._warned = True
 
     # -- file hashes ---------------------------------------------------------
 
@@ -47,7 +60,9 @@ class StatsCache:
         memo_path = self.dir / "file-hashes.json"
         try:
             memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
+            if not isinstance(memo, dict):
+                memo = {}
+        except (OSError, ValueError, RecursionError):
             memo = {}
         out, changed = {}, False
         for path in sorted(paths):
@@ -58,8 +73,11 @@ class StatsCache:
                 changed = True
             out[os.path.basename(path)] = memo[key]
         if changed:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(memo_path, json.dumps(memo, sort_keys=True))
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(memo_path, json.dumps(memo, sort_keys=True))
+            except OSError as error:
+                self._unusable("write file hashes", error)
         return out
 
     # -- entries ---------------------------------------------------------------
@@ -73,9 +91,9 @@ class StatsCache:
 
     def load(self, key: str) -> Stats | None:
         path = self._path(key)
-        if not path.exists():
-            return None
         try:
+            if not path.exists():
+                return None
             entry = json.loads(path.read_text())
             payload = entry["stats"]
             if entry.get("key") != key or entry.get("checksum") != _digest(payload):
@@ -84,17 +102,22 @@ class StatsCache:
                 label: {m: ModuleStats(**s) for m, s in modules.items()}
                 for label, modules in payload.items()
             }
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
             LOG.warning("ignoring corrupt calibration cache entry %s (%s)", path, error)
             return None
 
-    def store(self, key: str, stats: Stats) -> Path:
+    def store(self, key: str, stats: Stats) -> Path | None:
+        """Write an entry; None (and one warning) where the cache is unusable."""
         payload = {
             label: {m: vars(s) for m, s in sorted(modules.items())}
             for label, modules in sorted(stats.items())
         }
         entry = {"key": key, "checksum": _digest(payload), "stats": payload}
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
-        write_text_atomic(path, json.dumps(entry, sort_keys=True))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(entry, sort_keys=True))
+        except OSError as error:
+            self._unusable("store an entry", error)
+            return None
         return path

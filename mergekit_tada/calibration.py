@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
+import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 from mergekit_tada.lowrank import frobenius_sq
+from mergekit_tada.texts import read_texts
 
 LOG = logging.getLogger(__name__)
 
@@ -51,6 +53,37 @@ class ModuleStats:
 
 
 Stats = dict[str, dict[str, ModuleStats]]  # adapter label -> module -> stats
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting layers.2 before layers.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def check_statistics(stats: Stats, base_path: str) -> None:
+    """Refuse statistics that went NaN/Inf (never cached), naming the first module.
+
+    Non-finite inputs come from NaN/Inf in the base weights or from
+    activations that overflow float32 (e.g. a weight of 1e37).
+    """
+    bad = sorted(
+        {
+            module
+            for modules in stats.values()
+            for module, s in modules.items()
+            if not all(
+                math.isfinite(v) for v in (s.frob_sq, s.sum_sq_delta, s.sum_sq_input)
+            )
+        },
+        key=natural_key,
+    )
+    if bad:
+        more = f" (and {len(bad) - 1} later module(s))" if len(bad) > 1 else ""
+        raise TadaError(
+            f"calibration: the input of {bad[0]}{more} became NaN or Inf in the "
+            f"pass over base model {base_path}: check the base weights for NaN/Inf "
+            "or values that overflow float32"
+        )
 
 
 # glibc mallopt parameters
@@ -413,50 +446,7 @@ def tokenizer_for(base_path: str):
 
 def read_prompts(path: str, samples: int) -> list[str]:
     """The first ``samples`` non-empty prompts of a .txt, .jsonl or saved dataset."""
-    import json
-
-    path = os.path.expanduser(path)
-    if not os.path.exists(path):
-        raise TadaError(f"calibration: {path} does not exist")
-    texts: list[str] = []
-    if os.path.isdir(path):
-        try:
-            from datasets import load_from_disk
-        except ImportError:
-            raise TadaError(
-                f"calibration: {path} is a folder; reading a dataset saved with "
-                "save_to_disk needs the 'datasets' package"
-            ) from None
-        try:
-            data = load_from_disk(path)
-        except Exception as error:
-            raise TadaError(
-                f"calibration: {path}: not a saved dataset ({error})"
-            ) from None
-        if hasattr(data, "keys") and not hasattr(data, "column_names"):  # DatasetDict
-            data = data[next(iter(data.keys()))]
-        if "text" not in data.column_names:
-            raise TadaError(f"calibration: dataset {path} has no 'text' column")
-        texts = [t for t in data["text"] if isinstance(t, str)]
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise TadaError(
-                        f"calibration: {path}:{n}: invalid JSON ({error})"
-                    ) from None
-                if isinstance(row, dict) and isinstance(row.get("text"), str):
-                    texts.append(row["text"])
-    else:
-        with open(path, encoding="utf-8") as fh:
-            texts = fh.read().splitlines()
-    texts = [t for t in (t.strip() for t in texts) if t]
-    if not texts:
-        raise TadaError(f"calibration: {path} contains no usable text")
+    texts = read_texts(path, "calibration")
     if len(texts) < samples:
         LOG.warning(
             "calibration: %s has %d prompts, fewer than calibration_samples=%d; using them all",

@@ -1,10 +1,11 @@
-"""The four places where stock mergekit is redirected, all scoped to our methods.
+"""The places where stock mergekit is redirected, all scoped to our methods.
 
 Installed by the start-up hook once ``mergekit.merge`` has been imported; every
 patch is a no-op unless the config's ``merge_method`` is one of ours.
 
 * ``mergekit.merge.run_merge``: wraps the run in a :class:`MergeSession`
-  (validate first, write adapter + report after). Callers that do
+  (validate first, write adapter + report after; an unknown method name is
+  refused with the nearest known ones, for every method). Callers that do
   ``from mergekit.merge import run_merge`` (``mergekit-yaml``, ``mergekit-multi``)
   import it after the hook ran, so they get the wrapper.
 * ``LoaderCache.get``: a ``base+lora`` input gets a placeholder loader instead
@@ -17,6 +18,9 @@ patch is a no-op unless the config's ``merge_method`` is one of ours.
   local relative path such as ``lora-a`` is a repository, which crashes the
   run after the weights are written when offline; during our runs an existing
   local path is local.
+* ``mergekit.merge.generate_card``: the card lists the models in the order of
+  a Python set (``referenced_models()``), so its bytes change with
+  ``PYTHONHASHSEED``; during our runs it lists them in config order.
 """
 
 from __future__ import annotations
@@ -44,6 +48,26 @@ def _is_ours(method_name: str) -> bool:
     return method_name in METHOD_NAMES
 
 
+def check_method_name(name: str) -> None:
+    """An unknown merge_method, with the nearest known names, before any work.
+
+    mergekit itself resolves the name only after materializing every
+    ``base+lora`` input, and then fails on something else entirely.
+    """
+    import difflib
+
+    from mergekit.merge_methods import registry
+
+    from mergekit_tada.errors import TadaError
+
+    known = sorted(m.spec.name for m in registry.registered_methods())
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise TadaError(f"unknown merge_method {name!r}; {hint}Known: {', '.join(known)}")
+
+
 def install() -> None:
     """Patch mergekit (idempotent)."""
     global _INSTALLED
@@ -64,6 +88,7 @@ def install() -> None:
     @functools.wraps(original_run_merge)
     def run_merge(merge_config, out_path, options, config_source=None):
         if not _is_ours(merge_config.merge_method):
+            check_method_name(merge_config.merge_method)
             return original_run_merge(merge_config, out_path, options, config_source)
         session.run(merge_config, options, out_path, config_source, original_run_merge)
 
@@ -97,7 +122,19 @@ def install() -> None:
             return False
         return original_is_hf(path)
 
+    original_generate_card = merge_module.generate_card
+
+    @functools.wraps(original_generate_card)
+    def generate_card(config, config_yaml, name=None):
+        session = current_session()
+        if session is not None:
+            config = config.model_copy()
+            ordered = list(session.model_refs)
+            object.__setattr__(config, "referenced_models", lambda: ordered)
+        return original_generate_card(config, config_yaml, name=name)
+
     merge_module.run_merge = run_merge
+    merge_module.generate_card = generate_card
     LoaderCache.get = get
     MergePlanner.plan_tensor = plan_tensor
     mergekit.card.is_hf = is_hf

@@ -14,6 +14,8 @@ restoration, truncation to the output rank. Methods differ only in
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,7 @@ from mergekit_tada.probe import (
 )
 from mergekit_tada.tada import tada_combine
 
+LOG = logging.getLogger(__name__)
 SHARED = ParameterScope.SHARED
 NON_BASE = ParameterScope.NON_BASE
 
@@ -103,11 +106,34 @@ class LoraMergeMethod(GroupMergeMethod):
         return active_session(self.spec.name).merge_tensor(group)
 
     def check(self, tensor: str, params: dict, inputs: dict[str, dict]) -> None:
-        """Validate one tensor's resolved parameters; raise TadaError naming it."""
+        """Validate one tensor's resolved parameters; raise TadaError naming it.
+
+        Runs on the values mergekit resolved for this tensor (after gradients
+        and filters), so a gradient that reaches NaN is caught too.
+        """
+        name = self.spec.name
+        for where, block in (("parameters", params), *inputs.items()):
+            for key, value in block.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise TadaError(
+                        f"{name}: {key} must be a finite number (got {value}) "
+                        f"in {where} for {tensor}"
+                    )
         rank = params.get("rank")
         if rank is not None and rank <= 0:
             raise TadaError(
                 f"rank must be a positive integer (got {rank}) for {tensor}"
+            )
+
+    def check_inputs(self, refs: list) -> None:
+        """The number of LoRA inputs against the method's contract."""
+        contract = self.spec.contract
+        low, high = contract.min_non_base or 0, contract.max_non_base
+        if len(refs) < low or (high is not None and len(refs) > high):
+            want = f"exactly {low}" if low == high else f"at least {low}"
+            raise TadaError(
+                f"{self.spec.name} takes {want} LoRA inputs (got {len(refs)}: "
+                f"{', '.join(map(str, refs))})"
             )
 
     def calibration(self, params: dict) -> dict | None:
@@ -120,6 +146,10 @@ class LoraMergeMethod(GroupMergeMethod):
 
     def output_rank(self, params: dict, default: int, source_ranks: list[int]) -> int:
         return params["rank"] or default
+
+    def rank_limit(self, source_ranks: list[int], shape: tuple[int, int]) -> int:
+        """The largest rank the merged update of a module can have."""
+        return min(sum(source_ranks), *shape)
 
     def combine(
         self, job: ModuleJob, updates: dict[str, Factored | None]
@@ -179,6 +209,15 @@ class TadaMethod(LoraMergeMethod):
             ParameterSpec("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
         ),
     )
+
+    def check_inputs(self, refs: list) -> None:
+        if len(refs) != 2:
+            raise TadaError(
+                "tada takes exactly two LoRA inputs, one with parameters: "
+                "{role: task} and one with {role: domain} (got "
+                f"{len(refs)}: {', '.join(map(str, refs))}); to merge more adapters "
+                "use lora_ties, lora_tsv_m or tara"
+            )
 
     def check(self, tensor: str, params: dict, inputs: dict[str, dict]) -> None:
         super().check(tensor, params, inputs)
@@ -246,12 +285,24 @@ class TadaMethod(LoraMergeMethod):
             return None
         roles = {label: p["role"] for label, p in plans[0].inputs.items()}
         by_role = {role: stats[label] for label, role in roles.items()}
-        return ProbeTable.from_stats(
+        table = ProbeTable.from_stats(
             by_role["task"],
             by_role["domain"],
             statistic=plans[0].params["probe_statistic"],
             granularity=plans[0].params["gate_granularity"],
         )
+        if table.undefined:
+            shared = len(table.undefined) + len(table.deltas)
+            LOG.warning(
+                "tada: the probe is undefined (a zero update, or inputs that "
+                "vanished or overflowed) for %d of %d modules both adapters touch; "
+                "they get neutral gates: %s",
+                len(table.undefined),
+                shared,
+                ", ".join(table.undefined[:8])
+                + (" ..." if len(table.undefined) > 8 else ""),
+            )
+        return table
 
     @staticmethod
     def gates(job: ModuleJob) -> tuple[float, float, dict]:
@@ -394,6 +445,9 @@ class LoraTies(_FamilyMethod):
     ):
         self.kernel = kernel
         self.spec = _spec(name, pretty, _gta_parameters(normalize, rescale))
+
+    def rank_limit(self, source_ranks: list[int], shape: tuple[int, int]) -> int:
+        return min(shape)  # sign election and masks make the update dense
 
     def combine(self, job, updates):
         weights = self.per_input(job, updates, "weight")

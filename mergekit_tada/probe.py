@@ -80,6 +80,7 @@ class ProbeTable:
     domain: dict[str, float | None]
     deltas: dict[str, float]
     median_delta: float
+    undefined: tuple[str, ...] = ()  # modules of both adapters with no probe
 
     @classmethod
     def from_stats(
@@ -97,9 +98,12 @@ class ProbeTable:
             for m in sorted(set(p_task) & set(p_domain))
             if p_task[m] and p_domain[m]
         }
+        undefined = tuple(
+            m for m in sorted(set(p_task) & set(p_domain)) if m not in deltas
+        )
         if granularity == "layer":
             deltas = _pool_by_layer(deltas)
-        return cls(p_task, p_domain, deltas, _median(list(deltas.values())))
+        return cls(p_task, p_domain, deltas, _median(list(deltas.values())), undefined)
 
     def delta(self, task_module: str | None, domain_module: str | None) -> float:
         if task_module is None or domain_module is None or task_module != domain_module:

@@ -43,6 +43,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_tada.adapters import LoraAdapter, StreamingAdapterWriter
 from mergekit_tada.errors import TadaError
+from mergekit_tada.integration import check_method_name
 from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
 from mergekit_tada.methods import LoraMergeMethod, ModuleJob
@@ -140,6 +141,35 @@ def run(
         folder.commit(target)
 
 
+def check_model_path(what: str, path: str) -> None:
+    """A model path must be a local folder, or a Hub id we may look up.
+
+    Checked before mergekit sees the path: it would ask the Hub about a
+    mistyped local path (a long traceback, or a 28 s wait offline).
+    """
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise TadaError(f"{what} {path}: not a folder")
+        return
+    hub_like = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not hub_like or "\\" in path:
+        raise TadaError(
+            f"{what} {path}: no such folder (relative paths are resolved from "
+            f"{os.getcwd()})"
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get(
+        "HF_HUB_OFFLINE", ""
+    ).lower() in ("1", "true", "yes", "on")
+    if offline and not isinstance(try_to_load_from_cache(path, "config.json"), str):
+        raise TadaError(
+            f"{what} {path}: no such local folder, and not in the Hugging Face "
+            f"cache while HF_HUB_OFFLINE is set (relative paths are resolved from "
+            f"{os.getcwd()})"
+        )
+
+
 class MergeSession:
     def __init__(
         self,
@@ -151,6 +181,7 @@ class MergeSession:
         self.config = config
         self.options = options
         self.source = source
+        check_method_name(config.merge_method)
         method = registry.get(config.merge_method)
         if not isinstance(method, LoraMergeMethod):
             raise TadaError(f"{config.merge_method} is not a mergekit-tada method")
@@ -161,10 +192,11 @@ class MergeSession:
         self.base_path = base_path
         self.headers = HeaderIndex(base_path)
         self.float_dtype = dtype_from_name(config.dtype)
+        # in config order: the output must not depend on set iteration order
+        refs = dict.fromkeys(r for _, r, _ in _parameter_blocks(config) if r)
+        self.model_refs = list(dict.fromkeys([self.base, *refs]))
         self.adapters = {
-            str(ref): LoraAdapter(ref.lora.path)
-            for ref in config.referenced_models()
-            if ref.lora is not None
+            str(ref): LoraAdapter(ref.lora.path) for ref in refs if ref.lora is not None
         }
         self.default_rank = max(a.max_rank for a in self.adapters.values())
         with self._activated():
@@ -216,6 +248,7 @@ class MergeSession:
             raise TadaError(
                 f"{name}: base_model must be a plain model, got {config.base_model}"
             )
+        check_model_path("base model", config.base_model.model.path)
         known = {p.name for p in self.method.spec.parameters}
         per_model = {p.name for p in self.method.spec.input_parameters}
         for where, ref, block in _parameter_blocks(config):
@@ -244,6 +277,14 @@ class MergeSession:
                     f"{name}: LoRA input {ref} sits on {ref.model}, but base_model is "
                     f"{config.base_model}; LoRA inputs must share the base model"
                 )
+            if not os.path.isdir(ref.lora.path):
+                raise TadaError(
+                    f"{name}: adapter {ref.lora.path} of {ref}: no such folder "
+                    f"(relative paths are resolved from {os.getcwd()})"
+                )
+        self.method.check_inputs(
+            [r for r in config.referenced_models() if r != config.base_model]
+        )
 
     def _plan(self) -> dict[str, TensorPlan]:
         from mergekit.architecture import get_architecture_info
@@ -262,6 +303,7 @@ class MergeSession:
         )
         planner._plan()
         plans = {}
+        capped: list[tuple[str, int, int]] = []
         for weight, task in planner._tensors:
             gather = task.gather_tensors
             while not hasattr(gather, "weight_info"):  # vocabulary wrappers
@@ -281,11 +323,6 @@ class MergeSession:
                 sources[label] = next((m for m in candidates if m in modules), None)
                 inputs[label] = dict(task.input_parameters[ref].items())
             params = dict(task.parameters.items())
-            source_ranks = [
-                self.adapters[label].modules[m].rank
-                for label, m in sources.items()
-                if m
-            ]
             base_info = infos[task.base_model]
             plans[weight.name] = TensorPlan(
                 out_name=weight.name,
@@ -294,9 +331,40 @@ class MergeSession:
                 sources=sources,
                 params=params,
                 inputs=inputs,
-                rank=self.method.output_rank(params, self.default_rank, source_ranks),
+                rank=self._capped_rank(weight.name, params, sources, capped),
+            )
+        # Modules with fewer inputs are capped quietly (their record says so);
+        # a rank no module can reach is a mistake worth one line.
+        targets = sum(p.is_lora_target for p in plans.values())
+        if capped and len(capped) == targets:
+            asked, largest = capped[0][1], max(limit for _, _, limit in capped)
+            LOG.warning(
+                "rank %d is more than the merged update can have in any module "
+                "(at most the sum of the input ranks and the shorter side of the "
+                "weight: %d here); each module is capped at its own limit",
+                asked,
+                largest,
             )
         return plans
+
+    def _capped_rank(
+        self,
+        weight: str,
+        params: dict,
+        sources: dict[str, str | None],
+        capped: list[tuple[str, int, int]],
+    ) -> int:
+        """The method's output rank, capped at what the merged update can have."""
+        specs = [self.adapters[label].modules[m] for label, m in sources.items() if m]
+        ranks = [spec.rank for spec in specs]
+        rank = self.method.output_rank(params, self.default_rank, ranks)
+        if specs:
+            shape = (specs[0].out_features, specs[0].in_features)
+            limit = self.method.rank_limit(ranks, shape)
+            if rank > limit:
+                capped.append((weight, rank, limit))
+                return limit
+        return rank
 
     def _validate_plans(self) -> None:
         used: set[tuple[str, str]] = set()
@@ -351,6 +419,7 @@ class MergeSession:
             )
         from mergekit_tada.cache import StatsCache
         from mergekit_tada.calibration import (
+            check_statistics,
             make_batches,
             read_prompts,
             run_calibration,
@@ -395,6 +464,7 @@ class MergeSession:
                 device=device,
                 quiet=self.options.quiet,
             )
+            check_statistics(stats, self.base_path)
             cache.store(key, stats)
         self.calibration_info = {
             "path": settings["calibration"],

@@ -1,6 +1,7 @@
 """Bad input: a clear error naming file and module, and nothing that looks finished."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,191 @@ def test_failed_fsync_fails_the_merge(work, monkeypatch):
     with pytest.raises(OSError, match="Input/output error"):
         mergekit_tada.merge(tada_config(), "out", quiet=True)
     assert_nothing_looks_finished(Path("out"))
+
+
+# ------------------------------------------------------- parameters and factors
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("scale", float("nan")),
+        ("tau", float("inf")),
+        ("task_weight", float("nan")),
+        ("gate_min", float("nan")),
+        ("gate_max", float("nan")),
+        ("conflict_threshold", float("nan")),
+        ("task_weight", [1.0, float("nan")]),  # a gradient that reaches NaN
+    ],
+)
+def test_non_finite_parameters_are_named(work, key, value):
+    expect_error(tada_config(**{key: value}), rf"tada: {key} must be a finite number")
+
+
+def test_integer_factors_are_refused(work):
+    from safetensors.torch import load_file, save_file
+
+    path = copy_adapter("lora-domain", "lora-int8")
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in sorted(tensors) if "lora_A" in k)
+    tensors[key] = (tensors[key] * 100).to(torch.int8)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    expect_error(
+        with_domain("lora-int8"),
+        rf"lora-int8/adapter_model.safetensors: tensor {key} is I8; LoRA factors "
+        "must be floating point",
+    )
+
+
+@pytest.mark.parametrize(
+    "r,match",
+    [
+        (0, r"r must be a positive integer \(got 0\)"),
+        (5, r"r = 5, but module .* has rank 6"),
+    ],
+)
+def test_config_rank_must_match_the_factors(work, r, match):
+    path = copy_adapter("lora-domain", "lora-r")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["r"] = r
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    expect_error(with_domain("lora-r"), rf"lora-r/adapter_config.json: {match}")
+
+
+def test_output_rank_is_capped_at_what_the_update_can_have(work, caplog):
+    from safetensors import safe_open
+
+    out = Path(mergekit_tada.merge(tada_config(rank=10000), "out", quiet=True))
+    cfg = json.loads((out / "adapter/adapter_config.json").read_text())
+    with safe_open(out / "adapter/adapter_model.safetensors", "pt") as fh:
+        ranks = {
+            k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): (
+                fh.get_slice(k).get_shape()[0]
+            )
+            for k in fh.keys()
+            if "lora_A" in k
+        }
+    # both adapters (task r=4 + domain r=6) on q, v, up, down; the task's alone
+    # on k, o, gate: every weight is at least 32 wide, so the sums are the caps
+    for module, rank in ranks.items():
+        both = module.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "up_proj", "down_proj")
+        assert rank == (10 if both else 4), module
+        assert cfg["rank_pattern"].get(module, cfg["r"]) == rank
+    assert "rank 10000 is more than the merged update can have in any" in caplog.text
+
+
+def test_output_bytes_do_not_depend_on_hash_seed_or_threads(work):
+    """Inputs with different task types: the output's comes from the config order."""
+    import subprocess
+    import sys
+
+    path = copy_adapter("lora-domain", "lora-fe")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["task_type"] = "FEATURE_EXTRACTION"
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    from test_probe import PROMPTS
+
+    Path("prompts.txt").write_text("\n".join(PROMPTS))
+    config = with_domain("lora-fe")
+    params = config["parameters"]
+    del params["task_weight"], params["domain_weight"]
+    params.update(
+        gates="probe",
+        calibration="prompts.txt",
+        conflict_elimination=True,
+        cache_dir="cache",
+    )
+    Path("c.json").write_text(json.dumps(config))
+    code = (
+        "import json, sys, torch, mergekit_tada\n"
+        "torch.set_num_threads(int(sys.argv[1]))\n"
+        "mergekit_tada.merge(json.load(open('c.json')), 'out', quiet=True)\n"
+    )
+    outputs = []
+    for seed, threads in (("0", "1"), ("1", "2"), ("5", "2")):
+        run = Path(f"run{seed}")  # same relative paths, own cache and output
+        run.mkdir()
+        for name in ("base", "lora-task", "lora-fe", "prompts.txt", "c.json"):
+            (run / name).symlink_to(Path(name).resolve())
+        env = dict(os.environ, PYTHONHASHSEED=seed, OMP_NUM_THREADS=threads)
+        done = subprocess.run([sys.executable, "-c", code, threads], env=env, cwd=run)
+        assert done.returncode == 0
+        outputs.append(
+            {
+                str(p.relative_to(run)): p.read_bytes()
+                for p in sorted((run / "out").rglob("*"))
+                if p.is_file() and p.name != ".mergekit-tada.lock"
+            }
+        )
+    assert outputs[0] == outputs[1] == outputs[2]
+    cfg = json.loads(outputs[0]["out/adapter/adapter_config.json"])
+    assert cfg["task_type"] == "CAUSAL_LM"  # the first input's, in config order
+
+
+# ------------------------------------------------------- errors, one line each
+
+
+def test_missing_base_folder(work):
+    config = tada_config()
+    config["base_model"] = "./basee"
+    expect_error(
+        config, r"base model ./basee: no such folder \(relative paths are resolved from"
+    )
+
+
+def test_hub_id_offline_fails_at_once(work, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = tada_config()
+    config["base_model"] = "someone/missing-model"
+    config["models"] = [
+        {"model": "someone/missing-model+./lora-task", "parameters": {"role": "task"}},
+        {
+            "model": "someone/missing-model+./lora-domain",
+            "parameters": {"role": "domain"},
+        },
+    ]
+    t0 = time.monotonic()
+    expect_error(
+        config,
+        r"base model someone/missing-model: no such local folder, and not in the Hugging Face cache while HF_HUB_OFFLINE",
+    )
+    assert time.monotonic() - t0 < 10
+
+
+def test_missing_adapter_folder(work):
+    expect_error(
+        with_domain("lora-nope"),
+        r"adapter ./lora-nope of ./base\+./lora-nope: no such folder",
+    )
+
+
+def test_unknown_merge_method_suggests(work):
+    config = tada_config()
+    config["merge_method"] = "tadaa"
+    expect_error(
+        config,
+        r"unknown merge_method 'tadaa'; did you mean 'tada'\? Known: .*lora_ties",
+    )
+
+
+def test_tada_takes_two_inputs(work):
+    build_lora("base", "lora-third", r=4, seed=9, targets=("q_proj",))
+    config = tada_config()
+    config["models"].append(
+        {"model": "./base+./lora-third", "parameters": {"role": "task"}}
+    )
+    expect_error(
+        config, r"tada takes exactly two LoRA inputs.*use lora_ties, lora_tsv_m or tara"
+    )
+
+
+def test_mergekit_validation_errors_are_one_line(work):
+    config = tada_config()
+    config["models"] = 3
+    expect_error(config, r"config: invalid mergekit configuration: models: ")
+    Path("bad.yml").write_text("merge_method: [tada\n")
+    with pytest.raises(TadaError, match=r"bad.yml: not valid YAML"):
+        mergekit_tada.merge("bad.yml", "out", quiet=True)

@@ -540,3 +540,68 @@ def test_stock_cli_with_probe_gates(work):
     report = json.loads((work / "out/tada_report.json").read_text())
     assert report["modules"]["model.layers.2.self_attn.q_proj"]["probe_task"] > 0
     assert (work / "out/gates.png").exists()
+
+
+def test_binary_calibration_file_is_named(work):
+    Path("junk.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(TadaError, match=r"calibration: junk.txt is not UTF-8 text"):
+        read_prompts("junk.txt", 32)
+    Path("nul.txt").write_bytes(b"abc\0def\n")
+    with pytest.raises(TadaError, match=r"calibration: nul.txt is binary"):
+        read_prompts("nul.txt", 32)
+
+
+def bad_base_config(value: float) -> dict:
+    """probe_config on a copy of the base with one weight entry set to value."""
+    import shutil
+
+    shutil.copytree(Path("base").resolve(), "bad-base")
+    weights = Path("bad-base/model.safetensors")
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = value
+    save_file(tensors, weights, metadata={"format": "pt"})
+    write_prompts()
+    config = probe_config()
+    config["base_model"] = "./bad-base"
+    for m in config["models"]:
+        m["model"] = m["model"].replace("./base+", "./bad-base+")
+    return config
+
+
+def test_overflowing_activations_are_reported(work, caplog):
+    """A weight of 1e37: later inputs vanish; neutral gates, named in a warning."""
+    merged_modules(bad_base_config(1e37), "out")
+    assert "the probe is undefined (a zero update, or inputs that vanished or " in (
+        caplog.text
+    )
+    assert "for 4 of 12 modules both adapters touch" in caplog.text
+    assert "model.layers.2.mlp.down_proj" in caplog.text
+
+
+def test_nan_in_base_weights_names_the_module_and_is_not_cached(work):
+    config = bad_base_config(float("nan"))
+    with pytest.raises(
+        TadaError,
+        match=r"calibration: the input of model\.layers\.1\.mlp\.down_proj .*became NaN or Inf",
+    ):
+        mergekit_tada.merge(config, "out", quiet=True)
+    assert not list(Path("cache").glob("stats-*.json"))
+
+
+@pytest.mark.parametrize("breakage", ["file", "entry-dir", "nested"])
+def test_unusable_cache_is_skipped_with_a_warning(work, caplog, breakage):
+    write_prompts()
+    config = probe_config()
+    reference = merged_modules(probe_config(cache_dir="fresh-cache"), "ref")
+    if breakage == "file":
+        Path("cache").write_text("not a folder")
+    else:
+        merged_modules(config, "first")
+        (entry,) = Path("cache").glob("stats-*.json")
+        entry.unlink()
+        if breakage == "entry-dir":
+            entry.mkdir()
+        else:
+            entry.write_text("[" * 100_000 + "]" * 100_000)
+    assert merged_modules(config, "out") == reference
+    assert "calibration cache" in caplog.text
