@@ -86,11 +86,11 @@ class StatsCache:
     def key(components: dict) -> str:
         return _digest({"format": _FORMAT, "version": __version__, **components})
 
-    def _path(self, key: str) -> Path:
+    def entry_path(self, key: str) -> Path:
         return self.dir / f"stats-{key}.json"
 
     def load(self, key: str) -> Stats | None:
-        path = self._path(key)
+        path = self.entry_path(key)
         try:
             if not path.exists():
                 return None
@@ -113,7 +113,7 @@ class StatsCache:
             for label, modules in sorted(stats.items())
         }
         entry = {"key": key, "checksum": _digest(payload), "stats": payload}
-        path = self._path(key)
+        path = self.entry_path(key)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps(entry, sort_keys=True))

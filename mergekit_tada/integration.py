@@ -1,7 +1,8 @@
-"""The places where stock mergekit is redirected, all scoped to our methods.
+"""The places where stock mergekit is redirected.
 
 Installed by the start-up hook once ``mergekit.merge`` has been imported; every
-patch is a no-op unless the config's ``merge_method`` is one of ours.
+patch but two bug fixes (BERT aliases, offline model cards) is a no-op unless
+the config's ``merge_method`` is ours.
 
 * ``mergekit.merge.run_merge``: wraps the run in a :class:`MergeSession`
   (validate first, write adapter + report after; an unknown method name is
@@ -13,11 +14,12 @@ patch is a no-op unless the config's ``merge_method`` is one of ours.
   placeholder is kept by the session, never in mergekit's process-wide cache.
 * ``MergePlanner.plan_tensor``: mergekit 0.1.5 crashes on optional weights
   with aliases (``[name] + aliases`` with a tuple; every BertModel merge);
-  aliases are handed over as a tuple that list concatenation accepts.
+  aliases are handed over as a tuple that list concatenation accepts. This
+  one applies to every method, stock ones included (tested on MiniLM).
 * ``mergekit.card.is_hf``: the model card asks the Hugging Face Hub whether a
   local relative path such as ``lora-a`` is a repository, which crashes the
-  run after the weights are written when offline; during our runs an existing
-  local path is local.
+  run after the weights are written when offline; an existing local path is
+  local (for every method).
 * ``mergekit.merge.generate_card``: the card lists the models in the order of
   a Python set (``referenced_models()``), so its bytes change with
   ``PYTHONHASHSEED``; during our runs it lists them in config order.
@@ -25,12 +27,50 @@ patch is a no-op unless the config's ``merge_method`` is one of ours.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 _INSTALLED = False
+_ACTIVE: Any = None  # the MergeSession of the run in progress in this process
+
+
+def current_session() -> Any:
+    """The session of the merge running in this process, or None."""
+    return _ACTIVE
+
+
+def active_session(method_name: str) -> Any:
+    """The running session, for a method's per-tensor call from mergekit."""
+    from mergekit_tada.errors import TadaError
+
+    if _ACTIVE is None:
+        raise TadaError(
+            f"merge_method {method_name} reads LoRA factors and must run through "
+            "mergekit-yaml, mergekit-tada or mergekit_tada.merge with the "
+            "mergekit_tada start-up hook active (reinstall mergekit-tada)"
+        )
+    return _ACTIVE
+
+
+@contextlib.contextmanager
+def activated(session: Any) -> Iterator[None]:
+    """Make ``session`` the one mergekit's calls of our methods reach.
+
+    mergekit calls a registered method object with a tensor group only; the
+    run's state (factors, plans, writer) reaches it through this slot.
+    """
+    global _ACTIVE
+    if _ACTIVE is not None and _ACTIVE is not session:
+        raise RuntimeError("another mergekit-tada merge is running in this process")
+    previous, _ACTIVE = _ACTIVE, session
+    try:
+        yield
+    finally:
+        _ACTIVE = previous
 
 
 class _ConcatTuple(tuple):
@@ -78,7 +118,6 @@ def install() -> None:
     from mergekit.plan import MergePlanner
 
     from mergekit_tada import session
-    from mergekit_tada.session import current_session
 
     # Called while ``mergekit.merge`` finishes importing: the parent package has
     # no ``merge`` attribute yet, sys.modules has the module.
@@ -105,20 +144,21 @@ def install() -> None:
 
     @functools.wraps(original_plan_tensor)
     def plan_tensor(self, weight, weights_in, models, cfg_reader):
-        if _is_ours(self._method.spec.name):
-            weights_in = [
-                w.model_copy(update={"aliases": _ConcatTuple(w.aliases)})
-                if w.aliases
-                else w
-                for w in weights_in
-            ]
+        # For every method (the bug is mergekit's; the tuple subclass behaves
+        # as the tuple it replaces everywhere else).
+        weights_in = [
+            w.model_copy(update={"aliases": _ConcatTuple(w.aliases)})
+            if w.aliases
+            else w
+            for w in weights_in
+        ]
         return original_plan_tensor(self, weight, weights_in, models, cfg_reader)
 
     original_is_hf = mergekit.card.is_hf
 
     @functools.wraps(original_is_hf)
     def is_hf(path: str) -> bool:
-        if current_session() is not None and os.path.exists(path):
+        if os.path.exists(path):  # every method: a local path is local
             return False
         return original_is_hf(path)
 

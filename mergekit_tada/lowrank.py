@@ -232,6 +232,7 @@ class Truncated:
     B: torch.Tensor  # m x r
     A: torch.Tensor  # r x n
     truncation_energy: float  # dropped / total squared Frobenius norm
+    rank_99: int = 0  # the smallest rank that keeps 99 % of the energy
 
     def factored(self) -> Factored:
         return Factored(self.B, self.A)
@@ -257,7 +258,17 @@ def truncate(s: ThinSVD, rank: int) -> Truncated:
         B = kept.left @ _padded(kept.x, root, rank).to(kept.left.dtype)
         A = _padded(kept.y, root, rank).T.to(kept.right.dtype) @ kept.right.T
     fraction = max(dropped, 0.0) / total if total > 0 else 0.0
-    return Truncated(B.float(), A.float(), fraction)
+    return Truncated(B.float(), A.float(), fraction, rank_for_energy(s.S, 0.99))
+
+
+def rank_for_energy(S: torch.Tensor, keep: float) -> int:
+    """The smallest k whose top-k singular values hold ``keep`` of the energy."""
+    energy = S.double() ** 2
+    total = float(energy.sum())
+    if total <= 0:
+        return 0
+    cumulative = torch.cumsum(energy, 0)
+    return int(torch.searchsorted(cumulative, keep * total * (1 - 1e-12))) + 1
 
 
 def _padded(columns: torch.Tensor, scale: torch.Tensor, rank: int) -> torch.Tensor:

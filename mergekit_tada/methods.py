@@ -2,7 +2,8 @@
 
 mergekit calls ``merge_group`` once per output tensor with the base weight and
 zero-cost placeholders for the LoRA inputs. The work happens in the active
-:class:`~mergekit_tada.session.MergeSession`, which reads the LoRA factors,
+:class:`~mergekit_tada.session.MergeSession` (reached through
+``integration.active_session``), which reads the LoRA factors,
 asks the method for the merged rank-r factors of the module (``merge_module``)
 and returns ``W + B A``.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,10 +100,12 @@ class ModuleMerge:
 class LoraMergeMethod(GroupMergeMethod):
     """A merge done on LoRA factors; mergekit sees only ``W -> W + dW``."""
 
+    report_name = "merge_report.json"
+
     def merge_group(self, group: TensorGroup, /, **_parameters: Any) -> torch.Tensor:
         # The session resolved and validated the same parameters when it planned
         # the merge (same config, same resolver), so it uses its own copy.
-        from mergekit_tada.session import active_session
+        from mergekit_tada.integration import active_session
 
         return active_session(self.spec.name).merge_tensor(group)
 
@@ -157,6 +161,28 @@ class LoraMergeMethod(GroupMergeMethod):
         """The merged update of one module (thin SVD, before truncation) and a record."""
         raise NotImplementedError
 
+    # --------------------------------------------------- what the outputs say
+
+    def summary(self, records: dict[str, dict]) -> dict:
+        """The method's own totals for the report's summary."""
+        pico = [r["pico_gamma"] for r in records.values() if "pico_gamma" in r]
+        return {"pico_mean_gamma": sum(pico) / len(pico)} if pico else {}
+
+    def card_lines(self, records: dict[str, dict], calibration: dict | None) -> list:
+        """Bullet lines for the model card: what this method did."""
+        lines = []
+        first = next(iter(records.values()), {})
+        for key in ("weights", "densities"):
+            if key in first:
+                lines.append(f"{key} per input (config order): {first[key]}")
+        if "pico_sharing" in first:
+            lines.append("Pico B-space calibration before merging, magnitude restored")
+        return lines
+
+    def write_plots(self, records: dict[str, dict], folder: Path) -> dict[str, str]:
+        """Pictures of the merge written into folder: report key -> file name."""
+        return {}
+
     def merge_module(self, job: ModuleJob) -> ModuleMerge:
         """Merged rank-r factors of one module from the inputs' factored updates."""
         record: dict = {}
@@ -173,10 +199,12 @@ class LoraMergeMethod(GroupMergeMethod):
         lora = truncate(merged, job.rank)
         record["rank"] = job.rank
         record["truncation_energy"] = lora.truncation_energy
+        record["rank_99"] = lora.rank_99
         return ModuleMerge(lora, record)
 
 
 class TadaMethod(LoraMergeMethod):
+    report_name = "tada_report.json"  # the name readers of earlier versions know
     spec = MergeMethodSpec(
         name="tada",
         pretty_name="TaDA (task-domain LoRA merging)",
@@ -303,6 +331,47 @@ class TadaMethod(LoraMergeMethod):
                 + (" ..." if len(table.undefined) > 8 else ""),
             )
         return table
+
+    def summary(self, records: dict[str, dict]) -> dict:
+        return {
+            **super().summary(records),
+            "dropped_task": sum(
+                len(m.get("dropped_task", [])) for m in records.values()
+            ),
+            "dropped_domain": sum(
+                len(m.get("dropped_domain", [])) for m in records.values()
+            ),
+        }
+
+    def card_lines(self, records: dict[str, dict], calibration: dict | None) -> list:
+        from mergekit_tada.report import depth_summary
+
+        lines = []
+        if calibration:
+            lines.append(
+                f"gates from the calibration probe over {calibration['prompts']} "
+                f"prompts ({calibration['tokens']} tokens) of `{calibration['path']}`"
+            )
+        else:
+            modes = sorted({r.get("gate_mode", "?") for r in records.values()})
+            lines.append(f"gates: {', '.join(modes)}")
+        if depth := depth_summary(records):
+            lines.append(depth)
+        summary = self.summary(records)
+        lines.append(
+            f"conflicting directions dropped: {summary['dropped_task']} task, "
+            f"{summary['dropped_domain']} domain"
+        )
+        return lines
+
+    def write_plots(self, records: dict[str, dict], folder: Path) -> dict[str, str]:
+        from mergekit_tada.report import GATES_PLOT, plot_gates
+
+        return (
+            {"gates_plot": GATES_PLOT}
+            if plot_gates(records, folder / GATES_PLOT)
+            else {}
+        )
 
     @staticmethod
     def gates(job: ModuleJob) -> tuple[float, float, dict]:

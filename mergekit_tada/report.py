@@ -6,20 +6,36 @@ import json
 import os
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mergekit_tada import __version__
-from mergekit_tada.adapters import sha256_file
+from mergekit_tada.adapters import LoraAdapter, sha256_file
 
 if TYPE_CHECKING:
-    from mergekit_tada.session import MergeSession
+    from mergekit_tada.methods import LoraMergeMethod
 
-REPORT_NAME = "tada_report.json"
 GATES_PLOT = "gates.png"
 _LAYER = re.compile(r"\.(\d+)\.")
+# Truncation that drops more than this in any module, or on average, is
+# worth a warning (with the rank that would keep 99 %).
+WARN_MODULE_ENERGY, WARN_MEAN_ENERGY = 0.10, 0.05
+
+
+@dataclass
+class MergeFacts:
+    """What the report and the model card say about one merge, as plain data."""
+
+    method: LoraMergeMethod
+    config: Any  # the configuration as the user wrote it
+    output_rank: int
+    adapter_out: str
+    inputs: dict[str, Any]  # see describe_inputs
+    records: dict[str, dict]  # module -> the method's per-module record
+    calibration: dict | None = None
 
 
 def dumps(report: dict) -> str:
@@ -39,29 +55,15 @@ def config_as_written(config: Any, source: str | None) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-def _settings(session: MergeSession) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    config = session.config
-    return {
-        "merge_method": config.merge_method,
-        "config": config_as_written(config, session.source),
-        "output_rank": session.output_rank,
-        "adapter_out": session.adapter_out,
-        "versions": {
-            "mergekit_tada": __version__,
-            "mergekit": version("mergekit"),
-            "torch": version("torch"),
-        },
-    }
-
-
-def _inputs(session: MergeSession) -> dict[str, Any]:
-    base_config = os.path.join(session.base_path, "config.json")
-    adapters = {}
-    for label, adapter in session.adapters.items():
+def describe_inputs(
+    base: str, base_path: str, adapters: dict[str, LoraAdapter], calibration: Any
+) -> dict[str, Any]:
+    """The report's ``inputs``: base, adapters with content hashes, calibration."""
+    base_config = os.path.join(base_path, "config.json")
+    described = {}
+    for label, adapter in adapters.items():
         cfg = adapter.config
-        adapters[label] = {
+        described[label] = {
             "path": adapter.path,
             "files_sha256": adapter.hashes,
             "r": cfg.get("r"),
@@ -70,35 +72,60 @@ def _inputs(session: MergeSession) -> dict[str, Any]:
             "modules": len(adapter.modules),
         }
     return {
-        "calibration": session.calibration_info,
+        "calibration": calibration,
         "base_model": {
-            "path": str(session.base.model),
+            "path": base,
             "config_sha256": sha256_file(base_config)
             if os.path.exists(base_config)
             else None,
         },
-        "adapters": adapters,
+        "adapters": described,
     }
 
 
-def build_report(session: MergeSession) -> dict[str, Any]:
-    modules = dict(sorted(session.records.items()))
-    energies = [m["truncation_energy"] for m in modules.values()]
+def truncation_summary(records: dict[str, dict]) -> dict[str, Any]:
+    energies = [m["truncation_energy"] for m in records.values()]
     return {
-        "settings": _settings(session),
-        "inputs": _inputs(session),
-        "summary": {
-            "modules": len(modules),
-            "mean_truncation_energy": sum(energies) / len(energies)
-            if energies
-            else 0.0,
-            "dropped_task": sum(
-                len(m.get("dropped_task", [])) for m in modules.values()
-            ),
-            "dropped_domain": sum(
-                len(m.get("dropped_domain", [])) for m in modules.values()
-            ),
+        "modules": len(records),
+        "mean_truncation_energy": sum(energies) / len(energies) if energies else 0.0,
+        "max_truncation_energy": max(energies, default=0.0),
+        # the smallest output rank that keeps 99 % of every module's energy
+        "suggested_rank": max(
+            (m.get("rank_99", 0) for m in records.values()), default=0
+        ),
+    }
+
+
+def truncation_warning(summary: dict[str, Any], rank: int) -> str | None:
+    """One line when the output rank drops much of the merged update."""
+    worst, mean = summary["max_truncation_energy"], summary["mean_truncation_energy"]
+    if worst <= WARN_MODULE_ENERGY and mean <= WARN_MEAN_ENERGY:
+        return None
+    return (
+        f"rank {rank} drops up to {worst:.0%} of a module's merged update "
+        f"(mean {mean:.1%}); rank {summary['suggested_rank']} would keep 99 % in "
+        "every module (suggested_rank in the report)"
+    )
+
+
+def build_report(facts: MergeFacts) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    modules = dict(sorted(facts.records.items()))
+    return {
+        "settings": {
+            "merge_method": facts.method.spec.name,
+            "config": facts.config,
+            "output_rank": facts.output_rank,
+            "adapter_out": facts.adapter_out,
+            "versions": {
+                "mergekit_tada": __version__,
+                "mergekit": version("mergekit"),
+                "torch": version("torch"),
+            },
         },
+        "inputs": facts.inputs,
+        "summary": {**truncation_summary(modules), **facts.method.summary(modules)},
         "modules": modules,
     }
 
@@ -106,16 +133,27 @@ def build_report(session: MergeSession) -> dict[str, Any]:
 def depth_series(
     records: dict[str, dict],
 ) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """projection -> {"task"|"domain" -> [(layer, gate)]} for modules inside blocks."""
-    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    """Gate lines by depth: label -> {"task"|"domain" -> [(depth, gate)]}.
+
+    A module inside a numbered layer is labelled by its path inside the layer
+    (``self_attn.q_proj``, ``attention.output.dense``: BERT has three
+    ``dense`` modules per layer); one outside the layers (a pooler,
+    ``lm_head``) by its full name, one step past the last layer.
+    """
+    points = []
     for module, record in sorted(records.items()):
-        match = _LAYER.search(module)
-        if match is None or "task_gate" not in record:
+        if "task_gate" not in record:
             continue
-        proj = module.rsplit(".", 1)[-1]
+        match = _LAYER.search(module)
+        depth = int(match.group(1)) if match else None
+        label = module[match.end() :] if match else module
+        points.append((label, depth, record))
+    past_last = max((d for _, d, _ in points if d is not None), default=-1) + 1
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for label, depth, record in points:
         for role in ("task", "domain"):
-            series.setdefault(proj, {}).setdefault(role, []).append(
-                (int(match.group(1)), record[f"{role}_gate"])
+            series.setdefault(label, {}).setdefault(role, []).append(
+                (past_last if depth is None else depth, record[f"{role}_gate"])
             )
     return series
 
@@ -153,7 +191,7 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2))
-    fig.subplots_adjust(left=0.06, right=0.87, bottom=0.12, top=0.86, wspace=0.06)
+    fig.subplots_adjust(left=0.06, right=0.80, bottom=0.12, top=0.86, wspace=0.06)
     axes = fig.subplots(1, 2, sharey=True)
     colors = colormaps["tab10"]
     layers = sorted(
@@ -168,6 +206,7 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
                 marker="o",
                 markersize=3,
                 color=colors(i % 10),
+                linestyle=("-", "--", ":")[i // 10 % 3],
                 label=proj,
             )
         ax.set_title(f"{role} gate")
@@ -176,12 +215,12 @@ def plot_gates(records: dict[str, dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("gate")
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle("TaDA gates by depth, per projection")
+    fig.suptitle("TaDA gates by depth, per module of a layer")
     fig.savefig(path, dpi=100, metadata={"Software": None})  # in the run's stage
     return True
 
 
-def _depth_summary(records: dict[str, dict]) -> str:
+def depth_summary(records: dict[str, dict]) -> str | None:
     """Mean domain gate in the shallowest and deepest third of the layers."""
     points = [
         (int(m.group(1)), r["domain_gate"])
@@ -189,38 +228,33 @@ def _depth_summary(records: dict[str, dict]) -> str:
         if (m := _LAYER.search(name)) and "domain_gate" in r
     ]
     if not points:
-        return ""
+        return None
     layers = sorted({p[0] for p in points})
     third = max(1, len(layers) // 3)
     shallow = [g for layer, g in points if layer in layers[:third]]
     deep = [g for layer, g in points if layer in layers[-third:]]
     return (
-        f"- mean domain gate: {sum(shallow) / len(shallow):.3f} in the shallowest "
-        f"{third} layer(s), {sum(deep) / len(deep):.3f} in the deepest {third}\n"
+        f"mean domain gate: {sum(shallow) / len(shallow):.3f} in the shallowest "
+        f"{third} layer(s), {sum(deep) / len(deep):.3f} in the deepest {third}"
     )
 
 
-def card_section(session: MergeSession, report: dict) -> str:
+def card_section(facts: MergeFacts, report: dict, plots: dict[str, str]) -> str:
+    """The model card's section on this merge, in the method's own words."""
     summary = report["summary"]
-    calibration = session.calibration_info
-    probe = ""
-    if calibration:
-        probe = (
-            f"- gates from the calibration probe over {calibration['prompts']} prompts "
-            f"({calibration['tokens']} tokens) of `{calibration['path']}`\n"
-        )
-    plot = f"Gates by depth: `{GATES_PLOT}`. " if "gates_plot" in report else ""
+    name = facts.method.spec.name
+    lines = facts.method.card_lines(facts.records, facts.calibration)
+    plots = [f"`{p}`" for p in plots.values()]
     return (
-        f"## mergekit-tada: `{session.config.merge_method}`\n\n"
-        f"This model was merged with the `{session.config.merge_method}` method of "
+        f"## mergekit-tada: `{name}`\n\n"
+        f"This model was merged with the `{name}` method of "
         f"mergekit-tada {__version__}, which merges LoRA adapters in factored form "
         "and writes the result both as this full model and as a "
-        f"rank-{session.output_rank} PEFT adapter in `{session.adapter_out}/`.\n\n"
+        f"rank-{facts.output_rank} PEFT adapter in `{facts.adapter_out}/`.\n\n"
         f"- modules merged: {summary['modules']}\n"
-        f"{probe}{_depth_summary(session.records)}"
-        f"- mean energy lost to truncation: {summary['mean_truncation_energy']:.4g}\n"
-        f"- conflicting directions dropped: {summary['dropped_task']} task, "
-        f"{summary['dropped_domain']} domain\n\n"
-        f"{plot}Per-module gates, probes, dropped directions and truncation energy: "
-        f"`{REPORT_NAME}`.\n"
+        + "".join(f"- {line}\n" for line in lines)
+        + f"- mean energy lost to truncation: {summary['mean_truncation_energy']:.4g} "
+        f"(rank {summary['suggested_rank']} keeps 99 %)\n\n"
+        + (f"Plots: {', '.join(plots)}. " if plots else "")
+        + f"Per-module details: `{facts.method.report_name}`.\n"
     )

@@ -43,38 +43,24 @@ from mergekit.options import MergeOptions
 
 from mergekit_tada.adapters import LoraAdapter, StreamingAdapterWriter
 from mergekit_tada.errors import TadaError
-from mergekit_tada.integration import check_method_name
+from mergekit_tada.integration import activated, check_method_name
 from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
 from mergekit_tada.methods import LoraMergeMethod, ModuleJob
 from mergekit_tada.output import CARD, MANIFEST_NAME, OutputFolder, check_folder_name
 from mergekit_tada.report import (
     GATES_PLOT,
-    REPORT_NAME,
+    MergeFacts,
     build_report,
     card_section,
+    config_as_written,
+    describe_inputs,
     dumps,
-    plot_gates,
     preload_plotting,
+    truncation_warning,
 )
 
 LOG = logging.getLogger(__name__)
-
-_ACTIVE: MergeSession | None = None
-
-
-def active_session(method_name: str) -> MergeSession:
-    if _ACTIVE is None:
-        raise TadaError(
-            f"merge_method {method_name} reads LoRA factors and must run through "
-            "mergekit-yaml, mergekit-tada or mergekit_tada.merge with the "
-            "mergekit_tada start-up hook active (reinstall mergekit-tada)"
-        )
-    return _ACTIVE
-
-
-def current_session() -> MergeSession | None:
-    return _ACTIVE
 
 
 @dataclass(frozen=True)
@@ -141,6 +127,19 @@ def run(
         folder.commit(target)
 
 
+@contextlib.contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """Silence transformers' warnings for a call of ours (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def check_model_path(what: str, path: str) -> None:
     """A model path must be a local folder, or a Hub id we may look up.
 
@@ -199,7 +198,7 @@ class MergeSession:
             str(ref): LoraAdapter(ref.lora.path) for ref in refs if ref.lora is not None
         }
         self.default_rank = max(a.max_rank for a in self.adapters.values())
-        with self._activated():
+        with activated(self):
             self.plans = self._plan()
         self._validate_plans()
         adapter_out = {p.params["adapter_out"] for p in self.plans.values()}
@@ -233,7 +232,13 @@ class MergeSession:
 
     def output_names(self) -> list[str]:
         """Names this merge writes into the output folder."""
-        return [self.adapter_out, REPORT_NAME, GATES_PLOT, CARD, MANIFEST_NAME]
+        return [
+            self.adapter_out,
+            self.method.report_name,
+            GATES_PLOT,
+            CARD,
+            MANIFEST_NAME,
+        ]
 
     # ------------------------------------------------------------------ checks
 
@@ -295,9 +300,10 @@ class MergeSession:
         config = self.config.model_copy(deep=True)  # the planner rewrites its config
         LoaderCache().setup(options=self.options)
         arch = get_architecture_info(config, self.options)
-        out_cfg = _model_out_config(
-            config, arch, trust_remote_code=self.options.trust_remote_code
-        )
+        with transformers_errors_only():  # mergekit sets the deprecated torch_dtype
+            out_cfg = _model_out_config(
+                config, arch, trust_remote_code=self.options.trust_remote_code
+            )
         planner = MergePlanner(
             config, arch, options=self.options, out_model_config=out_cfg
         )
@@ -474,25 +480,16 @@ class MergeSession:
             "cache_key": key,
             "cache_hit": hit,
         }
-        LOG.info(
-            "calibration statistics %s (%s)",
-            "from cache" if hit else "computed",
-            key[:12],
-        )
+        if hit:  # said once: the calibration pass was skipped, and why
+            LOG.warning(
+                "calibration statistics from cache entry %s (no calibration pass)",
+                cache.entry_path(key),
+            )
+        else:
+            LOG.info("calibration statistics computed (cache key %s)", key[:12])
         return stats
 
     # ------------------------------------------------------------------ running
-
-    @contextlib.contextmanager
-    def _activated(self) -> Iterator[None]:
-        global _ACTIVE
-        if _ACTIVE is not None and _ACTIVE is not self:
-            raise RuntimeError("another mergekit-tada merge is running in this process")
-        previous, _ACTIVE = _ACTIVE, self
-        try:
-            yield
-        finally:
-            _ACTIVE = previous
 
     def placeholder_loader(self, ref: ModelReference) -> PlaceholderLoader:
         return PlaceholderLoader(self.headers, self.float_dtype)
@@ -512,23 +509,43 @@ class MergeSession:
         if self.calibration_info is not None:  # probe gates: a plot at the end
             preload_plotting()
         try:
-            with self._activated():
+            with activated(self):
                 yield
             self.writer.finalize(self._adapter_config())
         except BaseException:
             self.writer.abort()
             raise
-        report = build_report(self)
-        if plot_gates(self.records, target / GATES_PLOT):
-            report["gates_plot"] = GATES_PLOT
+        facts = self.facts()
+        report = build_report(facts)
+        if warning := truncation_warning(report["summary"], self.output_rank):
+            LOG.warning(warning)
+        plots = self.method.write_plots(self.records, target)
+        report.update(plots)
         if model_card:
             readme = target / CARD
             text = readme.read_text(encoding="utf-8") if readme.exists() else ""
             readme.write_text(
-                text.rstrip("\n") + "\n\n" + card_section(self, report),
+                text.rstrip("\n") + "\n\n" + card_section(facts, report, plots),
                 encoding="utf-8",
             )
-        (target / REPORT_NAME).write_text(dumps(report), encoding="utf-8")
+        (target / self.method.report_name).write_text(dumps(report), encoding="utf-8")
+
+    def facts(self) -> MergeFacts:
+        """This merge as plain data for the report and the model card."""
+        return MergeFacts(
+            method=self.method,
+            config=config_as_written(self.config, self.source),
+            output_rank=self.output_rank,
+            adapter_out=self.adapter_out,
+            inputs=describe_inputs(
+                str(self.base.model),
+                self.base_path,
+                self.adapters,
+                self.calibration_info,
+            ),
+            records=self.records,
+            calibration=self.calibration_info,
+        )
 
     def merge_tensor(self, group: TensorGroup) -> torch.Tensor:
         """mergekit's per-tensor call: ``W + B A`` for LoRA targets, else ``W``."""

@@ -7,6 +7,7 @@ with a word-level tokenizer, and real PEFT LoRA adapters saved by PEFT itself.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -115,11 +116,14 @@ def build_lora(
         lora_dropout=0.0,
         **lora_kwargs,
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT reads a deprecated transformers flag
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
-    peft_model.save_pretrained(str(out_path))
+    # the base's embedding weights are not part of the adapter
+    peft_model.save_pretrained(str(out_path), save_embedding_layers=False)
     return str(out_path)

@@ -1,7 +1,7 @@
 """Encoder merge on real pretrained weights: all-MiniLM-L6-v2 (a BertModel).
 
 mergekit 0.1.5 crashes on every BertModel merge (plan.py, optional weight with
-aliases); our methods route around it.
+aliases); with mergekit-tada installed, no method does.
 """
 
 import os
@@ -92,3 +92,47 @@ def test_minilm_merge(tmp_path):
     model = AutoModel.from_pretrained(out)
     emb = model(**tok(["a merged encoder"], return_tensors="pt")).last_hidden_state
     assert emb.shape[-1] == 384 and torch.isfinite(emb).all()
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_stock_methods_merge_bert_with_the_plugin(tmp_path, method):
+    """mergekit's own BertModel crash is routed around for every method."""
+    os.chdir(tmp_path)
+    os.symlink(MINILM, "minilm-copy")
+    config = {
+        "merge_method": method,
+        "base_model": MINILM,
+        "models": [
+            {"model": MINILM, "parameters": {"weight": 0.5, "density": 1.0}},
+            {"model": "minilm-copy", "parameters": {"weight": 0.5, "density": 1.0}},
+        ],
+        "dtype": "float32",
+    }
+    if method == "linear":
+        del config["base_model"]
+    out = Path(mergekit_tada.merge(config, "out", quiet=True))
+    base, merged = load_weights(MINILM), load_weights(out)
+    # two copies of the base: the average, and TIES over zero task vectors,
+    # are the base itself
+    for name in ("encoder.layer.3.attention.self.query.weight", "pooler.dense.weight"):
+        assert torch.allclose(merged[name], base[name], atol=1e-6), name
+
+
+def test_gate_lines_are_labelled_by_the_module_path_inside_a_layer():
+    from mergekit_tada.report import depth_series
+
+    records = {
+        f"encoder.layer.{i}.{path}": {"task_gate": 0.4 + i, "domain_gate": 0.6}
+        for i in range(2)
+        for path in ("attention.output.dense", "intermediate.dense", "output.dense")
+    }
+    records["pooler.dense"] = {"task_gate": 0.5, "domain_gate": 0.5}
+    series = depth_series(records)
+    assert sorted(series) == [
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+        "pooler.dense",
+    ]
+    assert series["output.dense"]["task"] == [(0, 0.4), (1, 1.4)]
+    assert series["pooler.dense"]["domain"] == [(2, 0.5)]  # past the last layer

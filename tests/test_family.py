@@ -276,7 +276,7 @@ def test_pico_with_task_arithmetic(three):
     for m in config["models"]:
         m["parameters"]["weight"] = 1.0
     out = run(config)
-    report = json.loads((out / "tada_report.json").read_text())
+    report = json.loads((out / "merge_report.json").read_text())
     for name, delta in adapter_delta(out / "adapter").items():
         module = name.removesuffix(".weight")
         factors = [scaled_factors(n, module) for n in INPUTS if name in three[n]]
@@ -314,9 +314,18 @@ def test_pico_in_tada(three):
 def test_merged_model_agrees_with_adapter(three, method):
     out = run(family_config(method, rank=6, pico=method == "lora_tsv_m"), random_seed=3)
     assert_adapter_matches_model(out)
-    report = json.loads((out / "tada_report.json").read_text())
+    assert not (out / "tada_report.json").exists()
+    report = json.loads((out / "merge_report.json").read_text())
     assert report["settings"]["merge_method"] == method
     assert len(report["modules"]) == 21
+    # the report and the card speak of this method, not of TaDA's gates
+    assert "dropped_task" not in report["summary"]
+    card = (out / "README.md").read_text()
+    section = card[card.index("## mergekit-tada") :]
+    assert f"`{method}`" in section and "merge_report.json" in section
+    for word in ("gate", "probe", "conflicting"):
+        assert word not in section, word
+    assert "weights per input (config order): [" in section
 
 
 def test_density_out_of_range(three):

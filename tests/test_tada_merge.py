@@ -275,3 +275,20 @@ def test_stock_lora_path_is_untouched_for_other_methods(work, tmp_path):
 def test_copy_adapter_helper_makes_writable_copies(work):
     dst = copy_adapter("lora-task", "lora-copy")
     assert (dst / "adapter_config.json").exists() and not dst.is_symlink()
+
+
+def test_truncation_warning_names_the_rank_that_keeps_99_percent(work, caplog):
+    out = run(tada_config(rank=2), "low")
+    report = json.loads((out / "tada_report.json").read_text())
+    summary = report["summary"]
+    # q_proj: a rank-4 and a rank-6 update summed: rank 10 in general position
+    assert summary["suggested_rank"] == 10
+    assert summary["max_truncation_energy"] > 0.1
+    assert (
+        f"rank 2 drops up to {summary['max_truncation_energy']:.0%} of a module's "
+        "merged update" in caplog.text
+    )
+    assert "rank 10 would keep 99 % in every module" in caplog.text
+    caplog.clear()
+    run(tada_config(rank=10), "full")
+    assert "would keep 99 %" not in caplog.text
