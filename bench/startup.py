@@ -1,7 +1,13 @@
-"""Interpreter start-up with and without the mergekit-tada .pth hook, side by side.
+"""Start-up costs, side by side in alternating rounds (these machines are noisy).
 
-Runs `python -c pass` N times in alternating rounds (these machines are noisy)
-and prints the medians and their ratio. Usage: python bench/startup.py [N]
+    python bench/startup.py [N]
+        `python -c pass` with and without the mergekit-tada .pth hook.
+    python bench/startup.py adapter-only DIR [N]
+        the whole `mergekit-tada CONFIG OUT --adapter-only` process on the
+        benchmark model in DIR (bench/generate.py) against bench/plain_adapter.py,
+        a torch + safetensors script that reads the same factors and writes an
+        adapter (the floor for such a process).
+Prints the medians and their ratio.
 """
 
 import shutil
@@ -12,6 +18,45 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+if len(sys.argv) > 1 and sys.argv[1] == "adapter-only":
+    folder = Path(sys.argv[2]).resolve()
+    n = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    (folder / "startup.yml").write_text(
+        "merge_method: lora_task_arithmetic\nbase_model: ./base\nmodels:\n"
+        "  - model: ./base+./lora-a\n  - model: ./base+./lora-b\n"
+        "parameters: {lossless: true}\ndtype: bfloat16\n"
+    )
+    bindir = Path(sys.executable).parent
+    plain_script = Path(__file__).with_name("plain_adapter.py")
+    commands = {
+        "mergekit-tada --adapter-only": [
+            str(bindir / "mergekit-tada"),
+            "startup.yml",
+            "out-startup",
+            "--adapter-only",
+            "--quiet",
+        ],
+        "plain torch + safetensors": [
+            sys.executable,
+            str(plain_script),
+            "lora-a",
+            "lora-b",
+            "out-plain",
+        ],
+    }
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    for _ in range(n):
+        for name, cmd in commands.items():
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, cwd=folder, capture_output=True)
+            times[name].append(time.perf_counter() - start)
+    ours, plain = (statistics.median(t) for t in times.values())
+    print(
+        f"{folder.name}, median of {n}: mergekit-tada --adapter-only {ours:.2f} s, "
+        f"plain script {plain:.2f} s, ratio {ours / plain:.2f}"
+    )
+    sys.exit()
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 60
 pth = Path(sysconfig.get_paths()["purelib"]) / "mergekit_tada_hook.pth"
