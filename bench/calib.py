@@ -2,7 +2,7 @@
 
     python bench/calib.py tada|plain BASE PROMPTS LORA_A LORA_B
 
-Both stream the same base block by block (mergekit_tada.calibration.StreamedModel)
+Both stream the same base block by block (mergekit_tada.probe.calibration.StreamedModel)
 over the same batches; ``tada`` also accumulates the probe statistics of both
 adapters. Prints the pass's own time (imports excluded) as JSON.
 """
@@ -14,7 +14,7 @@ import time
 import torch
 
 from mergekit_tada.adapters import LoraAdapter
-from mergekit_tada.calibration import (
+from mergekit_tada.probe.calibration import (
     StreamedModel,
     large_allocations_unmapped,
     make_batches,

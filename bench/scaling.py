@@ -15,7 +15,7 @@ import time
 import torch
 
 from mergekit_tada.lowrank import Factored, single_thread, truncate
-from mergekit_tada.tada import tada_combine
+from mergekit_tada.methods.tada import tada_combine
 
 
 def module_time(h: int, r: int, repeats: int = 5) -> float:

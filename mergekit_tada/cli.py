@@ -14,7 +14,7 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
         return
     from mergekit.merge_methods import registry
 
-    from mergekit_tada.methods import METHOD_NAMES
+    from mergekit_tada.methods.specs import METHOD_NAMES
 
     for method in sorted(registry.registered_methods(), key=lambda m: m.spec.name):
         origin = "mergekit-tada" if method.spec.name in METHOD_NAMES else "mergekit"

@@ -83,7 +83,7 @@ class _ConcatTuple(tuple):
 
 
 def _is_ours(method_name: str) -> bool:
-    from mergekit_tada.methods import METHOD_NAMES
+    from mergekit_tada.methods.specs import METHOD_NAMES
 
     return method_name in METHOD_NAMES
 

@@ -16,7 +16,7 @@ from mergekit_tada import __version__
 from mergekit_tada.adapters import LoraAdapter, sha256_file
 
 if TYPE_CHECKING:
-    from mergekit_tada.methods import LoraMergeMethod
+    from mergekit_tada.methods.specs import LoraMergeMethod
 
 GATES_PLOT = "gates.png"
 _LAYER = re.compile(r"\.(\d+)\.")

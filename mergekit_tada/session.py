@@ -46,7 +46,7 @@ from mergekit_tada.errors import TadaError
 from mergekit_tada.integration import activated, check_method_name
 from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
-from mergekit_tada.methods import LoraMergeMethod, ModuleJob
+from mergekit_tada.methods.specs import LoraMergeMethod, ModuleJob
 from mergekit_tada.output import CARD, MANIFEST_NAME, OutputFolder, check_folder_name
 from mergekit_tada.report import (
     GATES_PLOT,
@@ -423,8 +423,8 @@ class MergeSession:
                 f"calibration settings ({keys}) must be the same for every "
                 "tensor: give them as plain global parameters"
             )
-        from mergekit_tada.cache import StatsCache
-        from mergekit_tada.calibration import (
+        from mergekit_tada.probe.cache import StatsCache
+        from mergekit_tada.probe.calibration import (
             check_statistics,
             make_batches,
             read_prompts,

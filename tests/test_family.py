@@ -14,7 +14,7 @@ from conftest import (
 )
 
 import mergekit_tada
-from mergekit_tada.rules import module_seed
+from mergekit_tada.methods.rules import module_seed
 from mergekit_tada.toy import build_lora
 
 INPUTS = ("lora-task", "lora-domain", "lora-third")
@@ -339,7 +339,7 @@ def test_density_out_of_range(three):
 
 def test_randomized_svd_is_near_optimal():
     """Large dense modules use a randomized truncated SVD: within 0.5% of optimal."""
-    from mergekit_tada.rules import EXACT_SVD_MAX_DIM, dense_svd
+    from mergekit_tada.methods.rules import EXACT_SVD_MAX_DIM, dense_svd
 
     g = torch.Generator().manual_seed(0)
     n = EXACT_SVD_MAX_DIM + 64

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mergekit_tada.lowrank import Factored, stack, svd, truncate
-from mergekit_tada.tada import find_conflicts, tada_combine
+from mergekit_tada.methods.tada import find_conflicts, tada_combine
 
 
 def tada_lora(task, domain, rank, **kw):

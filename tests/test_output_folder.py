@@ -102,7 +102,7 @@ def test_paths_with_spaces(work):
 
 
 def test_failing_rerun_keeps_the_earlier_outputs(work, monkeypatch):
-    from mergekit_tada.methods import TadaMethod
+    from mergekit_tada.methods.specs import TadaMethod
 
     mergekit_tada.merge(tada_config(), "out", quiet=True)
     Path("out/notes.txt").write_text("mine")
@@ -215,7 +215,7 @@ def test_parallel_runs_never_mix(work):
 HANG = textwrap.dedent(
     """
     import os, sys, time, mergekit_tada
-    from mergekit_tada.methods import TadaMethod
+    from mergekit_tada.methods.specs import TadaMethod
     sys.path.insert(0, {tests!r})
     from conftest import tada_config
     real = TadaMethod.merge_module

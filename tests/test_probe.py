@@ -15,16 +15,16 @@ from safetensors.torch import load_file, save_file
 
 import mergekit_tada
 from mergekit_tada.adapters import LoraAdapter
-from mergekit_tada.cache import StatsCache
-from mergekit_tada.calibration import (
+from mergekit_tada.errors import TadaError
+from mergekit_tada.probe.cache import StatsCache
+from mergekit_tada.probe.calibration import (
     StreamedModel,
     make_batches,
     read_prompts,
     run_calibration,
     tokenizer_for,
 )
-from mergekit_tada.errors import TadaError
-from mergekit_tada.probe import ProbeTable, gates_from_delta
+from mergekit_tada.probe.gates import ProbeTable, gates_from_delta
 from mergekit_tada.toy import build_lora, build_tokenizer
 
 PROMPTS = [
@@ -344,8 +344,8 @@ def test_user_weights_override_probe_gates(work):
 
 
 def test_cache_hit_and_miss_on_every_component(work, monkeypatch):
-    import mergekit_tada.cache as cache_module
-    import mergekit_tada.calibration as calibration_module
+    import mergekit_tada.probe.cache as cache_module
+    import mergekit_tada.probe.calibration as calibration_module
 
     write_prompts()
     calls = []
@@ -430,8 +430,8 @@ def test_concurrent_cache_writers(tmp_path):
     """Two processes storing the same entry at once leave one valid entry."""
     code = (
         "import sys\n"
-        "from mergekit_tada.cache import StatsCache\n"
-        "from mergekit_tada.calibration import ModuleStats\n"
+        "from mergekit_tada.probe.cache import StatsCache\n"
+        "from mergekit_tada.probe.calibration import ModuleStats\n"
         "c = StatsCache(sys.argv[1])\n"
         "stats = {'a': {f'm{i}': ModuleStats(1.0 * i, 2.0, 3.0, i) for i in range(2000)}}\n"
         "for _ in range(20):\n"

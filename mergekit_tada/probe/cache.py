@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mergekit_tada import __version__
 from mergekit_tada.adapters import sha256_file, write_text_atomic
-from mergekit_tada.calibration import ModuleStats, Stats
+from mergekit_tada.probe.calibration import ModuleStats, Stats
 
 LOG = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "~/.cache/mergekit_tada"

@@ -15,7 +15,7 @@ their statistics too. Peak memory: the stem, one block, and the activations.
 Per target module m and adapter a the pass accumulates, over valid tokens x,
     sum ||dW_a x||^2 = sum_x z^T (s_a^2 B_a^T B_a) z,  z = A_a x  (r numbers),
     sum ||x||^2 and the token count,
-which is all the magnitude-invariant probe needs (mergekit_tada/probe.py).
+which is all the magnitude-invariant probe needs (mergekit_tada/probe/gates.py).
 """
 
 from __future__ import annotations

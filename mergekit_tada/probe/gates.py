@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from mergekit_tada.calibration import ModuleStats
+from mergekit_tada.probe.calibration import ModuleStats
 
 PROBE_STATISTICS = ("normalized", "raw")
 GATE_GRANULARITIES = ("module", "layer")

@@ -33,18 +33,18 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_tada import pico, rules
-from mergekit_tada.cache import DEFAULT_CACHE_DIR
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, truncate
-from mergekit_tada.probe import (
+from mergekit_tada.methods import pico, rules
+from mergekit_tada.methods.tada import tada_combine
+from mergekit_tada.probe.cache import DEFAULT_CACHE_DIR
+from mergekit_tada.probe.gates import (
     GATE_GRANULARITIES,
     GATE_NORMALIZATIONS,
     PROBE_STATISTICS,
     ProbeTable,
     gates_from_delta,
 )
-from mergekit_tada.tada import tada_combine
 
 LOG = logging.getLogger(__name__)
 SHARED = ParameterScope.SHARED
