@@ -460,7 +460,7 @@ class MergeSession:
                 "device": device.type,
             }
         )
-        stats = cache.load(key)
+        stats = cache.load_stats(key)
         hit = stats is not None
         if not hit:
             stats = run_calibration(
@@ -471,7 +471,7 @@ class MergeSession:
                 quiet=self.options.quiet,
             )
             check_statistics(stats, self.base_path)
-            cache.store(key, stats)
+            cache.store_stats(key, stats)
         self.calibration_info = {
             "path": settings["calibration"],
             "prompts": len(texts),

@@ -33,11 +33,11 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
+from mergekit_tada.cache import DEFAULT_CACHE_DIR
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, truncate
 from mergekit_tada.methods import pico, rules
 from mergekit_tada.methods.tada import tada_combine
-from mergekit_tada.probe.cache import DEFAULT_CACHE_DIR
 from mergekit_tada.probe.gates import (
     GATE_GRANULARITIES,
     GATE_NORMALIZATIONS,

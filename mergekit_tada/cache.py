@@ -1,0 +1,116 @@
+"""Content-addressed cache of what a merge learns from data before merging.
+
+Two kinds of entries: TaDA's calibration statistics (``stats-<key>.json``) and
+TARA's learned coefficients (``tara-<key>.json``). A key covers everything that
+changes the entry: the adapters' content hashes, the text actually used (after
+sampling and truncation: the token ids), the settings, the base weights the
+pass reads, the device kind and the package version. Settings applied after
+the cache (TaDA's tau, clipping and scale; the output rank) reuse it.
+
+Entries are JSON with a checksum over their payload, written to a temporary
+file and renamed into place (atomic; concurrent writers each rename a complete
+file). A corrupt, partial or mismatched entry is ignored and recomputed.
+Hashing multi-GB base shards on every run would dominate warm runs, so file
+hashes are memoized in the cache folder, keyed by path, size and mtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from mergekit_tada import __version__
+from mergekit_tada.adapters import sha256_file, write_text_atomic
+
+LOG = logging.getLogger(__name__)
+DEFAULT_CACHE_DIR = "~/.cache/mergekit_tada"
+_FORMAT = 2  # 2: generic payloads (stats and tara)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+class ContentCache:
+    """JSON payloads by key; a cache that cannot be used is skipped with one warning."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(os.path.expanduser(str(directory)))
+        self._warned = False
+
+    def _unusable(self, doing: str, error: BaseException) -> None:
+        if not self._warned:
+            LOG.warning(
+                "cache %s: cannot %s (%s); continuing without it",
+                self.dir,
+                doing,
+                error,
+            )
+            self._warned = True
+
+    # -- file hashes ---------------------------------------------------------
+
+    def file_hashes(self, paths: Iterable[str]) -> dict[str, str]:
+        """sha256 of each file, memoized by (resolved path, size, mtime_ns)."""
+        memo_path = self.dir / "file-hashes.json"
+        try:
+            memo = json.loads(memo_path.read_text())
+            if not isinstance(memo, dict):
+                memo = {}
+        except (OSError, ValueError, RecursionError):
+            memo = {}
+        out, changed = {}, False
+        for path in sorted(paths):
+            st = os.stat(path)
+            key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+            if key not in memo:
+                memo[key] = sha256_file(path)
+                changed = True
+            out[os.path.basename(path)] = memo[key]
+        if changed:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(memo_path, json.dumps(memo, sort_keys=True))
+            except OSError as error:
+                self._unusable("write file hashes", error)
+        return out
+
+    # -- entries ---------------------------------------------------------------
+
+    @staticmethod
+    def key(components: dict) -> str:
+        return _digest({"format": _FORMAT, "version": __version__, **components})
+
+    def entry_path(self, key: str, kind: str = "stats") -> Path:
+        return self.dir / f"{kind}-{key}.json"
+
+    def load(self, key: str, kind: str = "stats") -> dict | None:
+        """The payload stored under key, or None (missing, corrupt, unreadable)."""
+        path = self.entry_path(key, kind)
+        try:
+            if not path.exists():
+                return None
+            entry = json.loads(path.read_text())
+            payload = entry["payload"]
+            if entry.get("key") != key or entry.get("checksum") != _digest(payload):
+                raise ValueError("checksum or key mismatch")
+            return payload
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+            LOG.warning("ignoring corrupt cache entry %s (%s)", path, error)
+            return None
+
+    def store(self, key: str, payload: dict, kind: str = "stats") -> Path | None:
+        """Write an entry; None (and one warning) where the cache is unusable."""
+        entry = {"key": key, "checksum": _digest(payload), "payload": payload}
+        path = self.entry_path(key, kind)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(entry, sort_keys=True))
+        except OSError as error:
+            self._unusable("store an entry", error)
+            return None
+        return path
