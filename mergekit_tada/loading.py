@@ -10,8 +10,10 @@ which cost no I/O and no memory (integer buffers, a few bytes, are read).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 
 import torch
 from mergekit.io import ShardedTensorIndex
@@ -131,3 +133,20 @@ class PlaceholderLoader:
 
     def flush(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """Silence transformers' warnings and progress bars for a call of ours."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

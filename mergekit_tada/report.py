@@ -36,6 +36,7 @@ class MergeFacts:
     inputs: dict[str, Any]  # see describe_inputs
     records: dict[str, dict]  # module -> the method's per-module record
     calibration: dict | None = None
+    context: Any = None  # what the method's prepare() returned
 
 
 def dumps(report: dict) -> str:
@@ -112,7 +113,9 @@ def build_report(facts: MergeFacts) -> dict[str, Any]:
     from importlib.metadata import version
 
     modules = dict(sorted(facts.records.items()))
+    extra = facts.method.run_report(facts.context)
     return {
+        **({"training": extra} if extra else {}),
         "settings": {
             "merge_method": facts.method.spec.name,
             "config": facts.config,
@@ -243,7 +246,7 @@ def card_section(facts: MergeFacts, report: dict, plots: dict[str, str]) -> str:
     """The model card's section on this merge, in the method's own words."""
     summary = report["summary"]
     name = facts.method.spec.name
-    lines = facts.method.card_lines(facts.records, facts.calibration)
+    lines = facts.method.card_lines(facts.records, facts.calibration, facts.context)
     plots = [f"`{p}`" for p in plots.values()]
     return (
         f"## mergekit-tada: `{name}`\n\n"

@@ -44,12 +44,15 @@ from mergekit.options import MergeOptions
 from mergekit_tada.adapters import LoraAdapter, StreamingAdapterWriter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.integration import activated, check_method_name
-from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
+from mergekit_tada.loading import (
+    HeaderIndex,
+    PlaceholderLoader,
+    transformers_errors_only,
+)
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
-from mergekit_tada.methods.specs import LoraMergeMethod, ModuleJob
+from mergekit_tada.methods.specs import LoraMergeMethod, ModuleJob, RunInputs
 from mergekit_tada.output import CARD, MANIFEST_NAME, OutputFolder, check_folder_name
 from mergekit_tada.report import (
-    GATES_PLOT,
     MergeFacts,
     build_report,
     card_section,
@@ -125,19 +128,6 @@ def run(
             with session.writing(target, model_card=options.write_model_card):
                 mergekit_run(config, str(target), options, source)
         folder.commit(target)
-
-
-@contextlib.contextmanager
-def transformers_errors_only() -> Iterator[None]:
-    """Silence transformers' warnings for a call of ours (restored after)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def check_model_path(what: str, path: str) -> None:
@@ -217,17 +207,27 @@ class MergeSession:
         """Run (or read from the cache) what the method needs before merging."""
         targets = [p for p in self.plans.values() if p.is_lora_target]
         stats = self._calibrate(targets)
-        self.context = self.method.prepare(stats, targets)
+        run = RunInputs(
+            base_path=self.base_path,
+            base_files=self._base_files(),
+            adapters=self.adapters,
+            device=self.options.device or "cpu",
+            quiet=self.options.quiet,
+        )
+        self.context = self.method.prepare(stats, targets, run)
+
+    def _base_files(self) -> list[str]:
+        """The base's weight files and config.json: what a cache key covers."""
+        files = sorted(set(self.headers.index.tensor_paths.values()))
+        return [os.path.join(self.base_path, f) for f in [*files, "config.json"]]
 
     def input_paths(self) -> dict[str, str]:
         """What this merge reads: described -> path (guarded against the output)."""
         paths = {f"base model {self.base}": self.base_path}
         for label, adapter in self.adapters.items():
             paths[f"adapter of {label}"] = adapter.path
-        for p in self.plans.values():
-            data = self.method.calibration(p.params) if p.is_lora_target else None
-            if data and data.get("calibration"):
-                paths["calibration data"] = data["calibration"]
+        targets = [p for p in self.plans.values() if p.is_lora_target]
+        paths.update(self.method.data_paths(targets))
         return paths
 
     def output_names(self) -> list[str]:
@@ -235,7 +235,7 @@ class MergeSession:
         return [
             self.adapter_out,
             self.method.report_name,
-            GATES_PLOT,
+            *self.method.plot_files,
             CARD,
             MANIFEST_NAME,
         ]
@@ -446,17 +446,13 @@ class MergeSession:
             tokens.update(b.attention_mask.numpy().tobytes())
         device = torch.device(self.options.device or "cpu")
         cache = StatsCache(settings["cache_dir"])
-        base_files = sorted(set(self.headers.index.tensor_paths.values()))
-        base_files = [os.path.join(self.base_path, f) for f in base_files]
         key = cache.key(
             {
                 "adapters": {label: a.hashes for label, a in self.adapters.items()},
                 "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
                 "tokens": tokens.hexdigest(),
                 "settings": {k: v for k, v in settings.items() if k != "cache_dir"},
-                "base": cache.file_hashes(
-                    [*base_files, os.path.join(self.base_path, "config.json")]
-                ),
+                "base": cache.file_hashes(self._base_files()),
                 "device": device.type,
             }
         )
@@ -519,7 +515,7 @@ class MergeSession:
         report = build_report(facts)
         if warning := truncation_warning(report["summary"], self.output_rank):
             LOG.warning(warning)
-        plots = self.method.write_plots(self.records, target)
+        plots = self.method.write_plots(self.records, self.context, target)
         report.update(plots)
         if model_card:
             readme = target / CARD
@@ -545,6 +541,7 @@ class MergeSession:
             ),
             records=self.records,
             calibration=self.calibration_info,
+            context=self.context,
         )
 
     def merge_tensor(self, group: TensorGroup) -> torch.Tensor:

@@ -368,7 +368,7 @@ def test_unknown_merge_method_suggests(work):
     config["merge_method"] = "tadaa"
     expect_error(
         config,
-        r"unknown merge_method 'tadaa'; did you mean 'tada'\? Known: .*lora_ties",
+        r"unknown merge_method 'tadaa'; did you mean 'tada' or 'tara'\? Known: .*lora_ties",
     )
 
 

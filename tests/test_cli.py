@@ -76,7 +76,7 @@ def test_method_registered_in_a_fresh_interpreter():
         "from mergekit.merge_methods import registry\n"
         "import mergekit.merge, mergekit.scripts.run_yaml as ry\n"
         "names = ('tada', 'lora_task_arithmetic', 'lora_ties', 'lora_dare_ties',"
-        " 'lora_knots_ties', 'lora_tsv_m')\n"
+        " 'lora_knots_ties', 'lora_tsv_m', 'tara')\n"
         "print(*[registry.get(n).spec.name for n in names], ry.run_merge is mergekit.merge.run_merge,"
         " hasattr(ry.run_merge, '__wrapped__'))\n"
     )
@@ -89,6 +89,7 @@ def test_method_registered_in_a_fresh_interpreter():
         "lora_dare_ties",
         "lora_knots_ties",
         "lora_tsv_m",
+        "tara",
         "True",
         "True",
     ]

@@ -35,8 +35,8 @@ from mergekit.merge_methods.base import (
 
 from mergekit_tada.cache import DEFAULT_CACHE_DIR
 from mergekit_tada.errors import TadaError
-from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, truncate
-from mergekit_tada.methods import pico, rules
+from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, svd, truncate
+from mergekit_tada.methods import pico, rules, tara
 from mergekit_tada.methods.tada import tada_combine
 from mergekit_tada.probe.gates import (
     GATE_GRANULARITIES,
@@ -57,6 +57,7 @@ COMMON_PARAMETERS = (
     ParameterSpec("pico", bool, SHARED, False, "Pico B-space calibration first"),
 )
 ROLES = ("task", "domain")
+TARA_PLOT = "tara_loss.png"
 GATE_MODES = ("probe", "uniform", "fixed")
 # Settings read once per merge (the calibration data and pass, and how probes
 # become deltas), so they must not vary per tensor; the gate formula's may.
@@ -92,6 +93,17 @@ class ModuleJob:
 
 
 @dataclass(frozen=True)
+class RunInputs:
+    """What a method may read before merging, handed over by the session."""
+
+    base_path: str
+    base_files: list[str]  # the base's weight files and config.json (cache keys)
+    adapters: dict[str, Any]  # input label -> LoraAdapter, in config order
+    device: str
+    quiet: bool
+
+
+@dataclass(frozen=True)
 class ModuleMerge:
     lora: Truncated
     record: dict
@@ -101,6 +113,7 @@ class LoraMergeMethod(GroupMergeMethod):
     """A merge done on LoRA factors; mergekit sees only ``W -> W + dW``."""
 
     report_name = "merge_report.json"
+    plot_files: tuple[str, ...] = ()  # what write_plots may write
 
     def merge_group(self, group: TensorGroup, /, **_parameters: Any) -> torch.Tensor:
         # The session resolved and validated the same parameters when it planned
@@ -144,8 +157,22 @@ class LoraMergeMethod(GroupMergeMethod):
         """Calibration settings if this tensor's parameters ask for a probe pass."""
         return None
 
-    def prepare(self, stats: Any, plans: list) -> Any:
-        """Method-wide context from calibration statistics (None without a pass)."""
+    def data_paths(self, plans: list) -> dict[str, str]:
+        """Data files the merge reads: described -> path (guarded against the output)."""
+        paths = {}
+        for plan in plans:
+            settings = self.calibration(plan.params)
+            if settings and settings.get("calibration"):
+                paths["calibration data"] = settings["calibration"]
+        return paths
+
+    def prepare(self, stats: Any, plans: list, run: RunInputs) -> Any:
+        """Method-wide context before merging: from calibration statistics (TaDA)
+        or learned from data (TARA); None where the method needs none."""
+        return None
+
+    def run_report(self, context: Any) -> dict | None:
+        """A top-level report section about what ``prepare`` did (None: none)."""
         return None
 
     def output_rank(self, params: dict, default: int, source_ranks: list[int]) -> int:
@@ -168,7 +195,9 @@ class LoraMergeMethod(GroupMergeMethod):
         pico = [r["pico_gamma"] for r in records.values() if "pico_gamma" in r]
         return {"pico_mean_gamma": sum(pico) / len(pico)} if pico else {}
 
-    def card_lines(self, records: dict[str, dict], calibration: dict | None) -> list:
+    def card_lines(
+        self, records: dict[str, dict], calibration: dict | None, context: Any = None
+    ) -> list:
         """Bullet lines for the model card: what this method did."""
         lines = []
         first = next(iter(records.values()), {})
@@ -179,7 +208,9 @@ class LoraMergeMethod(GroupMergeMethod):
             lines.append("Pico B-space calibration before merging, magnitude restored")
         return lines
 
-    def write_plots(self, records: dict[str, dict], folder: Path) -> dict[str, str]:
+    def write_plots(
+        self, records: dict[str, dict], context: Any, folder: Path
+    ) -> dict[str, str]:
         """Pictures of the merge written into folder: report key -> file name."""
         return {}
 
@@ -205,6 +236,7 @@ class LoraMergeMethod(GroupMergeMethod):
 
 class TadaMethod(LoraMergeMethod):
     report_name = "tada_report.json"  # the name readers of earlier versions know
+    plot_files = ("gates.png",)
     spec = MergeMethodSpec(
         name="tada",
         pretty_name="TaDA (task-domain LoRA merging)",
@@ -308,7 +340,7 @@ class TadaMethod(LoraMergeMethod):
             return None
         return {key: params[key] for key in CALIBRATION_KEYS}
 
-    def prepare(self, stats: Any, plans: list) -> ProbeTable | None:
+    def prepare(self, stats: Any, plans: list, run: RunInputs) -> ProbeTable | None:
         if stats is None:
             return None
         roles = {label: p["role"] for label, p in plans[0].inputs.items()}
@@ -343,7 +375,9 @@ class TadaMethod(LoraMergeMethod):
             ),
         }
 
-    def card_lines(self, records: dict[str, dict], calibration: dict | None) -> list:
+    def card_lines(
+        self, records: dict[str, dict], calibration: dict | None, context: Any = None
+    ) -> list:
         from mergekit_tada.report import depth_summary
 
         lines = []
@@ -364,7 +398,9 @@ class TadaMethod(LoraMergeMethod):
         )
         return lines
 
-    def write_plots(self, records: dict[str, dict], folder: Path) -> dict[str, str]:
+    def write_plots(
+        self, records: dict[str, dict], context: Any, folder: Path
+    ) -> dict[str, str]:
         from mergekit_tada.report import GATES_PLOT, plot_gates
 
         return (
@@ -562,6 +598,173 @@ class LoraTsvM(_FamilyMethod):
         return merged, {"weights": weights}
 
 
+class TaraMethod(LoraMergeMethod):
+    """TARA-Merging: per-direction coefficients learned from unlabeled text.
+
+    ``prepare`` learns phi for every module (mergekit_tada/training.py); each
+    module's merge is then dW(phi*) from the same directions
+    (mergekit_tada/methods/tara.py), truncated to ``rank`` if one is given.
+    """
+
+    plot_files = (TARA_PLOT,)
+    spec = MergeMethodSpec(
+        name="tara",
+        pretty_name="TARA-Merging (learned per-direction coefficients)",
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
+        optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
+        parameters=(
+            *COMMON_PARAMETERS,
+            ParameterSpec("data", str | None, NON_BASE, None, "unlabeled text"),
+            ParameterSpec("preference", float, NON_BASE, 1.0, "rho (normalized)"),
+            ParameterSpec("variant", str, SHARED, "b", "a | b"),
+            ParameterSpec("objective", str, SHARED, "stch", "stch | linear"),
+            ParameterSpec("alpha", float, SHARED, 1.0, "STCH smoothing"),
+            ParameterSpec("steps", int, SHARED, 500),
+            ParameterSpec("lr", float, SHARED, 1e-3),
+            ParameterSpec("batch_size", int, SHARED, 16),
+            ParameterSpec("max_length", int, SHARED, 256),
+            ParameterSpec("data_samples", int, SHARED, 256, "rows read per input"),
+            ParameterSpec("init_lambda", float | None, SHARED, None, "phi_0 = l/T"),
+            ParameterSpec("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
+        ),
+    )
+    SETTINGS = (
+        "variant",
+        "objective",
+        "alpha",
+        "steps",
+        "lr",
+        "batch_size",
+        "max_length",
+        "data_samples",
+        "init_lambda",
+        "cache_dir",
+    )
+
+    def check(self, tensor: str, params: dict, inputs: dict[str, dict]) -> None:
+        super().check(tensor, params, inputs)
+        for key, allowed in (
+            ("variant", tara.VARIANTS),
+            ("objective", tara.OBJECTIVES),
+        ):
+            if params[key] not in allowed:
+                raise TadaError(
+                    f"tara: {key} must be one of {', '.join(allowed)} "
+                    f"(got {params[key]!r}) for {tensor}"
+                )
+        if params["pico"]:
+            raise TadaError(
+                "tara: pico is not supported (phi is learned on the raw updates)"
+            )
+        for key in ("steps", "batch_size", "max_length", "data_samples"):
+            if params[key] < 1:
+                raise TadaError(
+                    f"tara: {key} must be >= 1 (got {params[key]}) for {tensor}"
+                )
+        for key in ("lr", "alpha"):
+            if params[key] <= 0:
+                raise TadaError(
+                    f"tara: {key} must be > 0 (got {params[key]}) for {tensor}"
+                )
+        if params["init_lambda"] is not None and params["init_lambda"] < 0:
+            raise TadaError(f"tara: init_lambda must be >= 0 for {tensor}")
+        for label, p in inputs.items():
+            if not p.get("data"):
+                raise TadaError(
+                    f"tara: model {label} needs parameters: {{data: path}}, its "
+                    "unlabeled text (.txt, .jsonl with a 'text' field, or a saved dataset)"
+                )
+            if not p["preference"] > 0:
+                raise TadaError(
+                    f"tara: preference of {label} must be > 0 (got {p['preference']})"
+                )
+
+    def output_rank(self, params: dict, default: int, source_ranks: list[int]) -> int:
+        return params["rank"] or sum(source_ranks)  # the natural rank: nothing cut
+
+    def data_paths(self, plans: list) -> dict[str, str]:
+        return {
+            f"data of {label}": p["data"]
+            for label, p in plans[0].inputs.items()
+            if p.get("data")
+        }
+
+    def prepare(self, stats: Any, plans: list, run: RunInputs) -> Any:
+        from mergekit_tada.training import learn_tara
+
+        shared = [{k: p.params[k] for k in self.SETTINGS} for p in plans]
+        per_input = [
+            {label: (i["data"], i["preference"]) for label, i in p.inputs.items()}
+            for p in plans
+        ]
+        if any(s != shared[0] for s in shared) or any(
+            i != per_input[0] for i in per_input
+        ):
+            raise TadaError(
+                "tara: its settings, data and preferences must be the same for every "
+                "tensor: give them as plain values (no gradients or filters)"
+            )
+        labels = list(run.adapters)
+        return learn_tara(
+            run,
+            plans,
+            shared[0],
+            data={label: per_input[0][label][0] for label in labels},
+            preference={label: per_input[0][label][1] for label in labels},
+        )
+
+    def combine(self, job, updates):
+        learned = job.context
+        module = next(m for m in job.sources.values() if m)
+        phi = learned.result.phi[module]
+        merged = svd(learned.directions[module].merged(phi))
+        return merged, {"variant": learned.variant, "phi": phi.tolist()}
+
+    def run_report(self, context: Any) -> dict | None:
+        result = context.result
+        return {
+            "variant": context.variant,
+            "inputs": context.labels,
+            "preference": context.preference,
+            "settings": context.settings,
+            "data": context.data,
+            "cache_key": context.cache["key"],
+            "cache_hit": context.cache["hit"],
+            "z": result.z,
+            "h_before": result.h_before,
+            "h_after": result.h_after,
+            "loss_history": result.history,
+        }
+
+    def card_lines(
+        self, records: dict[str, dict], calibration: dict | None, context: Any = None
+    ) -> list:
+        result = context.result
+        gaps = [
+            f"{label}: {before - z:+.4f} -> {after - z:+.4f}"
+            for label, z, before, after in zip(
+                context.labels, result.z, result.h_before, result.h_after, strict=True
+            )
+        ]
+        return [
+            f"TARA-{context.variant.upper()}: {sum(len(r['phi']) for r in records.values())} "
+            f"coefficients learned over {context.settings['steps']} steps "
+            f"({context.settings['objective']} objective, preference "
+            f"{[round(p, 4) for p in context.preference]})",
+            "entropy gap H_i - z_i, before -> after: " + "; ".join(gaps),
+        ]
+
+    def write_plots(
+        self, records: dict[str, dict], context: Any, folder: Path
+    ) -> dict[str, str]:
+        from mergekit_tada.training import plot_training
+
+        if not context.result.history:
+            return {}
+        plot_training(context, folder / TARA_PLOT)
+        return {"loss_plot": TARA_PLOT}
+
+
 METHODS: tuple[LoraMergeMethod, ...] = (
     TadaMethod(),
     LoraTaskArithmetic(),
@@ -577,6 +780,7 @@ METHODS: tuple[LoraMergeMethod, ...] = (
     ),
     LoraKnotsTies(),
     LoraTsvM(),
+    TaraMethod(),
 )
 METHOD_NAMES = frozenset(m.spec.name for m in METHODS)
 

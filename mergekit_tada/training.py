@@ -1,0 +1,433 @@
+"""The one loop that learns merge coefficients from unlabeled text.
+
+Used by TARA (one coefficient per rank-1 direction, mergekit_tada/methods/tara.py).
+The base model runs with its weights frozen; every LoRA'd linear gets a
+forward hook that adds the factored update for the current coefficients,
+
+    y = W x + B @ sum_g (phi_g * (A_g x))        (never a dense dW)
+
+so only phi trains. Task i's unlabeled text gives H_i(phi): the mean entropy
+of the next-token distribution softmax(logits) over its non-padding positions
+(every position's prediction). z_i is the same for input i alone (its own
+update, ``Directions.single(i)``), computed once over all of task i's batches.
+The objective, with preference rho (summing to 1) and alpha = 1 by default:
+
+    stch:    Psi(phi) = alpha * log sum_i exp(rho_i (H_i(phi) - z_i) / alpha)
+    linear:  Psi(phi) = sum_i rho_i (H_i(phi) - z_i)
+
+AdamW (torch's defaults beyond ``lr``: betas (0.9, 0.999), weight decay 0.01)
+on phi only; step k uses batch k mod n_i of every task (no sampling: reruns
+are bit-identical on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mergekit_tada.errors import TadaError
+from mergekit_tada.methods.tara import OBJECTIVES, Directions
+from mergekit_tada.probe.calibration import Batch
+
+__all__ = ["OBJECTIVES", "learn_tara", "train_coefficients"]
+
+
+@dataclass
+class Task:
+    """One input's unlabeled text as fixed token batches."""
+
+    name: str
+    batches: list[Batch]
+
+
+@dataclass
+class TrainingResult:
+    phi: dict[str, torch.Tensor]  # module -> learned coefficients
+    z: list[float]  # each input alone on its own text
+    h_before: list[float]  # the merged model at phi_0, over all batches
+    h_after: list[float]  # at the learned phi
+    history: list[dict] = field(default_factory=list)  # per step: psi, gaps
+
+
+def objective_value(
+    gaps: torch.Tensor, preference: torch.Tensor, objective: str, alpha: float
+) -> torch.Tensor:
+    """Psi from the per-task gaps H_i - z_i (see the module docstring)."""
+    if objective == "linear":
+        return (preference * gaps).sum()
+    return alpha * torch.logsumexp(preference * gaps / alpha, dim=0)
+
+
+def entropy_sum(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token entropies over positions where mask is 1, and their count."""
+    # at least float32 (bf16 logits lose the entropy), float64 kept for tests
+    logp = torch.log_softmax(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1
+    )
+    entropy = -(logp.exp() * logp).sum(-1)
+    valid = mask.bool()
+    return entropy[valid].sum(), int(valid.sum())
+
+
+class CoefficientHooks:
+    """Adds dW(phi) x to the output of each hooked linear module."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        directions: dict[str, Directions],
+        phi: dict[str, torch.Tensor],
+        device: torch.device,
+    ) -> None:
+        self.phi = phi
+        modules = dict(model.named_modules())
+        missing = sorted(set(directions) - set(modules))
+        if missing:
+            raise TadaError(
+                f"modules {missing[:3]} of the adapters are not in the base"
+            )
+        self._factors = {
+            name: (d.B.to(device), d.A.to(device), d.groups)
+            for name, d in directions.items()
+        }
+        self._handles = [
+            modules[name].register_forward_hook(self._hook(name)) for name in directions
+        ]
+
+    def _hook(self, name: str):
+        def add_update(_module, inputs, output):
+            B, A, groups = self._factors[name]
+            z = inputs[0].to(A.dtype) @ A.T  # (..., groups * R)
+            z = (z * self.phi[name]).unflatten(-1, (groups, -1)).sum(-2)
+            return output + (z @ B.T).to(output.dtype)
+
+        return add_update
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def hooked(
+    model: nn.Module,
+    directions: dict[str, Directions],
+    phi: dict[str, torch.Tensor],
+    device: torch.device,
+) -> Iterator[CoefficientHooks]:
+    hooks = CoefficientHooks(model, directions, phi, device)
+    try:
+        yield hooks
+    finally:
+        hooks.remove()
+
+
+def _forward_entropy(
+    model: nn.Module, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return entropy_sum(logits, mask)
+
+
+@torch.no_grad()
+def task_entropy(
+    model: nn.Module,
+    hooks: CoefficientHooks,
+    phi: dict[str, torch.Tensor],
+    task: Task,
+    device: torch.device,
+) -> float:
+    """Token-weighted mean entropy over all of a task's batches at the given phi."""
+    hooks.phi = phi
+    total, count = 0.0, 0
+    for batch in task.batches:
+        s, n = _forward_entropy(model, batch, device)
+        total, count = total + float(s), count + n
+    return total / max(count, 1)
+
+
+def train_coefficients(
+    model: nn.Module,
+    directions: dict[str, Directions],
+    init: dict[str, torch.Tensor],
+    tasks: Sequence[Task],
+    *,
+    preference: Sequence[float],
+    objective: str = "stch",
+    alpha: float = 1.0,
+    steps: int = 500,
+    lr: float = 1e-3,
+    device: str | torch.device = "cpu",
+    quiet: bool = False,
+) -> TrainingResult:
+    """Learn phi (module -> coefficients) minimising Psi; see the module docstring."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    model.requires_grad_(False)
+    model.eval()
+    rho = torch.tensor(list(preference), dtype=torch.float32, device=device)
+    fixed = {m: p.to(device) for m, p in init.items()}
+    with hooked(model, directions, fixed, device) as hooks:
+        z = [
+            task_entropy(
+                model,
+                hooks,
+                {m: d.single(i).to(device) for m, d in directions.items()},
+                task,
+                device,
+            )
+            for i, task in enumerate(tasks)
+        ]
+        h_before = [task_entropy(model, hooks, fixed, t, device) for t in tasks]
+        phi = {m: nn.Parameter(p.clone()) for m, p in fixed.items()}
+        hooks.phi = phi
+        optimizer = torch.optim.AdamW(list(phi.values()), lr=lr)
+        baseline = torch.tensor(z, device=device)
+        history: list[dict] = []
+        bar = tqdm(range(steps), desc="TARA coefficients", disable=quiet)
+        for step in bar:
+            entropies = []
+            for task in tasks:
+                s, n = _forward_entropy(
+                    model, task.batches[step % len(task.batches)], device
+                )
+                entropies.append(s / max(n, 1))
+            gaps = torch.stack(entropies) - baseline
+            psi = objective_value(gaps, rho, objective, alpha)
+            if not torch.isfinite(psi):
+                raise TadaError(
+                    f"tara: the objective became {float(psi.detach())} at step {step} "
+                    f"({_first_bad(phi) or 'coefficients still finite'})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            psi.backward()
+            optimizer.step()
+            if bad := _first_bad(phi):
+                raise TadaError(f"tara: at step {step}, {bad}")
+            value = float(psi.detach())
+            history.append({"step": step, "psi": value, "gaps": gaps.detach().tolist()})
+            bar.set_postfix(psi=f"{value:.4f}")
+        learned = {m: p.detach().clone() for m, p in phi.items()}
+        h_after = [task_entropy(model, hooks, learned, t, device) for t in tasks]
+    return TrainingResult(
+        phi={m: p.cpu() for m, p in learned.items()},
+        z=z,
+        h_before=h_before,
+        h_after=h_after,
+        history=history,
+    )
+
+
+def _first_bad(phi: dict[str, torch.Tensor]) -> str | None:
+    for module, p in phi.items():
+        if not torch.isfinite(p).all() or (
+            p.grad is not None and not torch.isfinite(p.grad).all()
+        ):
+            return f"the coefficients of {module} went non-finite"
+    return None
+
+
+# --------------------------------------------------------------------- TARA's run
+
+CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class LearnedCoefficients:
+    """TARA's context for merging: the directions and what was learned."""
+
+    variant: str
+    labels: list[str]  # inputs, config order
+    preference: list[float]  # rho, summing to 1
+    directions: dict[str, Directions]  # base module name -> directions
+    result: TrainingResult
+    settings: dict
+    data: dict[str, dict]  # label -> {path, rows, tokens}
+    cache: dict  # key, hit
+
+
+def check_causal_lm(base_path: str) -> None:
+    """TARA learns from next-token entropies: the base needs an LM head."""
+    import json
+    import os
+
+    with open(os.path.join(base_path, "config.json"), encoding="utf-8") as fh:
+        model_type = json.load(fh).get("model_type")
+    if model_type not in CAUSAL_LM_TYPES:
+        raise TadaError(
+            f"tara: base model {base_path} is a {model_type!r} model; TARA learns from "
+            "next-token entropies and needs a causal language model with an LM head "
+            f"({', '.join(CAUSAL_LM_TYPES)})"
+        )
+
+
+def load_causal_lm(base_path: str, device: torch.device) -> nn.Module:
+    """The base as a transformers causal LM in float32 (TARA needs next-token logits)."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_tada.loading import transformers_errors_only
+
+    with transformers_errors_only():
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    return model.to(device)
+
+
+def learn_tara(
+    run,
+    plans: list,
+    settings: dict,
+    data: dict[str, str],
+    preference: dict[str, float],
+) -> LearnedCoefficients:
+    """Read each input's data, build the directions, train phi (or read the cache).
+
+    ``run``: the session's RunInputs; ``settings``: the shared TARA parameters;
+    ``data`` and ``preference``: per input label (config order).
+    """
+    import hashlib
+    import json
+
+    from mergekit_tada.cache import ContentCache
+    from mergekit_tada.lowrank import single_thread
+    from mergekit_tada.methods.tara import directions, initial_coefficients
+    from mergekit_tada.probe.calibration import make_batches, tokenizer_for
+    from mergekit_tada.texts import read_texts
+
+    labels = list(run.adapters)
+    check_causal_lm(run.base_path)
+    total = sum(preference.values())
+    rho = [preference[label] / total for label in labels]
+    tokenizer = tokenizer_for(run.base_path)
+    tasks, described, tokens = [], {}, hashlib.sha256()
+    for i, label in enumerate(labels):
+        texts = read_texts(data[label], f"tara: data of models[{i}] ({label})")
+        texts = texts[: settings["data_samples"]]
+        batches = make_batches(
+            tokenizer, texts, settings["max_length"], settings["batch_size"]
+        )
+        for b in batches:
+            tokens.update(b.input_ids.numpy().tobytes())
+            tokens.update(b.attention_mask.numpy().tobytes())
+        tasks.append(Task(label, batches))
+        described[label] = {
+            "path": data[label],
+            "rows": len(texts),
+            "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
+        }
+    # one set of directions per base module, from every input's factors, in
+    # one thread: the merge reuses exactly these (a basis recomputed under
+    # other thread counts could differ in the last bits)
+    modules: dict[str, list] = {}
+    for plan in plans:
+        names = [m for m in plan.sources.values() if m]
+        modules.setdefault(names[0], [plan.sources[label] for label in labels])
+    with single_thread():
+        dirs = {
+            module: directions(
+                [
+                    run.adapters[label].factors(source) if source else None
+                    for label, source in zip(labels, sources, strict=True)
+                ],
+                settings["variant"],
+            )
+            for module, sources in sorted(modules.items())
+        }
+    init_lambda = settings["init_lambda"]
+    if init_lambda is None:
+        init_lambda = 0.4 * len(labels)
+    init = {
+        m: initial_coefficients(d, init_lambda, len(labels)) for m, d in dirs.items()
+    }
+    cache = ContentCache(settings["cache_dir"])
+    key = cache.key(
+        {
+            "kind": "tara",
+            "adapters": {label: run.adapters[label].hashes for label in labels},
+            "tokens": tokens.hexdigest(),
+            "settings": {k: v for k, v in settings.items() if k != "cache_dir"}
+            | {"init_lambda": init_lambda},
+            "preference": rho,
+            "base": cache.file_hashes(run.base_files),
+            "device": torch.device(run.device).type,
+        }
+    )
+    payload = cache.load(key, "tara")
+    if payload is not None and set(payload.get("phi", {})) == set(dirs):
+        result = TrainingResult(
+            phi={m: torch.tensor(v) for m, v in payload["phi"].items()},
+            z=payload["z"],
+            h_before=payload["h_before"],
+            h_after=payload["h_after"],
+            history=payload["history"],
+        )
+        hit = True
+    else:
+        device = torch.device(run.device)
+        model = load_causal_lm(run.base_path, device)
+        result = train_coefficients(
+            model,
+            dirs,
+            init,
+            tasks,
+            preference=rho,
+            objective=settings["objective"],
+            alpha=settings["alpha"],
+            steps=settings["steps"],
+            lr=settings["lr"],
+            device=device,
+            quiet=run.quiet,
+        )
+        del model
+        cache.store(
+            key,
+            {
+                "phi": {m: p.tolist() for m, p in sorted(result.phi.items())},
+                "z": result.z,
+                "h_before": result.h_before,
+                "h_after": result.h_after,
+                "history": result.history,
+            },
+            "tara",
+        )
+        hit = False
+    return LearnedCoefficients(
+        variant=settings["variant"],
+        labels=labels,
+        preference=rho,
+        directions=dirs,
+        result=result,
+        settings=json.loads(json.dumps(settings)) | {"init_lambda": init_lambda},
+        data=described,
+        cache={"key": key, "hit": hit},
+    )
+
+
+def plot_training(learned: LearnedCoefficients, path) -> None:
+    """Psi and each H_i - z_i over the steps (``tara_loss.png``)."""
+    from matplotlib.figure import Figure
+
+    history = learned.result.history
+    steps = [h["step"] for h in history]
+    fig = Figure(figsize=(9, 3.6))
+    fig.subplots_adjust(left=0.08, right=0.72, bottom=0.15, top=0.86, wspace=0.3)
+    left, right = fig.subplots(1, 2)
+    left.plot(steps, [h["psi"] for h in history], color="black")
+    left.set_title(f"objective ({learned.settings['objective']})")
+    left.set_xlabel("step")
+    for i, label in enumerate(learned.labels):
+        right.plot(steps, [h["gaps"][i] for h in history], label=label)
+    right.set_title("H_i - z_i per input")
+    right.set_xlabel("step")
+    right.axhline(0.0, color="grey", linewidth=0.5)
+    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"TARA-{learned.variant.upper()} training")
+    fig.savefig(path, dpi=100, metadata={"Software": None})
