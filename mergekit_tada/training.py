@@ -23,6 +23,8 @@ are bit-identical on the same machine and thread count).
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +36,7 @@ from mergekit_tada.methods.tara import OBJECTIVES, Directions
 from mergekit_tada.probe.calibration import Batch
 
 __all__ = ["OBJECTIVES", "learn_tara", "train_coefficients"]
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -268,6 +271,45 @@ def check_causal_lm(base_path: str) -> None:
         )
 
 
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_memory(base_files: Sequence[str], device: torch.device) -> None:
+    """Training holds the base in float32: refuse at once when it cannot fit.
+
+    The block-streamed training mode (weights re-read block by block, as the
+    calibration pass does) is not implemented yet; a base whose float32 copy
+    does not fit in 80 % of the available memory is an error, not a swap storm.
+    """
+    from safetensors import safe_open
+
+    params = 0
+    for path in base_files:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as fh:
+                for key in fh.keys():
+                    params += math.prod(fh.get_slice(key).get_shape())
+    need = 4 * params
+    available = _available_memory() if device.type == "cpu" else None
+    if available is not None and need > 0.8 * available:
+        raise TadaError(
+            f"tara: training holds the base in float32 ({need / 1e9:.1f} GB) but "
+            f"only {available / 1e9:.1f} GB of memory is available; block-streamed "
+            "training is not implemented yet (use a machine with more memory or "
+            "--device cuda)"
+        )
+    LOG.info("tara: training in memory (%.2f GB float32 base)", need / 1e9)
+
+
 def load_causal_lm(base_path: str, device: torch.device) -> nn.Module:
     """The base as a transformers causal LM in float32 (TARA needs next-token logits)."""
     from transformers import AutoModelForCausalLM
@@ -370,6 +412,7 @@ def learn_tara(
         hit = True
     else:
         device = torch.device(run.device)
+        check_memory(run.base_files, device)
         model = load_causal_lm(run.base_path, device)
         result = train_coefficients(
             model,

@@ -380,3 +380,12 @@ def test_diverging_training_names_the_step(tara_work):
     with pytest.raises(TadaError, match=r"tara: .*at step \d+"):
         mergekit_tada.merge(config, "out", adapter_only=True, quiet=True)
     assert not Path("out").exists()
+
+
+def test_a_base_too_large_for_memory_is_refused_at_once(tara_work, monkeypatch):
+    import mergekit_tada.training as training
+
+    monkeypatch.setattr(training, "_available_memory", lambda: 100_000)
+    with pytest.raises(TadaError, match=r"tara: training holds the base in float32"):
+        mergekit_tada.merge(tara_config(), "out", adapter_only=True, quiet=True)
+    assert not Path("out").exists()
