@@ -55,6 +55,7 @@ def merge(
     *,
     adapter_only: bool = False,
     options: Any = None,
+    extra_files: dict[str, str] | None = None,
     **option_values: Any,
 ) -> str:
     """Run a merge; return the output folder.
@@ -63,6 +64,8 @@ def merge(
     ``adapter_only``: write only the PEFT adapter and the report (the base
     weights are never read). ``options``: a ``mergekit.options.MergeOptions``,
     or give its fields as keywords (``out_shard_size=...``, ``device="cuda"``).
+    ``extra_files``: name -> text written with the outputs (same commit), for
+    our methods only.
     """
     import mergekit.merge
     from mergekit.options import MergeOptions
@@ -77,8 +80,17 @@ def merge(
     elif option_values:
         options = options.model_copy(update=option_values)
     out_path = str(out_path)
-    if adapter_only:
-        session.run(merge_config, options, out_path, source)
+    if adapter_only or extra_files:
+        from mergekit_tada.integration import original_run_merge
+
+        session.run(
+            merge_config,
+            options,
+            out_path,
+            source,
+            mergekit_run=None if adapter_only else original_run_merge(),
+            extra_files=extra_files,
+        )
     else:
         mergekit.merge.run_merge(
             merge_config, out_path, options=options, config_source=source

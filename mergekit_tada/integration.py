@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 _INSTALLED = False
+_ORIGINAL_RUN_MERGE: Any = None  # mergekit's own run_merge, before our wrapper
 _ACTIVE: Any = None  # the MergeSession of the run in progress in this process
 
 
@@ -108,9 +109,16 @@ def check_method_name(name: str) -> None:
     raise TadaError(f"unknown merge_method {name!r}; {hint}Known: {', '.join(known)}")
 
 
+def original_run_merge() -> Any:
+    """mergekit's own ``run_merge`` (for a session that writes into its stage)."""
+    import mergekit.merge  # noqa: F401  (installs the wrapper, keeping the original)
+
+    return _ORIGINAL_RUN_MERGE
+
+
 def install() -> None:
     """Patch mergekit (idempotent)."""
-    global _INSTALLED
+    global _INSTALLED, _ORIGINAL_RUN_MERGE
     if _INSTALLED:
         return
     import mergekit.card
@@ -122,7 +130,7 @@ def install() -> None:
     # Called while ``mergekit.merge`` finishes importing: the parent package has
     # no ``merge`` attribute yet, sys.modules has the module.
     merge_module = sys.modules["mergekit.merge"]
-    original_run_merge = merge_module.run_merge
+    original_run_merge = _ORIGINAL_RUN_MERGE = merge_module.run_merge
 
     @functools.wraps(original_run_merge)
     def run_merge(merge_config, out_path, options, config_source=None):

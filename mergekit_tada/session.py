@@ -109,16 +109,20 @@ def run(
     source: str | None = None,
     mergekit_run: Callable[[MergeConfiguration, str, MergeOptions, str | None], None]
     | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """One whole merge into ``out_path``: lock, validate, merge into a stage, commit.
 
     ``mergekit_run``: mergekit's own ``run_merge`` for a full-model merge
     (called with the stage folder as its output); None merges the adapter only.
+    ``extra_files``: name -> text, written into the stage (committed with the rest).
     """
     folder = OutputFolder(out_path)
     with folder.locked():
         session = MergeSession(config, options, source)
-        folder.guard_inputs(session.input_paths(), session.output_names())
+        folder.guard_inputs(
+            session.input_paths(), [*session.output_names(), *(extra_files or {})]
+        )
         session.prepare()
         target = folder.new_stage()
         if mergekit_run is None:
@@ -127,6 +131,10 @@ def run(
         else:
             with session.writing(target, model_card=options.write_model_card):
                 mergekit_run(config, str(target), options, source)
+        for name, text in (extra_files or {}).items():
+            (target / check_folder_name(name, "output file name")).write_text(
+                text, encoding="utf-8"
+            )
         folder.commit(target)
 
 
