@@ -1,0 +1,348 @@
+"""Retrieval composition in a controlled world: six adapters, an unseen combination.
+
+The world of world.py (a tiny Llama pre-trained on facts about general
+entities) gets a library of six LoRAs on one base:
+
+- three *formats* (skills), trained on general entities with replay:
+  ``repeat : the color of g3 is`` -> ``red red``,
+  ``who : the color of g3 is`` -> ``red g3``,
+  ``what : the color of g3 is`` -> ``red color``;
+- three *domains* (knowledge): declarative facts about three disjoint sets of
+  new entities.
+
+Each adapter's training inputs (prompts for the formats, sentences for the
+domains) are its samples in the library (MiniLM embeddings, Chroma). A new
+task is a set of prompts; its held-out examples are used as the queries:
+
+- single skills: a format on held-out general entities, and declarative
+  completions of each domain's facts;
+- the unseen combinations: a format asked about a domain's entities (no
+  adapter saw both; 9 of them).
+
+Reported per new task: routing accuracy (the right adapter on top, per query;
+for combinations, both right adapters in the nucleus), and exact match of the
+composed merge (task arithmetic with the retrieved weights, which sum to 1,
+and the same weights times the number of selected adapters) against the
+uniform merge of all six (1/6 each and 1 each), the single best adapter, the
+oracle adapter (the right format adapter for a combination) and, for
+combinations, the oracle pair (format + domain at 1/1).
+
+    .venv/bin/python bench/quality/retrieval.py [--seed 0]
+
+The world is built once under bench/work/quality/retrieval-seed-N (about
+12 minutes on 2 cores). Writes docs/retrieval-quality.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from run import score  # noqa: E402
+from world import World, WorldSpec, train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+WORK = REPO / "bench" / "work" / "quality"
+DOCS = REPO / "docs"
+FORMATS = {
+    "repeat": lambda e, a, v: f"{v} {v}",
+    "who": lambda e, a, v: f"{v} {e}",
+    "what": lambda e, a, v: f"{v} {a}",
+}
+DOMAINS = ("d-a", "d-b", "d-c")
+
+
+class LibraryWorld(World):
+    """world.py's world with three domains of new entities and three formats."""
+
+    def vocabulary(self) -> list[str]:
+        return [*super().vocabulary(), "who", "what"]
+
+    def domains(self) -> dict[str, list[str]]:
+        third = len(self.domain) // 3
+        return {
+            name: self.domain[i * third : (i + 1) * third]
+            for i, name in enumerate(DOMAINS)
+        }
+
+    def format_prompt(self, fmt: str, e: str, a: str) -> str:
+        return f"{fmt} : the {a} of {e} is"
+
+    def format_corpus(self, fmt: str) -> list[tuple[str, str]]:
+        """Loss on the response; its first word (the value) is in the prompt."""
+        rows = []
+        for e in self.task_entities:
+            for a, v in self.facts[e].items():
+                first, second = FORMATS[fmt](e, a, v).split()
+                rows.append((f"{self.format_prompt(fmt, e, a)} {first}", f"{second} ."))
+        return rows
+
+    def domain_rows(self, name: str) -> list[tuple[str, str]]:
+        return [("", t) for t in self._declarative(self.domains()[name])]
+
+    def samples(self, adapter: str) -> list[str]:
+        """The adapter's training inputs, as the library stores them."""
+        if adapter in FORMATS:
+            return [p for p, _ in self.format_corpus(adapter)]
+        return [t for _, t in self.domain_rows(adapter)]
+
+    def new_tasks(self) -> dict[str, dict]:
+        """name -> {pairs: [(prompt, answer)], right: [adapters]}."""
+        tasks = {}
+        for fmt, answer in FORMATS.items():
+            tasks[f"{fmt} (general)"] = {
+                "pairs": [
+                    (self.format_prompt(fmt, e, a), answer(e, a, v))
+                    for e in self.held_out
+                    for a, v in self.facts[e].items()
+                ],
+                "right": [fmt],
+            }
+        for name, entities in self.domains().items():
+            tasks[f"{name} facts"] = {
+                "pairs": [
+                    (f"the {a} of {e} is", v)
+                    for e in entities
+                    for a, v in self.facts[e].items()
+                ],
+                "right": [name],
+            }
+            for fmt, answer in FORMATS.items():
+                tasks[f"{fmt} x {name}"] = {
+                    "pairs": [
+                        (self.format_prompt(fmt, e, a), answer(e, a, v))
+                        for e in entities
+                        for a, v in self.facts[e].items()
+                    ],
+                    "right": [fmt, name],
+                }
+        return tasks
+
+
+def build_library(world: LibraryWorld, root: Path, log=print) -> None:
+    """Train the base and the six adapters; write samples and library.yml."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergekit_tada.toy import LLAMA_TARGETS, build_tokenizer
+
+    spec = world.spec
+    root.mkdir(parents=True)
+    tok = build_tokenizer(root / "base", world.vocabulary())
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    base = LlamaForCausalLM(config)
+    t0 = time.perf_counter()
+    loss = train(
+        base,
+        tok,
+        [("", t) for t in world.base_corpus()],
+        steps=spec.base_steps,
+        lr=3e-3,
+        batch=spec.batch,
+        seed=spec.seed,
+    )
+    log(f"  base: loss {loss:.3f} in {time.perf_counter() - t0:.0f} s")
+    base.save_pretrained(str(root / "base"))
+    corpora = {fmt: world.format_corpus(fmt) for fmt in FORMATS} | {
+        name: world.domain_rows(name) for name in DOMAINS
+    }
+    entries = []
+    for i, (name, corpus) in enumerate(corpora.items()):
+        model = LlamaForCausalLM.from_pretrained(str(root / "base"))
+        lora = LoraConfig(
+            r=spec.lora_rank,
+            lora_alpha=2 * spec.lora_rank,
+            target_modules=list(LLAMA_TARGETS),
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(spec.seed * 10 + i)
+        peft_model = get_peft_model(model, lora)
+        t0 = time.perf_counter()
+        loss = train(
+            peft_model,
+            tok,
+            world.with_replay(corpus),
+            steps=spec.lora_steps,
+            lr=spec.lora_lr,
+            batch=spec.batch,
+            seed=spec.seed + i,
+        )
+        log(f"  {name} LoRA: loss {loss:.3f} in {time.perf_counter() - t0:.0f} s")
+        peft_model.save_pretrained(str(root / f"lora-{name}"))
+        (root / f"{name}.txt").write_text("\n".join(world.samples(name)) + "\n")
+        entries.append(
+            {"name": name, "path": f"./lora-{name}", "samples": f"./{name}.txt"}
+        )
+    (root / "library.yml").write_text(
+        json.dumps({"base_model": "./base", "adapters": entries}, indent=1)
+    )
+
+
+def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import mergekit_tada
+    from mergekit_tada.retrieval.index import index_library
+    from mergekit_tada.retrieval.route import route
+    from mergekit_tada.retrieval.store import Embedder, Store
+
+    tok = AutoTokenizer.from_pretrained(str(root / "base"))
+    names = [*FORMATS, *DOMAINS]
+    embedder = Embedder(quiet=True)
+    store = Store(db=str(root / "db"))
+    index_library(root / "library.yml", store, embedder, quiet=True)
+    merges = root / "merges"
+    shutil.rmtree(merges, ignore_errors=True)
+
+    def base_model():
+        return LlamaForCausalLM.from_pretrained(
+            str(root / "base"), dtype=torch.float32
+        ).eval()
+
+    def merged(weights: dict[str, float], tag: str):
+        weights = {n: w for n, w in weights.items() if w > 0}
+        if len(weights) == 1:  # one adapter: itself, scaled
+            ((name, w),) = weights.items()
+            weights = {name: w, next(n for n in names if n != name): 0.0}
+        config = {
+            "merge_method": "lora_task_arithmetic",
+            "base_model": str(root / "base"),
+            "models": [
+                {
+                    "model": f"{root / 'base'}+{root / f'lora-{n}'}",
+                    "parameters": {"weight": w},
+                }
+                for n, w in weights.items()
+            ],
+            "parameters": {"lossless": True},
+            "dtype": "float32",
+        }
+        out = merges / tag
+        mergekit_tada.merge(config, out, adapter_only=True, quiet=True)
+        return PeftModel.from_pretrained(base_model(), str(out / "adapter")).eval()
+
+    singles = {
+        n: PeftModel.from_pretrained(base_model(), str(root / f"lora-{n}")).eval()
+        for n in names
+    }
+    uniform_avg = merged(dict.fromkeys(names, 1 / len(names)), "uniform-avg")
+    uniform_sum = merged(dict.fromkeys(names, 1.0), "uniform-sum")
+    results = {}
+    for task, spec in world.new_tasks().items():
+        pairs, right = spec["pairs"], spec["right"]
+        queries = [p for p, _ in pairs]
+        routing = route(queries, store, embedder, k=100)
+        top1 = [
+            max(q["distribution"], key=q["distribution"].get) for q in routing.queries
+        ]
+        row = {
+            "right": right,
+            "weights": routing.weights,
+            "routing_top1_right": 100 * statistics.mean(t in right for t in top1),
+            "nucleus_has_all_right": all(r in routing.weights for r in right),
+        }
+        tag = task.replace(" ", "_")
+        composed = merged(routing.weights, f"composed-{tag}")
+        n_sel = len(routing.weights)
+        scaled = merged(
+            {n: w * n_sel for n, w in routing.weights.items()}, f"scaled-{tag}"
+        )
+        single_scores = {n: score(m, tok, pairs)["exact"] for n, m in singles.items()}
+        row["scores"] = {
+            "composed (retrieved weights)": score(composed, tok, pairs)["exact"],
+            "composed x n selected": score(scaled, tok, pairs)["exact"],
+            "uniform 1/6": score(uniform_avg, tok, pairs)["exact"],
+            "uniform 1 each": score(uniform_sum, tok, pairs)["exact"],
+            "single best adapter": max(single_scores.values()),
+            "oracle adapter": single_scores[right[0]],
+        }
+        if len(right) == 2:
+            pair = merged(dict.fromkeys(right, 1.0), f"oracle-pair-{tag}")
+            row["scores"]["oracle pair 1/1"] = score(pair, tok, pairs)["exact"]
+        row["single_scores"] = single_scores
+        results[task] = row
+        log(
+            f"  {task:18s} top1 {row['routing_top1_right']:5.1f}  "
+            + "  ".join(f"{k} {v:5.1f}" for k, v in row["scores"].items())
+        )
+    return results
+
+
+def write_docs(seed: int, results: dict, seconds: float) -> None:
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "retrieval-quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    columns = list(next(iter(results.values()))["scores"])
+    lines = [
+        "# Retrieval composition in a controlled world (bench/quality/retrieval.py)",
+        "",
+        f"Seed {seed}, one world, {seconds:.0f} s of scoring. Exact match (%) of the "
+        "answer; routing: the share of queries whose top adapter is a right one, and "
+        "whether the nucleus (p = 0.9) holds every right adapter. Weights are the "
+        "retrieved ones (mean over the task's held-out prompts, k = 100).",
+        "",
+        "| new task | right | top-1 right | nucleus ok | weights | "
+        + " | ".join(columns)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(columns),
+    ]
+    for task, row in results.items():
+        weights = ", ".join(f"{n} {w:.2f}" for n, w in row["weights"].items())
+        scores = " | ".join(
+            f"{row['scores'][c]:.1f}" if c in row["scores"] else "–" for c in columns
+        )
+        lines.append(
+            f"| {task} | {' + '.join(row['right'])} | {row['routing_top1_right']:.0f} % | "
+            f"{'yes' if row['nucleus_has_all_right'] else 'no'} | {weights} | {scores} |"
+        )
+    (DOCS / "retrieval-quality.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = WorldSpec(seed=args.seed, n_domain=36)
+    world = LibraryWorld.generate(spec)
+    random.seed(args.seed)
+    root = WORK / f"retrieval-seed-{args.seed}"
+    if not (root / "library.yml").exists():
+        building = WORK / f".retrieval-seed-{args.seed}.building"
+        shutil.rmtree(building, ignore_errors=True)
+        print(f"building the library world (seed {args.seed})")
+        build_library(world, building)
+        shutil.rmtree(root, ignore_errors=True)
+        building.rename(root)
+    t0 = time.perf_counter()
+    results = evaluate(root, world)
+    write_docs(args.seed, results, time.perf_counter() - t0)
+    print(f"wrote docs/retrieval-quality.md in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
