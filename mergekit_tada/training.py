@@ -1,8 +1,10 @@
 """The one loop that learns merge coefficients from unlabeled text.
 
 Used by TARA (one coefficient per rank-1 direction, mergekit_tada/methods/tara.py).
-The base model runs with its weights frozen; every LoRA'd linear gets a
-forward hook that adds the factored update for the current coefficients,
+The base model runs with its weights frozen, whole (``InMemory``) or block by
+block (``Streamed``, for models larger than memory: same gradients); every
+LoRA'd linear gets a forward hook that adds the factored update for the
+current coefficients,
 
     y = W x + B @ sum_g (phi_g * (A_g x))        (never a dense dW)
 
@@ -22,10 +24,9 @@ are bit-identical on the same machine and thread count).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -115,20 +116,6 @@ class CoefficientHooks:
             handle.remove()
 
 
-@contextlib.contextmanager
-def hooked(
-    model: nn.Module,
-    directions: dict[str, Directions],
-    phi: dict[str, torch.Tensor],
-    device: torch.device,
-) -> Iterator[CoefficientHooks]:
-    hooks = CoefficientHooks(model, directions, phi, device)
-    try:
-        yield hooks
-    finally:
-        hooks.remove()
-
-
 def _forward_entropy(
     model: nn.Module, batch: Batch, device: torch.device
 ) -> tuple[torch.Tensor, int]:
@@ -138,25 +125,152 @@ def _forward_entropy(
     return entropy_sum(logits, mask)
 
 
-@torch.no_grad()
-def task_entropy(
-    model: nn.Module,
-    hooks: CoefficientHooks,
-    phi: dict[str, torch.Tensor],
-    task: Task,
-    device: torch.device,
-) -> float:
+class InMemory:
+    """The base loaded whole; autograd through the model for every step."""
+
+    mode = "memory"
+
+    def __init__(
+        self, model: nn.Module, directions: dict[str, Directions], device: torch.device
+    ) -> None:
+        self.model = model.requires_grad_(False).eval()
+        self.device = device
+        self.hooks = CoefficientHooks(model, directions, {}, device)
+
+    @torch.no_grad()
+    def entropy(self, phi: dict[str, torch.Tensor], batch: Batch) -> tuple[float, int]:
+        self.hooks.phi = phi
+        s, n = _forward_entropy(self.model, batch, self.device)
+        return float(s), n
+
+    def step(self, phi, batches, baseline, rho, objective, alpha):
+        """Psi and the gaps for one batch per task; phi's gradients accumulated."""
+        self.hooks.phi = phi
+        entropies = []
+        for batch in batches:
+            s, n = _forward_entropy(self.model, batch, self.device)
+            entropies.append(s / max(n, 1))
+        gaps = torch.stack(entropies) - baseline
+        psi = objective_value(gaps, rho, objective, alpha)
+        if torch.isfinite(psi) and psi.requires_grad:
+            psi.backward()
+        return psi.detach(), gaps.detach()
+
+    def close(self) -> None:
+        self.hooks.remove()
+
+
+class Streamed:
+    """The base streamed block by block: for models larger than memory.
+
+    Forward: the stem records every block's inputs (masks, rotary
+    embeddings), then each block is read from the safetensors, run on every
+    task's batch without autograd, and freed; only the hidden states at block
+    boundaries are kept. The head (final norm, ``lm_head``) runs with autograd
+    from the last states, Psi is formed and its gradient with respect to those
+    states taken. Backward: block by block from the last, each block is read
+    again and recomputed from its saved input with autograd, and the incoming
+    gradient pushed through it (gradient checkpointing, weights re-read). The
+    gradients of phi are those of the in-memory mode (tested).
+    Memory: the stem, one block, and the boundary states of one batch per task.
+    """
+
+    mode = "streamed"
+
+    def __init__(
+        self, base_path: str, directions: dict[str, Directions], device: torch.device
+    ) -> None:
+        from mergekit_tada.probe.calibration import StreamedModel
+
+        self.sm = StreamedModel(base_path, device, torch.float32, causal_lm=True)
+        self.sm.root.requires_grad_(False)
+        self.device = device
+        if self.sm.prefix:
+            raise TadaError(
+                f"tara: streamed training needs a checkpoint with the LM head's names "
+                f"({base_path} stores the base model's weights under no prefix)"
+            )
+        self.hooks = CoefficientHooks(self.sm.root, directions, {}, device)
+
+    def _states(self, batches: Sequence[Batch]) -> tuple[list[dict], list[list]]:
+        """Every block's recorded inputs and the hidden states at block boundaries."""
+        records, states = [], []
+        with torch.no_grad():
+            for batch in batches:
+                sink: dict = {}
+                kwargs = {k: v for k, v in batch.forward_kwargs().items()}
+                kwargs["input_ids"] = kwargs["input_ids"].to(self.device)
+                kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
+                with self.sm.recorders(sink):
+                    self.sm.model(**kwargs)
+                records.append(sink)
+                states.append([sink[0][0]])
+            for i in range(self.sm.n_layers):
+                with self.sm.block(i) as layer:
+                    for c, sink in enumerate(records):
+                        _, args, kwargs = sink[i]
+                        out = layer(states[c][-1], *args, **kwargs)
+                        states[c].append(out[0] if isinstance(out, tuple) else out)
+        return records, states
+
+    def _head(self, batch: Batch, final: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The stem's tail and the LM head on the last states: entropy sum, count."""
+        kwargs = batch.forward_kwargs()
+        ids = kwargs.pop("input_ids").to(self.device)
+        kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
+        zeros = torch.zeros(*ids.shape, final.shape[-1], device=self.device)
+        with self.sm.recorders({}, final=final):
+            logits = self.sm.root(inputs_embeds=zeros, **kwargs).logits
+        return entropy_sum(logits, batch.attention_mask.to(self.device))
+
+    @torch.no_grad()
+    def entropy(self, phi: dict[str, torch.Tensor], batch: Batch) -> tuple[float, int]:
+        self.hooks.phi = phi
+        _, states = self._states([batch])
+        s, n = self._head(batch, states[0][-1])
+        return float(s), n
+
+    def step(self, phi, batches, baseline, rho, objective, alpha):
+        self.hooks.phi = phi
+        records, states = self._states(batches)
+        finals, entropies = [], []
+        for batch, st in zip(batches, states, strict=True):
+            final = st[-1].detach().requires_grad_(True)
+            s, n = self._head(batch, final)
+            finals.append(final)
+            entropies.append(s / max(n, 1))
+        gaps = torch.stack(entropies) - baseline
+        psi = objective_value(gaps, rho, objective, alpha)
+        if not torch.isfinite(psi):
+            return psi.detach(), gaps.detach()
+        psi.backward()  # phi of modules in the head, and d psi / d final states
+        grads = [f.grad for f in finals]
+        for i in reversed(range(self.sm.n_layers)):
+            with self.sm.block(i) as layer:
+                for c, sink in enumerate(records):
+                    _, args, kwargs = sink[i]
+                    h = states[c][i].detach().requires_grad_(True)
+                    out = layer(h, *args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    torch.autograd.backward(out, grads[c])
+                    grads[c] = h.grad
+        return psi.detach(), gaps.detach()
+
+    def close(self) -> None:
+        self.hooks.remove()
+
+
+def task_entropy(engine, phi: dict[str, torch.Tensor], task: Task) -> float:
     """Token-weighted mean entropy over all of a task's batches at the given phi."""
-    hooks.phi = phi
     total, count = 0.0, 0
     for batch in task.batches:
-        s, n = _forward_entropy(model, batch, device)
-        total, count = total + float(s), count + n
+        s, n = engine.entropy(phi, batch)
+        total, count = total + s, count + n
     return total / max(count, 1)
 
 
 def train_coefficients(
-    model: nn.Module,
+    engine: InMemory | Streamed,
     directions: dict[str, Directions],
     init: dict[str, torch.Tensor],
     tasks: Sequence[Task],
@@ -166,59 +280,42 @@ def train_coefficients(
     alpha: float = 1.0,
     steps: int = 500,
     lr: float = 1e-3,
-    device: str | torch.device = "cpu",
     quiet: bool = False,
 ) -> TrainingResult:
     """Learn phi (module -> coefficients) minimising Psi; see the module docstring."""
     from tqdm import tqdm
 
-    device = torch.device(device)
-    model.requires_grad_(False)
-    model.eval()
+    device = engine.device
     rho = torch.tensor(list(preference), dtype=torch.float32, device=device)
     fixed = {m: p.to(device) for m, p in init.items()}
-    with hooked(model, directions, fixed, device) as hooks:
-        z = [
-            task_entropy(
-                model,
-                hooks,
-                {m: d.single(i).to(device) for m, d in directions.items()},
-                task,
-                device,
+    z = [
+        task_entropy(
+            engine, {m: d.single(i).to(device) for m, d in directions.items()}, task
+        )
+        for i, task in enumerate(tasks)
+    ]
+    h_before = [task_entropy(engine, fixed, t) for t in tasks]
+    phi = {m: nn.Parameter(p.clone()) for m, p in fixed.items()}
+    optimizer = torch.optim.AdamW(list(phi.values()), lr=lr)
+    baseline = torch.tensor(z, device=device)
+    history: list[dict] = []
+    bar = tqdm(range(steps), desc=f"TARA coefficients ({engine.mode})", disable=quiet)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        batches = [task.batches[step % len(task.batches)] for task in tasks]
+        psi, gaps = engine.step(phi, batches, baseline, rho, objective, alpha)
+        if not torch.isfinite(psi):
+            raise TadaError(
+                f"tara: the objective became {float(psi)} at step {step} "
+                f"({_first_bad(phi) or 'coefficients still finite'})"
             )
-            for i, task in enumerate(tasks)
-        ]
-        h_before = [task_entropy(model, hooks, fixed, t, device) for t in tasks]
-        phi = {m: nn.Parameter(p.clone()) for m, p in fixed.items()}
-        hooks.phi = phi
-        optimizer = torch.optim.AdamW(list(phi.values()), lr=lr)
-        baseline = torch.tensor(z, device=device)
-        history: list[dict] = []
-        bar = tqdm(range(steps), desc="TARA coefficients", disable=quiet)
-        for step in bar:
-            entropies = []
-            for task in tasks:
-                s, n = _forward_entropy(
-                    model, task.batches[step % len(task.batches)], device
-                )
-                entropies.append(s / max(n, 1))
-            gaps = torch.stack(entropies) - baseline
-            psi = objective_value(gaps, rho, objective, alpha)
-            if not torch.isfinite(psi):
-                raise TadaError(
-                    f"tara: the objective became {float(psi.detach())} at step {step} "
-                    f"({_first_bad(phi) or 'coefficients still finite'})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            psi.backward()
-            optimizer.step()
-            if bad := _first_bad(phi):
-                raise TadaError(f"tara: at step {step}, {bad}")
-            value = float(psi.detach())
-            history.append({"step": step, "psi": value, "gaps": gaps.detach().tolist()})
-            bar.set_postfix(psi=f"{value:.4f}")
-        learned = {m: p.detach().clone() for m, p in phi.items()}
-        h_after = [task_entropy(model, hooks, learned, t, device) for t in tasks]
+        optimizer.step()
+        if bad := _first_bad(phi):
+            raise TadaError(f"tara: at step {step}, {bad}")
+        history.append({"step": step, "psi": float(psi), "gaps": gaps.tolist()})
+        bar.set_postfix(psi=f"{float(psi):.4f}")
+    learned = {m: p.detach().clone() for m, p in phi.items()}
+    h_after = [task_entropy(engine, learned, t) for t in tasks]
     return TrainingResult(
         phi={m: p.cpu() for m, p in learned.items()},
         z=z,
@@ -283,12 +380,10 @@ def _available_memory() -> int | None:
     return None
 
 
-def check_memory(base_files: Sequence[str], device: torch.device) -> None:
-    """Training holds the base in float32: refuse at once when it cannot fit.
+def choose_mode(base_files: Sequence[str], device: torch.device, requested: str) -> str:
+    """In memory when a float32 copy of the base fits in half the available memory.
 
-    The block-streamed training mode (weights re-read block by block, as the
-    calibration pass does) is not implemented yet; a base whose float32 copy
-    does not fit in 80 % of the available memory is an error, not a swap storm.
+    ``requested`` ("memory" or "streamed") overrides; the choice is logged.
     """
     from safetensors import safe_open
 
@@ -300,14 +395,18 @@ def check_memory(base_files: Sequence[str], device: torch.device) -> None:
                     params += math.prod(fh.get_slice(key).get_shape())
     need = 4 * params
     available = _available_memory() if device.type == "cpu" else None
-    if available is not None and need > 0.8 * available:
-        raise TadaError(
-            f"tara: training holds the base in float32 ({need / 1e9:.1f} GB) but "
-            f"only {available / 1e9:.1f} GB of memory is available; block-streamed "
-            "training is not implemented yet (use a machine with more memory or "
-            "--device cuda)"
-        )
-    LOG.info("tara: training in memory (%.2f GB float32 base)", need / 1e9)
+    if requested != "auto":
+        mode = requested
+    else:
+        mode = "memory" if available is None or need <= 0.5 * available else "streamed"
+    known = f"{available / 1e9:.1f} GB available" if available else "memory unknown"
+    LOG.warning(
+        "tara: training %s (float32 base %.2f GB, %s)",
+        "in memory" if mode == "memory" else "block-streamed",
+        need / 1e9,
+        known,
+    )
+    return mode
 
 
 def load_causal_lm(base_path: str, device: torch.device) -> nn.Module:
@@ -393,7 +492,12 @@ def learn_tara(
             "kind": "tara",
             "adapters": {label: run.adapters[label].hashes for label in labels},
             "tokens": tokens.hexdigest(),
-            "settings": {k: v for k, v in settings.items() if k != "cache_dir"}
+            # the training mode changes no result (the gradients are the same)
+            "settings": {
+                k: v
+                for k, v in settings.items()
+                if k not in ("cache_dir", "training_mode")
+            }
             | {"init_lambda": init_lambda},
             "preference": rho,
             "base": cache.file_hashes(run.base_files),
@@ -412,10 +516,13 @@ def learn_tara(
         hit = True
     else:
         device = torch.device(run.device)
-        check_memory(run.base_files, device)
-        model = load_causal_lm(run.base_path, device)
+        mode = choose_mode(run.base_files, device, settings["training_mode"])
+        if mode == "memory":
+            engine = InMemory(load_causal_lm(run.base_path, device), dirs, device)
+        else:
+            engine = Streamed(run.base_path, dirs, device)
         result = train_coefficients(
-            model,
+            engine,
             dirs,
             init,
             tasks,
@@ -424,10 +531,10 @@ def learn_tara(
             alpha=settings["alpha"],
             steps=settings["steps"],
             lr=settings["lr"],
-            device=device,
             quiet=run.quiet,
         )
-        del model
+        engine.close()
+        del engine
         cache.store(
             key,
             {

@@ -166,7 +166,7 @@ def reference_entropy(model_dir: str, adapters: list[str], texts: list[str]) -> 
 def our_entropy(variant: str, phi_fn, texts: list[str]) -> tuple[float, dict]:
     from mergekit_tada.adapters import LoraAdapter
     from mergekit_tada.probe.calibration import make_batches, tokenizer_for
-    from mergekit_tada.training import Task, hooked, load_causal_lm, task_entropy
+    from mergekit_tada.training import InMemory, Task, load_causal_lm, task_entropy
 
     adapters = [LoraAdapter("lora-task"), LoraAdapter("lora-domain")]
     dirs = {
@@ -178,8 +178,8 @@ def our_entropy(variant: str, phi_fn, texts: list[str]) -> tuple[float, dict]:
     phi = {m: phi_fn(d) for m, d in dirs.items()}
     model = load_causal_lm("base", torch.device("cpu"))
     batches = make_batches(tokenizer_for("base"), texts, 32, len(texts))
-    with hooked(model, dirs, phi, torch.device("cpu")) as hooks:
-        return task_entropy(model, hooks, phi, Task("t", batches), "cpu"), phi
+    engine = InMemory(model, dirs, torch.device("cpu"))
+    return task_entropy(engine, phi, Task("t", batches)), phi
 
 
 def test_entropy_equals_peft_reference(work):
@@ -207,12 +207,7 @@ def test_gradient_matches_finite_differences(work, objective, monkeypatch):
 
     from mergekit_tada.adapters import LoraAdapter
     from mergekit_tada.probe.calibration import make_batches, tokenizer_for
-    from mergekit_tada.training import (
-        _forward_entropy,
-        hooked,
-        load_causal_lm,
-        objective_value,
-    )
+    from mergekit_tada.training import InMemory, load_causal_lm
 
     adapters = [LoraAdapter("lora-task"), LoraAdapter("lora-domain")]
     module_names = sorted(adapters[0].modules)[:4]
@@ -239,16 +234,13 @@ def test_gradient_matches_finite_differences(work, objective, monkeypatch):
         for m, d in dirs.items()
     }
 
+    engine = InMemory(model, dirs, torch.device("cpu"))
+
     def psi(values):
-        with hooked(model, dirs, values, torch.device("cpu")):
-            entropies = []
-            for b in batches:
-                s, n = _forward_entropy(model, b, torch.device("cpu"))
-                entropies.append(s / n)
-            return objective_value(torch.stack(entropies) - z, rho, objective, 1.0)
+        return engine.step(values, batches, z, rho, objective, 1.0)[0]
 
     params = {m: p.clone().requires_grad_(True) for m, p in phi.items()}
-    psi(params).backward()
+    psi(params)  # the engine's step leaves d psi / d phi in .grad
     eps = 1e-6
     for m in module_names[:2]:
         for j in (0, 3, dirs[m].size - 1):
@@ -382,10 +374,60 @@ def test_diverging_training_names_the_step(tara_work):
     assert not Path("out").exists()
 
 
-def test_a_base_too_large_for_memory_is_refused_at_once(tara_work, monkeypatch):
+def test_streamed_gradients_equal_in_memory(work):
+    """One block at a time, weights re-read: the same psi and d psi / d phi."""
+    from mergekit_tada.adapters import LoraAdapter
+    from mergekit_tada.probe.calibration import make_batches, tokenizer_for
+    from mergekit_tada.training import InMemory, Streamed, load_causal_lm
+
+    cpu = torch.device("cpu")
+    adapters = [LoraAdapter("lora-task"), LoraAdapter("lora-domain")]
+    dirs = {
+        m: directions([a.factors(m) if m in a.modules else None for a in adapters], "b")
+        for m in adapters[0].modules
+    }
+    tok = tokenizer_for("base")
+    batches = [make_batches(tok, t[:5], 16, 5)[0] for t in (TEXT_A, TEXT_B)]
+    z = torch.tensor([3.0, 3.2])
+    rho = torch.tensor([0.4, 0.6])
+    gen = torch.Generator().manual_seed(2)
+    phi0 = {m: torch.rand(d.size, generator=gen) for m, d in dirs.items()}
+    grads = {}
+    for engine in (
+        InMemory(load_causal_lm("base", cpu), dirs, cpu),
+        Streamed("base", dirs, cpu),
+    ):
+        phi = {m: torch.nn.Parameter(p.clone()) for m, p in phi0.items()}
+        psi, gaps = engine.step(phi, batches, z, rho, "stch", 1.0)
+        grads[engine.mode] = (float(psi), {m: p.grad.clone() for m, p in phi.items()})
+        if engine.mode == "streamed":
+            assert engine.sm.max_resident_blocks == 1
+    (psi_a, ga), (psi_b, gb) = grads["memory"], grads["streamed"]
+    assert psi_a == pytest.approx(psi_b, rel=1e-6)
+    for m in ga:
+        assert rel_err(gb[m], ga[m]) < 1e-5, m
+
+
+def test_streamed_mode_is_chosen_when_the_base_does_not_fit(
+    tara_work, monkeypatch, caplog
+):
     import mergekit_tada.training as training
 
+    memory = Path(
+        mergekit_tada.merge(
+            tara_config(training_mode="memory", cache_dir="c1"),
+            "m",
+            adapter_only=True,
+            quiet=True,
+        )
+    )
     monkeypatch.setattr(training, "_available_memory", lambda: 100_000)
-    with pytest.raises(TadaError, match=r"tara: training holds the base in float32"):
-        mergekit_tada.merge(tara_config(), "out", adapter_only=True, quiet=True)
-    assert not Path("out").exists()
+    streamed = Path(
+        mergekit_tada.merge(
+            tara_config(cache_dir="c2"), "s", adapter_only=True, quiet=True
+        )
+    )
+    assert "tara: training block-streamed" in caplog.text
+    a, b = adapter_delta(memory / "adapter"), adapter_delta(streamed / "adapter")
+    for name in a:
+        assert rel_err(b[name], a[name]) < 1e-4, name

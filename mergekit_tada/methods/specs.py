@@ -625,6 +625,9 @@ class TaraMethod(LoraMergeMethod):
             ParameterSpec("max_length", int, SHARED, 256),
             ParameterSpec("data_samples", int, SHARED, 256, "rows read per input"),
             ParameterSpec("init_lambda", float | None, SHARED, None, "phi_0 = l/T"),
+            ParameterSpec(
+                "training_mode", str, SHARED, "auto", "auto | memory | streamed"
+            ),
             ParameterSpec("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
         ),
     )
@@ -638,6 +641,7 @@ class TaraMethod(LoraMergeMethod):
         "max_length",
         "data_samples",
         "init_lambda",
+        "training_mode",
         "cache_dir",
     )
 
@@ -646,6 +650,7 @@ class TaraMethod(LoraMergeMethod):
         for key, allowed in (
             ("variant", tara.VARIANTS),
             ("objective", tara.OBJECTIVES),
+            ("training_mode", tara.TRAINING_MODES),
         ):
             if params[key] not in allowed:
                 raise TadaError(

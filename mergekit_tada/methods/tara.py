@@ -30,6 +30,7 @@ from mergekit_tada.lowrank import Factored, svd
 
 VARIANTS = ("a", "b")
 OBJECTIVES = ("stch", "linear")  # see mergekit_tada/training.py
+TRAINING_MODES = ("auto", "memory", "streamed")
 
 
 @dataclass(frozen=True)

@@ -145,15 +145,22 @@ def _block_list(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
 class StreamedModel:
     """The base model as a stem in memory and blocks read on demand.
 
-    Single use: :func:`run_calibration` frees the input embedding once it has
+    ``self.model`` is the transformers base model (the decoder or encoder);
+    with ``causal_lm`` the stem also holds the LM head (``self.root`` is then
+    the ``...ForCausalLM``; TARA's streamed training uses it). Single use for
+    :func:`run_calibration`, which frees the input embedding once it has
     recorded the blocks' inputs.
     """
 
     def __init__(
-        self, base_path: str, device: torch.device, dtype: torch.dtype
+        self,
+        base_path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        causal_lm: bool = False,
     ) -> None:
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         self.device = device
         self.dtype = dtype
@@ -166,29 +173,29 @@ class StreamedModel:
                 f"streamed calibration pass; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
                 "Use gates: uniform or fixed."
             )
+        auto = AutoModelForCausalLM if causal_lm else AutoModel
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModel.from_config(config)
-        self.model.eval()
+            self.root = auto.from_config(config)
+        self.root.eval()
+        self.model = self.root.get_decoder() if causal_lm else self.root
         self.n_layers = config.num_hidden_layers
-        self.blocks_name, self.blocks = _block_list(self.model, self.n_layers)
+        self.blocks_name, self.blocks = _block_list(self.root, self.n_layers)
         self.real_blocks = list(self.blocks)
         self.prefix = self._checkpoint_prefix()
         stem = {
             name: p
-            for name, p in self.model.named_parameters()
+            for name, p in self.root.named_parameters()
             if not name.startswith(self.blocks_name + ".")
         }
-        self._load(self.model, stem)
+        self._load(self.root, stem)
         self.resident_blocks = 0  # for tests: never more than one at a time
         self.max_resident_blocks = 0
 
     def _checkpoint_prefix(self) -> str:
         name = next(
-            n
-            for n, _ in self.model.named_parameters()
-            if n.startswith(self.blocks_name)
+            n for n, _ in self.root.named_parameters() if n.startswith(self.blocks_name)
         )
-        for prefix in ("", self.model.base_model_prefix + "."):
+        for prefix in ("", self.root.base_model_prefix + "."):
             if prefix + name in self.headers.index.tensor_paths:
                 return prefix
         raise TadaError(
