@@ -97,7 +97,9 @@ def write_docs(per_seed: dict, docs: Path, wall: float) -> None:
         f"World seeds {seeds}; {platform.processor() or platform.machine()}, "
         f"wall time of this run {wall / 60:.1f} min (worlds cached or built in it). "
         "Scores are greedy exact match in % (mean ± standard deviation over seeds); "
-        "`loglik` is the mean log-likelihood per answer word on the combined set. "
+        "`loglik` is the mean log-likelihood per answer word on the combined set; "
+        "H is the harmonic mean of combined and task control (per seed, then "
+        "averaged): a merge must do the task on domain facts and keep the skill. "
         "Discussion: [quality.md](quality.md).",
         "",
         "## Worlds",
@@ -118,16 +120,23 @@ def write_docs(per_seed: dict, docs: Path, wall: float) -> None:
         "",
         "## All merges",
         "",
-        "| merge | group | combined | per seed | task control | domain control | loglik |",
-        "|---|---|---|---|---|---|---|",
+        "| merge | group | combined | per seed | task control | domain control "
+        "| H (combined, task) | loglik |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in names.items():
         combined = _column(per_seed, name, "combined")
+        task = _column(per_seed, name, "task")
+        harmonic = [
+            2 * c * t / (c + t) if c + t > 0 else 0.0
+            for c, t in zip(combined, task, strict=True)
+        ]
         lines.append(
             f"| {name} | {row['group']} | **{_mean_sd(combined)}** | "
             + " / ".join(f"{v:.0f}" for v in combined)
-            + f" | {_mean_sd(_column(per_seed, name, 'task'))}"
+            + f" | {_mean_sd(task)}"
             f" | {_mean_sd(_column(per_seed, name, 'domain'))}"
+            f" | {_mean_sd(harmonic)}"
             f" | {statistics.mean(_column(per_seed, name, 'combined', 'loglik')):.2f} |"
         )
     s = summary(per_seed)

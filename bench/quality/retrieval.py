@@ -223,22 +223,28 @@ def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
             str(root / "base"), dtype=torch.float32
         ).eval()
 
-    def merged(weights: dict[str, float], tag: str):
+    def merged(
+        weights: dict[str, float],
+        tag: str,
+        method: str = "lora_task_arithmetic",
+        params=None,
+        per_model=None,
+    ):
         weights = {n: w for n, w in weights.items() if w > 0}
         if len(weights) == 1:  # one adapter: itself, scaled
             ((name, w),) = weights.items()
             weights = {name: w, next(n for n in names if n != name): 0.0}
         config = {
-            "merge_method": "lora_task_arithmetic",
+            "merge_method": method,
             "base_model": str(root / "base"),
             "models": [
                 {
                     "model": f"{root / 'base'}+{root / f'lora-{n}'}",
-                    "parameters": {"weight": w},
+                    "parameters": (per_model or {}).get(n, {"weight": w}),
                 }
                 for n, w in weights.items()
             ],
-            "parameters": {"lossless": True},
+            "parameters": params if params is not None else {"lossless": True},
             "dtype": "float32",
         }
         out = merges / tag
@@ -251,6 +257,46 @@ def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
     }
     uniform_avg = merged(dict.fromkeys(names, 1 / len(names)), "uniform-avg")
     uniform_sum = merged(dict.fromkeys(names, 1.0), "uniform-sum")
+    # the whole library merged by each method (TARA: each adapter's samples
+    # as its unlabeled data); no routing
+    every = dict.fromkeys(names, 1.0)
+    rank = {"rank": 48}  # the sum of the six input ranks
+    library_merges = {
+        "task arithmetic 1 each": uniform_sum,
+        "task arithmetic 1/6": uniform_avg,
+    }
+    timings = {}
+    for label, method, params, per_model in (
+        (
+            "lora_ties",
+            "lora_ties",
+            rank,
+            {n: {"weight": 1.0, "density": 0.5} for n in names},
+        ),
+        ("lora_tsv_m", "lora_tsv_m", rank, None),
+        (
+            "lora_knots_ties",
+            "lora_knots_ties",
+            rank,
+            {n: {"weight": 1.0, "density": 0.5} for n in names},
+        ),
+        *(
+            (
+                f"tara-{v.upper()} ({o})",
+                "tara",
+                {"variant": v, "objective": o, "cache_dir": str(root / "cache")},
+                {n: {"data": str(root / f"{n}.txt")} for n in names},
+            )
+            for v in ("a", "b")
+            for o in ("stch", "linear")
+        ),
+    ):
+        t0 = time.perf_counter()
+        library_merges[label] = merged(
+            every, f"library-{label}", method, params, per_model
+        )
+        timings[label] = round(time.perf_counter() - t0, 1)
+        log(f"  library merge {label}: {timings[label]} s")
     results = {}
     for task, spec in world.new_tasks().items():
         pairs, right = spec["pairs"], spec["right"]
@@ -284,17 +330,22 @@ def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
             pair = merged(dict.fromkeys(right, 1.0), f"oracle-pair-{tag}")
             row["scores"]["oracle pair 1/1"] = score(pair, tok, pairs)["exact"]
         row["single_scores"] = single_scores
+        row["library_merges"] = {
+            label: score(model, tok, pairs)["exact"]
+            for label, model in library_merges.items()
+        }
         results[task] = row
         log(
             f"  {task:18s} top1 {row['routing_top1_right']:5.1f}  "
             + "  ".join(f"{k} {v:5.1f}" for k, v in row["scores"].items())
         )
-    return results
+    return {"tasks": results, "library_merge_seconds": timings}
 
 
-def write_docs(seed: int, results: dict, seconds: float) -> None:
+def write_docs(seed: int, evaluated: dict, seconds: float) -> None:
     DOCS.mkdir(exist_ok=True)
-    (DOCS / "retrieval-quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    (DOCS / "retrieval-quality.json").write_text(json.dumps(evaluated, indent=1) + "\n")
+    results = evaluated["tasks"]
     columns = list(next(iter(results.values()))["scores"])
     lines = [
         "# Retrieval composition in a controlled world (bench/quality/retrieval.py)",
@@ -318,6 +369,33 @@ def write_docs(seed: int, results: dict, seconds: float) -> None:
             f"| {task} | {' + '.join(row['right'])} | {row['routing_top1_right']:.0f} % | "
             f"{'yes' if row['nucleus_has_all_right'] else 'no'} | {weights} | {scores} |"
         )
+    methods = list(next(iter(results.values()))["library_merges"])
+    lines += [
+        "",
+        "## The whole library merged, by method (no routing)",
+        "",
+        "All six adapters in one merge (TARA: each adapter's samples as its "
+        "unlabeled data, 500 steps, batch 16; TIES/KnOTS density 0.5; rank 48 "
+        "where the method truncates). Merge seconds (TARA: with training): "
+        + ", ".join(f"{k} {v}" for k, v in evaluated["library_merge_seconds"].items())
+        + ".",
+        "",
+        "| new task | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for task, row in results.items():
+        lines.append(
+            f"| {task} | "
+            + " | ".join(f"{row['library_merges'][m]:.1f}" for m in methods)
+            + " |"
+        )
+    means = {
+        m: statistics.mean(r["library_merges"][m] for r in results.values())
+        for m in methods
+    }
+    lines.append(
+        "| **mean** | " + " | ".join(f"**{means[m]:.1f}**" for m in methods) + " |"
+    )
     (DOCS / "retrieval-quality.md").write_text("\n".join(lines) + "\n")
 
 

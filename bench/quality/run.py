@@ -101,10 +101,13 @@ def ours(
             p = dict(per_model.get(role, {}))
             if method == "tada":
                 p["role"] = role
+            if method == "tara":  # each adapter's own unlabeled text
+                p["data"] = str(ctx.root / f"{role}-data.txt")
             models.append({"model": f"{ctx.base}+{ctx.lora(adapter)}", "parameters": p})
         shared = {}
         if method == "tada":
             shared["calibration"] = str(ctx.root / "calibration.txt")
+        if method in ("tada", "tara"):
             shared["cache_dir"] = str(ctx.root / "cache")
         config = {
             "merge_method": method,
@@ -235,6 +238,14 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     },
     "tada (probe gates)": ("tada", ours("tada")),
     **{
+        f"tara-{variant.upper()} ({objective})": (
+            "tara",
+            ours("tara", {"variant": variant, "objective": objective}),
+        )
+        for variant in ("a", "b")
+        for objective in ("stch", "linear")
+    },
+    **{
         f"tada{suffix}{tag}": ("ablation", ours("tada", params | lam))
         for tag, lam in (("", {}), (" (λ=1)", {"scale": 1.0}))
         for suffix, params in TADA_ABLATIONS.items()
@@ -307,6 +318,13 @@ def run_seed(seed: int, spec_overrides: dict, log=print) -> dict:
         build(world, building, log=log)
         building.rename(root)
     (root / "calibration.txt").write_text("\n".join(world.calibration_prompts()) + "\n")
+    # TARA's data: each adapter's own training inputs, without answers
+    (root / "task-data.txt").write_text(
+        "\n".join(p for p, _ in world.task_corpus()) + "\n"
+    )
+    (root / "domain-data.txt").write_text(
+        "\n".join(t for _, t in world.domain_corpus()) + "\n"
+    )
     ctx = Ctx(root, seed, world, root / "merges")
     shutil.rmtree(ctx.out, ignore_errors=True)
     ctx.out.mkdir()
