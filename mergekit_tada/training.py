@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +55,7 @@ class TrainingResult:
     h_before: list[float]  # the merged model at phi_0, over all batches
     h_after: list[float]  # at the learned phi
     history: list[dict] = field(default_factory=list)  # per step: psi, gaps
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # free, learned
 
 
 def objective_value(
@@ -280,48 +281,59 @@ def train_coefficients(
     alpha: float = 1.0,
     steps: int = 500,
     lr: float = 1e-3,
+    expand: Callable[[dict], dict[str, torch.Tensor]] | None = None,
+    what: str = "tara",
     quiet: bool = False,
 ) -> TrainingResult:
-    """Learn phi (module -> coefficients) minimising Psi; see the module docstring."""
+    """Learn the coefficients minimising Psi; see the module docstring.
+
+    ``init`` holds the free parameters; ``expand`` turns them into every
+    module's phi (None: they are the phi, TARA's case). Tied coefficients (a
+    gate shared by all of an adapter's directions, by a layer, or by the whole
+    model) are free parameters that ``expand`` repeats.
+    """
     from tqdm import tqdm
 
     device = engine.device
+    expand = expand or (lambda params: params)
     rho = torch.tensor(list(preference), dtype=torch.float32, device=device)
-    fixed = {m: p.to(device) for m, p in init.items()}
+    free = {k: nn.Parameter(p.to(device).clone()) for k, p in init.items()}
     z = [
         task_entropy(
             engine, {m: d.single(i).to(device) for m, d in directions.items()}, task
         )
         for i, task in enumerate(tasks)
     ]
-    h_before = [task_entropy(engine, fixed, t) for t in tasks]
-    phi = {m: nn.Parameter(p.clone()) for m, p in fixed.items()}
-    optimizer = torch.optim.AdamW(list(phi.values()), lr=lr)
+    with torch.no_grad():
+        h_before = [task_entropy(engine, expand(free), t) for t in tasks]
+    optimizer = torch.optim.AdamW(list(free.values()), lr=lr)
     baseline = torch.tensor(z, device=device)
     history: list[dict] = []
-    bar = tqdm(range(steps), desc=f"TARA coefficients ({engine.mode})", disable=quiet)
+    bar = tqdm(range(steps), desc=f"{what} ({engine.mode})", disable=quiet)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         batches = [task.batches[step % len(task.batches)] for task in tasks]
-        psi, gaps = engine.step(phi, batches, baseline, rho, objective, alpha)
+        psi, gaps = engine.step(expand(free), batches, baseline, rho, objective, alpha)
         if not torch.isfinite(psi):
             raise TadaError(
-                f"tara: the objective became {float(psi)} at step {step} "
-                f"({_first_bad(phi) or 'coefficients still finite'})"
+                f"{what}: the objective became {float(psi)} at step {step} "
+                f"({_first_bad(free) or 'coefficients still finite'})"
             )
         optimizer.step()
-        if bad := _first_bad(phi):
-            raise TadaError(f"tara: at step {step}, {bad}")
+        if bad := _first_bad(free):
+            raise TadaError(f"{what}: at step {step}, {bad}")
         history.append({"step": step, "psi": float(psi), "gaps": gaps.tolist()})
         bar.set_postfix(psi=f"{float(psi):.4f}")
-    learned = {m: p.detach().clone() for m, p in phi.items()}
-    h_after = [task_entropy(engine, learned, t) for t in tasks]
+    with torch.no_grad():
+        learned = {m: p.detach().clone() for m, p in expand(free).items()}
+        h_after = [task_entropy(engine, learned, t) for t in tasks]
     return TrainingResult(
         phi={m: p.cpu() for m, p in learned.items()},
         z=z,
         h_before=h_before,
         h_after=h_after,
         history=history,
+        params={k: p.detach().cpu() for k, p in free.items()},
     )
 
 
