@@ -180,10 +180,13 @@ def _import_matplotlib() -> None:
 def plot_gates(records: dict[str, dict], path: Path) -> bool:
     """Gates by layer depth: domain and task panels, one line per projection.
 
-    Drawn for probe gates (uniform and fixed gates are the configuration itself).
+    Drawn for probe and learned gates (uniform and fixed gates are the
+    configuration itself).
     Returns False (and writes nothing) when there is nothing to draw.
     """
-    records = {m: r for m, r in records.items() if r.get("gate_mode") == "probe"}
+    records = {
+        m: r for m, r in records.items() if r.get("gate_mode") in ("probe", "learned")
+    }
     series = depth_series(records)
     if not series:
         return False

@@ -432,6 +432,142 @@ def load_causal_lm(base_path: str, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
+def read_tasks(
+    base_path: str,
+    sources: list[tuple[str, str, str]],
+    samples: int,
+    max_length: int,
+    batch_size: int,
+) -> tuple[list[Task], dict[str, dict], str]:
+    """Tokenized unlabeled text per input: (name, path, what) -> Task.
+
+    Returns the tasks, a description per input (path, rows, tokens) and a
+    digest of every token id used (for cache keys).
+    """
+    import hashlib
+
+    from mergekit_tada.probe.calibration import make_batches, tokenizer_for
+    from mergekit_tada.texts import read_texts
+
+    tokenizer = tokenizer_for(base_path)
+    tasks, described, tokens = [], {}, hashlib.sha256()
+    for name, path, what in sources:
+        texts = read_texts(path, what)[:samples]
+        batches = make_batches(tokenizer, texts, max_length, batch_size)
+        for b in batches:
+            tokens.update(b.input_ids.numpy().tobytes())
+            tokens.update(b.attention_mask.numpy().tobytes())
+        tasks.append(Task(name, batches))
+        described[name] = {
+            "path": path,
+            "rows": len(texts),
+            "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
+        }
+    return tasks, described, tokens.hexdigest()
+
+
+def module_directions(run, plans: list, labels: list[str], variant: str) -> dict:
+    """One set of directions per base module, inputs in ``labels`` order.
+
+    Computed once, in one thread, and reused by the merge: a basis recomputed
+    under other thread counts could differ in the last bits.
+    """
+    from mergekit_tada.lowrank import single_thread
+    from mergekit_tada.methods.tara import directions
+
+    modules: dict[str, list] = {}
+    for plan in plans:
+        names = [m for m in plan.sources.values() if m]
+        modules.setdefault(names[0], [plan.sources[label] for label in labels])
+    with single_thread():
+        return {
+            module: directions(
+                [
+                    run.adapters[label].factors(source) if source else None
+                    for label, source in zip(labels, sources, strict=True)
+                ],
+                variant,
+            )
+            for module, sources in sorted(modules.items())
+        }
+
+
+def train_or_cached(
+    run,
+    kind: str,
+    key_parts: dict,
+    dirs: dict,
+    init: dict[str, torch.Tensor],
+    tasks: list[Task],
+    settings: dict,
+    preference: list[float],
+    expand=None,
+    what: str = "tara",
+) -> tuple[TrainingResult, dict]:
+    """The cached result for these inputs, or train (and cache) it."""
+    from mergekit_tada.cache import ContentCache
+
+    cache = ContentCache(settings["cache_dir"])
+    key = cache.key(
+        {
+            "kind": kind,
+            "adapters": {label: a.hashes for label, a in run.adapters.items()},
+            "base": cache.file_hashes(run.base_files),
+            "device": torch.device(run.device).type,
+            "preference": preference,
+            **key_parts,
+        }
+    )
+    payload = cache.load(key, kind)
+    if payload is not None and set(payload.get("phi", {})) == set(dirs):
+        result = TrainingResult(
+            phi={m: torch.tensor(v) for m, v in payload["phi"].items()},
+            z=payload["z"],
+            h_before=payload["h_before"],
+            h_after=payload["h_after"],
+            history=payload["history"],
+            params={k: torch.tensor(v) for k, v in payload["params"].items()},
+        )
+        return result, {"key": key, "hit": True}
+    check_causal_lm(run.base_path)
+    device = torch.device(run.device)
+    mode = choose_mode(run.base_files, device, settings["training_mode"])
+    if mode == "memory":
+        engine = InMemory(load_causal_lm(run.base_path, device), dirs, device)
+    else:
+        engine = Streamed(run.base_path, dirs, device)
+    try:
+        result = train_coefficients(
+            engine,
+            dirs,
+            init,
+            tasks,
+            preference=preference,
+            objective=settings["objective"],
+            alpha=settings["alpha"],
+            steps=settings["steps"],
+            lr=settings["lr"],
+            expand=expand,
+            what=what,
+            quiet=run.quiet,
+        )
+    finally:
+        engine.close()
+    cache.store(
+        key,
+        {
+            "phi": {m: p.tolist() for m, p in sorted(result.phi.items())},
+            "params": {k: p.tolist() for k, p in sorted(result.params.items())},
+            "z": result.z,
+            "h_before": result.h_before,
+            "h_after": result.h_after,
+            "history": result.history,
+        },
+        kind,
+    )
+    return result, {"key": key, "hit": False}
+
+
 def learn_tara(
     run,
     plans: list,
@@ -444,121 +580,45 @@ def learn_tara(
     ``run``: the session's RunInputs; ``settings``: the shared TARA parameters;
     ``data`` and ``preference``: per input label (config order).
     """
-    import hashlib
     import json
 
-    from mergekit_tada.cache import ContentCache
-    from mergekit_tada.lowrank import single_thread
-    from mergekit_tada.methods.tara import directions, initial_coefficients
-    from mergekit_tada.probe.calibration import make_batches, tokenizer_for
-    from mergekit_tada.texts import read_texts
+    from mergekit_tada.methods.tara import initial_coefficients
 
     labels = list(run.adapters)
     check_causal_lm(run.base_path)
     total = sum(preference.values())
     rho = [preference[label] / total for label in labels]
-    tokenizer = tokenizer_for(run.base_path)
-    tasks, described, tokens = [], {}, hashlib.sha256()
-    for i, label in enumerate(labels):
-        texts = read_texts(data[label], f"tara: data of models[{i}] ({label})")
-        texts = texts[: settings["data_samples"]]
-        batches = make_batches(
-            tokenizer, texts, settings["max_length"], settings["batch_size"]
-        )
-        for b in batches:
-            tokens.update(b.input_ids.numpy().tobytes())
-            tokens.update(b.attention_mask.numpy().tobytes())
-        tasks.append(Task(label, batches))
-        described[label] = {
-            "path": data[label],
-            "rows": len(texts),
-            "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
-        }
-    # one set of directions per base module, from every input's factors, in
-    # one thread: the merge reuses exactly these (a basis recomputed under
-    # other thread counts could differ in the last bits)
-    modules: dict[str, list] = {}
-    for plan in plans:
-        names = [m for m in plan.sources.values() if m]
-        modules.setdefault(names[0], [plan.sources[label] for label in labels])
-    with single_thread():
-        dirs = {
-            module: directions(
-                [
-                    run.adapters[label].factors(source) if source else None
-                    for label, source in zip(labels, sources, strict=True)
-                ],
-                settings["variant"],
-            )
-            for module, sources in sorted(modules.items())
-        }
+    tasks, described, tokens = read_tasks(
+        run.base_path,
+        [
+            (label, data[label], f"tara: data of models[{i}] ({label})")
+            for i, label in enumerate(labels)
+        ],
+        settings["data_samples"],
+        settings["max_length"],
+        settings["batch_size"],
+    )
+    dirs = module_directions(run, plans, labels, settings["variant"])
     init_lambda = settings["init_lambda"]
     if init_lambda is None:
         init_lambda = 0.4 * len(labels)
     init = {
         m: initial_coefficients(d, init_lambda, len(labels)) for m, d in dirs.items()
     }
-    cache = ContentCache(settings["cache_dir"])
-    key = cache.key(
-        {
-            "kind": "tara",
-            "adapters": {label: run.adapters[label].hashes for label in labels},
-            "tokens": tokens.hexdigest(),
-            # the training mode changes no result (the gradients are the same)
-            "settings": {
-                k: v
-                for k, v in settings.items()
-                if k not in ("cache_dir", "training_mode")
-            }
-            | {"init_lambda": init_lambda},
-            "preference": rho,
-            "base": cache.file_hashes(run.base_files),
-            "device": torch.device(run.device).type,
-        }
+    # the training mode changes no result (the gradients are the same)
+    kept = {
+        k: v for k, v in settings.items() if k not in ("cache_dir", "training_mode")
+    }
+    result, cache = train_or_cached(
+        run,
+        "tara",
+        {"tokens": tokens, "settings": kept | {"init_lambda": init_lambda}},
+        dirs,
+        init,
+        tasks,
+        settings,
+        rho,
     )
-    payload = cache.load(key, "tara")
-    if payload is not None and set(payload.get("phi", {})) == set(dirs):
-        result = TrainingResult(
-            phi={m: torch.tensor(v) for m, v in payload["phi"].items()},
-            z=payload["z"],
-            h_before=payload["h_before"],
-            h_after=payload["h_after"],
-            history=payload["history"],
-        )
-        hit = True
-    else:
-        device = torch.device(run.device)
-        mode = choose_mode(run.base_files, device, settings["training_mode"])
-        if mode == "memory":
-            engine = InMemory(load_causal_lm(run.base_path, device), dirs, device)
-        else:
-            engine = Streamed(run.base_path, dirs, device)
-        result = train_coefficients(
-            engine,
-            dirs,
-            init,
-            tasks,
-            preference=rho,
-            objective=settings["objective"],
-            alpha=settings["alpha"],
-            steps=settings["steps"],
-            lr=settings["lr"],
-            quiet=run.quiet,
-        )
-        engine.close()
-        del engine
-        cache.store(
-            key,
-            {
-                "phi": {m: p.tolist() for m, p in sorted(result.phi.items())},
-                "z": result.z,
-                "h_before": result.h_before,
-                "h_after": result.h_after,
-                "history": result.history,
-            },
-            "tara",
-        )
-        hit = False
     return LearnedCoefficients(
         variant=settings["variant"],
         labels=labels,
@@ -567,8 +627,90 @@ def learn_tara(
         result=result,
         settings=json.loads(json.dumps(settings)) | {"init_lambda": init_lambda},
         data=described,
-        cache={"key": key, "hit": hit},
+        cache=cache,
     )
+
+
+@dataclass
+class LearnedGates:
+    """TaDA's learned gates: (w_T, w_D) per module, and how they were learned."""
+
+    gates: dict[str, tuple[float, float]]  # base module -> (task gate, domain gate)
+    granularity: str
+    result: TrainingResult
+    data: dict[str, dict]
+    settings: dict
+    cache: dict
+    labels: list[str] = field(default_factory=lambda: ["task", "domain"])
+
+
+def gate_group(module: str, granularity: str) -> str:
+    """The key of the gate pair a module shares: itself, its layer, or all."""
+    from mergekit_tada.probe.gates import layer_of
+
+    if granularity == "global":
+        return "all"
+    if granularity == "layer":
+        return layer_of(module)
+    return module
+
+
+def learn_gates(
+    run,
+    plans: list,
+    settings: dict,
+    roles: dict[str, str],
+    uniform: float,
+) -> LearnedGates:
+    """Train TaDA's two gates per group with TARA's objective (one loop).
+
+    The data: ``task_calibration`` (task-style prompts) for the task adapter
+    and ``calibration`` (domain prompts) for the domain adapter; each z_i is
+    the entropy of that adapter alone on its own prompts. The gates start at
+    the uniform gate (task arithmetic 1/1 with the default scale) and are
+    shared by every direction of an adapter in a group (module, layer or
+    global).
+    """
+    check_causal_lm(run.base_path)
+    labels = sorted(roles, key=lambda label: ("task", "domain").index(roles[label]))
+    tasks, described, tokens = read_tasks(
+        run.base_path,
+        [
+            ("task", settings["task_calibration"], "tada: task_calibration"),
+            ("domain", settings["calibration"], "tada: calibration"),
+        ],
+        settings["calibration_samples"],
+        settings["calibration_max_length"],
+        settings["calibration_batch_size"],
+    )
+    dirs = module_directions(run, plans, labels, "a")
+    granularity = settings["gate_granularity"]
+    groups = {m: gate_group(m, granularity) for m in dirs}
+    init = {g: torch.tensor([uniform, uniform]) for g in sorted(set(groups.values()))}
+    owners = {m: torch.tensor(d.owners) for m, d in dirs.items()}
+
+    def expand(params: dict) -> dict[str, torch.Tensor]:
+        return {
+            m: params[groups[m]][owners[m].to(params[groups[m]].device)] for m in dirs
+        }
+
+    kept = {
+        k: v for k, v in settings.items() if k not in ("cache_dir", "training_mode")
+    }
+    result, cache = train_or_cached(
+        run,
+        "gates",
+        {"tokens": tokens, "settings": kept, "uniform": uniform},
+        dirs,
+        init,
+        tasks,
+        settings,
+        [0.5, 0.5],
+        expand=expand,
+        what="tada learned gates",
+    )
+    gates = {m: tuple(float(v) for v in result.params[groups[m]]) for m in dirs}
+    return LearnedGates(gates, granularity, result, described, settings, cache)
 
 
 def plot_training(learned: LearnedCoefficients, path) -> None:

@@ -58,7 +58,8 @@ COMMON_PARAMETERS = (
 )
 ROLES = ("task", "domain")
 TARA_PLOT = "tara_loss.png"
-GATE_MODES = ("probe", "uniform", "fixed")
+GATE_MODES = ("probe", "uniform", "fixed", "learned")
+LEARNED_GRANULARITIES = ("module", "layer", "global")
 # Settings read once per merge (the calibration data and pass, and how probes
 # become deltas), so they must not vary per tensor; the gate formula's may.
 CALIBRATION_KEYS = (
@@ -267,6 +268,11 @@ class TadaMethod(LoraMergeMethod):
             # lambda = 2: uniform gates are task arithmetic 1/1 (docs/quality.md)
             ParameterSpec("scale", float, SHARED, 2.0, "global lambda on both gates"),
             ParameterSpec("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
+            # gates: learned (TARA's objective, one loop: mergekit_tada/training.py)
+            ParameterSpec("task_calibration", str | None, SHARED, None),
+            ParameterSpec("learned_steps", int, SHARED, 200),
+            ParameterSpec("learned_lr", float, SHARED, 0.02),
+            ParameterSpec("training_mode", str, SHARED, "auto"),
         ),
     )
 
@@ -293,17 +299,34 @@ class TadaMethod(LoraMergeMethod):
                 "tada: exactly one model must have role 'task' and one role "
                 f"'domain'; got {roles} for {tensor}"
             )
+        granularities = (
+            LEARNED_GRANULARITIES
+            if params["gates"] == "learned"
+            else GATE_GRANULARITIES
+        )
         for key, allowed in (
             ("gates", GATE_MODES),
-            ("gate_granularity", GATE_GRANULARITIES),
+            ("gate_granularity", granularities),
             ("gate_normalization", GATE_NORMALIZATIONS),
             ("probe_statistic", PROBE_STATISTICS),
+            ("training_mode", tara.TRAINING_MODES),
         ):
             if params[key] not in allowed:
                 raise TadaError(
                     f"tada: {key} must be one of {', '.join(allowed)} "
                     f"(got {params[key]!r}) for {tensor}"
                 )
+        if params["gates"] == "learned" and not (
+            params["calibration"] and params["task_calibration"]
+        ):
+            raise TadaError(
+                "tada: gates: learned needs calibration (domain prompts) and "
+                f"task_calibration (task-style prompts), both unlabeled (for {tensor})"
+            )
+        if params["learned_steps"] < 1 or not params["learned_lr"] > 0:
+            raise TadaError(
+                f"tada: learned_steps must be >= 1 and learned_lr > 0 for {tensor}"
+            )
         if params["gates"] == "probe" and not params["calibration"]:
             raise TadaError(
                 "tada: gates: probe (the default) needs calibration: a .txt (one prompt "
@@ -340,7 +363,29 @@ class TadaMethod(LoraMergeMethod):
             return None
         return {key: params[key] for key in CALIBRATION_KEYS}
 
-    def prepare(self, stats: Any, plans: list, run: RunInputs) -> ProbeTable | None:
+    LEARNING_KEYS = (
+        "calibration",
+        "task_calibration",
+        "calibration_samples",
+        "calibration_max_length",
+        "calibration_batch_size",
+        "gate_granularity",
+        "training_mode",
+        "cache_dir",
+    )
+
+    def data_paths(self, plans: list) -> dict[str, str]:
+        paths = super().data_paths(plans)
+        for plan in plans:
+            if plan.params.get("task_calibration"):
+                paths["task calibration data"] = plan.params["task_calibration"]
+            if plan.params["gates"] == "learned" and plan.params.get("calibration"):
+                paths["calibration data"] = plan.params["calibration"]
+        return paths
+
+    def prepare(self, stats: Any, plans: list, run: RunInputs) -> Any:
+        if any(p.params["gates"] == "learned" for p in plans):
+            return self._learn(plans, run)
         if stats is None:
             return None
         roles = {label: p["role"] for label, p in plans[0].inputs.items()}
@@ -364,6 +409,57 @@ class TadaMethod(LoraMergeMethod):
             )
         return table
 
+    def _learn(self, plans: list, run: RunInputs) -> Any:
+        """Gates learned with TARA's objective (mergekit_tada/training.py)."""
+        from mergekit_tada.training import learn_gates
+
+        params = plans[0].params
+        settings = [{k: p.params[k] for k in self.LEARNING_KEYS} for p in plans]
+        learning = [(p.params["learned_steps"], p.params["learned_lr"]) for p in plans]
+        if any(s != settings[0] for s in settings) or len(set(learning)) > 1:
+            raise TadaError(
+                "tada: gates: learned takes its data and training settings as plain "
+                "global values (the same for every tensor)"
+            )
+        uniform = (1.0 if params["gate_normalization"] == "max" else 0.5) * params[
+            "scale"
+        ]
+        roles = {label: p["role"] for label, p in plans[0].inputs.items()}
+        return learn_gates(
+            run,
+            plans,
+            settings[0]
+            | {
+                "steps": params["learned_steps"],
+                "lr": params["learned_lr"],
+                "objective": "stch",
+                "alpha": 1.0,
+            },
+            roles,
+            uniform,
+        )
+
+    def run_report(self, context: Any) -> dict | None:
+        from mergekit_tada.training import LearnedGates
+
+        if not isinstance(context, LearnedGates):
+            return None
+        result = context.result
+        return {
+            "gates": "learned",
+            "granularity": context.granularity,
+            "inputs": context.labels,
+            "data": context.data,
+            "settings": {k: v for k, v in context.settings.items() if k != "cache_dir"},
+            "cache_key": context.cache["key"],
+            "cache_hit": context.cache["hit"],
+            "z": result.z,
+            "h_before": result.h_before,
+            "h_after": result.h_after,
+            "learned": {k: v.tolist() for k, v in sorted(result.params.items())},
+            "loss_history": result.history,
+        }
+
     def summary(self, records: dict[str, dict]) -> dict:
         return {
             **super().summary(records),
@@ -379,9 +475,24 @@ class TadaMethod(LoraMergeMethod):
         self, records: dict[str, dict], calibration: dict | None, context: Any = None
     ) -> list:
         from mergekit_tada.report import depth_summary
+        from mergekit_tada.training import LearnedGates
 
         lines = []
-        if calibration:
+        if isinstance(context, LearnedGates):
+            result = context.result
+            lines.append(
+                f"gates learned ({context.granularity}) with TARA's objective from "
+                f"{context.data['task']['rows']} task prompts and "
+                f"{context.data['domain']['rows']} domain prompts; entropy gaps "
+                "H - z (task, domain): "
+                + ", ".join(
+                    f"{b - z:+.4f} -> {a - z:+.4f}"
+                    for z, b, a in zip(
+                        result.z, result.h_before, result.h_after, strict=True
+                    )
+                )
+            )
+        elif calibration:
             lines.append(
                 f"gates from the calibration probe over {calibration['prompts']} "
                 f"prompts ({calibration['tokens']} tokens) of `{calibration['path']}`"
@@ -422,6 +533,16 @@ class TadaMethod(LoraMergeMethod):
         if mode == "uniform":
             return uniform, uniform, extra
         w_task, w_domain = params["task_weight"], params["domain_weight"]
+        if mode == "learned":
+            module = next(m for m in job.sources.values() if m)
+            l_task, l_domain = job.context.gates[module]
+            if w_task is not None or w_domain is not None:
+                extra["gate_override"] = True
+            return (
+                l_task if w_task is None else float(w_task),
+                l_domain if w_domain is None else float(w_domain),
+                extra,
+            )
         if mode == "probe":
             probes: ProbeTable = job.context
             role_source = {

@@ -59,12 +59,17 @@ def _median(values: list[float]) -> float:
     return 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
 
 
+def layer_of(module: str) -> str:
+    """The decoder layer a module belongs to (the module itself outside layers)."""
+    match = _LAYER.match(module)
+    return match.group(1) if match else module
+
+
 def _pool_by_layer(deltas: dict[str, float]) -> dict[str, float]:
     """Each module's delta replaced by the mean delta of its decoder layer."""
     groups: dict[str, list[str]] = {}
     for module in deltas:
-        match = _LAYER.match(module)
-        groups.setdefault(match.group(1) if match else module, []).append(module)
+        groups.setdefault(layer_of(module), []).append(module)
     pooled = {}
     for members in groups.values():
         mean = sum(deltas[m] for m in members) / len(members)
