@@ -107,6 +107,7 @@ def ours(
         shared = {}
         if method == "tada":
             shared["calibration"] = str(ctx.root / "calibration.txt")
+            shared["task_calibration"] = str(ctx.root / "task-calibration.txt")
         if method in ("tada", "tara"):
             shared["cache_dir"] = str(ctx.root / "cache")
         config = {
@@ -238,6 +239,13 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     },
     "tada (probe gates)": ("tada", ours("tada")),
     **{
+        f"tada (learned gates, {granularity})": (
+            "tada",
+            ours("tada", {"gates": "learned", "gate_granularity": granularity}),
+        )
+        for granularity in ("global", "layer", "module")
+    },
+    **{
         f"tara-{variant.upper()} ({objective})": (
             "tara",
             ours("tara", {"variant": variant, "objective": objective}),
@@ -318,6 +326,11 @@ def run_seed(seed: int, spec_overrides: dict, log=print) -> dict:
         build(world, building, log=log)
         building.rename(root)
     (root / "calibration.txt").write_text("\n".join(world.calibration_prompts()) + "\n")
+    # learned gates: unlabeled task-style prompts (the task's format on its
+    # training entities, no answers)
+    (root / "task-calibration.txt").write_text(
+        "\n".join(" ".join(p.split()[:-1]) for p, _ in world.task_corpus()) + "\n"
+    )
     # TARA's data: each adapter's own training inputs, without answers
     (root / "task-data.txt").write_text(
         "\n".join(p for p, _ in world.task_corpus()) + "\n"
