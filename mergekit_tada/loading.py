@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -145,7 +146,12 @@ def transformers_errors_only() -> Iterator[None]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", category=FutureWarning, module="transformers"
+            )
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`")
+            yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
