@@ -7,7 +7,9 @@ the same adapters loaded and both active, only the LoRA parameters trainable,
 forward + backward of the same token batches with the same entropy loss, and
 an AdamW step; (3) with --streamed, the same TARA step block-streamed
 (training.Streamed: blocks re-read from the safetensors forward and backward).
-The in-memory ratio is the target (<= 1.3x).
+The in-memory ratio is the target (<= 1.3x). ``--sequential`` measures one
+side after the other (each holds its own float32 copy of the base: two at
+once do not fit for the medium model on 24 GB).
 
     python bench/tara_step.py DIR [--variant b] [--batch 4] [--length 64] [--steps 3] [--streamed]
 
@@ -15,6 +17,8 @@ DIR holds base/, lora-a/, lora-b/ from bench/generate.py. Prints medians.
 """
 
 import argparse
+import gc
+import json
 import statistics
 import sys
 import time
@@ -33,6 +37,11 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--streamed", action="store_true")
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one side at a time (each loads its own float32 base)",
+    )
     args = ap.parse_args()
 
     from peft import PeftModel
@@ -48,7 +57,6 @@ def main() -> None:
         load_causal_lm,
     )
 
-    ap_streamed = args.streamed
     cpu = torch.device("cpu")
     base = str(args.dir / "base")
     names = ["lora-a", "lora-b"]
@@ -59,8 +67,7 @@ def main() -> None:
     }
     init = {m: initial_coefficients(d, 0.8, 2) for m, d in dirs.items()}
     gen = torch.Generator().manual_seed(0)
-    model = load_causal_lm(base, cpu)
-    vocab = model.config.vocab_size
+    vocab = json.loads((args.dir / "base" / "config.json").read_text())["vocab_size"]
 
     def batch() -> Batch:
         ids = torch.randint(3, vocab, (args.batch, args.length), generator=gen)
@@ -68,50 +75,70 @@ def main() -> None:
 
     tasks = [Task(n, [batch()]) for n in names]
     batches = [t.batches[0] for t in tasks]
-    engines = {"memory": InMemory(model, dirs, cpu)}
-    if ap_streamed:
-        engines["streamed"] = Streamed(base, dirs, cpu)
-    phi = {m: torch.nn.Parameter(p.clone()) for m, p in init.items()}
-    opt_phi = torch.optim.AdamW(list(phi.values()), lr=1e-3)
     z, rho = torch.tensor([3.0, 3.0]), torch.tensor([0.5, 0.5])
 
-    def tara_step(engine) -> None:
-        opt_phi.zero_grad()
-        engine.step(phi, batches, z, rho, "stch", 1.0)
-        opt_phi.step()
+    def tara(engine):
+        phi = {m: torch.nn.Parameter(p.clone()) for m, p in init.items()}
+        opt = torch.optim.AdamW(list(phi.values()), lr=1e-3)
 
-    peft_model = load_causal_lm(base, cpu)
-    peft_model = PeftModel.from_pretrained(peft_model, str(args.dir / "lora-a"), "a")
-    peft_model.load_adapter(str(args.dir / "lora-b"), "b")
-    peft_model.base_model.set_adapter(["a", "b"])
-    for name, p in peft_model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    lora = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(lora, lr=1e-3)
+        def step() -> None:
+            opt.zero_grad()
+            engine.step(phi, batches, z, rho, "stch", 1.0)
+            opt.step()
 
-    def peft_step() -> None:
-        losses = []
-        for b in batches:
-            s, n = _forward_entropy(peft_model, b, cpu)
-            losses.append(s / n)
-        loss = torch.stack(losses).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return step
 
-    times: dict[str, list[float]] = {k: [] for k in [*engines, "peft"]}
-    for _ in range(args.steps):
-        for name, engine in engines.items():
-            start = time.perf_counter()
-            tara_step(engine)
-            times[name].append(time.perf_counter() - start)
+    def peft():
+        model = PeftModel.from_pretrained(
+            load_causal_lm(base, cpu), str(args.dir / "lora-a"), "a"
+        )
+        model.load_adapter(str(args.dir / "lora-b"), "b")
+        model.base_model.set_adapter(["a", "b"])
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+        def step() -> None:
+            losses = []
+            for b in batches:
+                s, n = _forward_entropy(model, b, cpu)
+                losses.append(s / n)
+            opt.zero_grad()
+            torch.stack(losses).sum().backward()
+            opt.step()
+
+        return step
+
+    sides = {
+        "memory": lambda: tara(InMemory(load_causal_lm(base, cpu), dirs, cpu)),
+        "peft": peft,
+    }
+    if args.streamed:
+        sides["streamed"] = lambda: tara(Streamed(base, dirs, cpu))
+    times: dict[str, list[float]] = {k: [] for k in sides}
+
+    def timed(name: str, step) -> None:
         start = time.perf_counter()
-        peft_step()
-        times["peft"].append(time.perf_counter() - start)
+        step()
+        times[name].append(time.perf_counter() - start)
+
+    if args.sequential:  # one side in memory at a time (large models)
+        for name, make in sides.items():
+            step = make()
+            for _ in range(args.steps):
+                timed(name, step)
+            del step
+            gc.collect()
+    else:
+        steps = {name: make() for name, make in sides.items()}
+        for _ in range(args.steps):
+            for name, step in steps.items():
+                timed(name, step)
     med = {k: statistics.median(v) for k, v in times.items()}
     line = (
         f"{args.dir.name}, variant {args.variant}, {len(tasks)} tasks x batch "
-        f"{args.batch} x {args.length} tokens, {torch.get_num_threads()} threads: "
+        f"{args.batch} x {args.length} tokens, {torch.get_num_threads()} threads"
+        f"{', sides one after another' if args.sequential else ''}: "
         f"TARA step {med['memory']:.3f} s, PEFT forward+backward {med['peft']:.3f} s, "
         f"ratio {med['memory'] / med['peft']:.2f}"
     )
