@@ -154,3 +154,16 @@ def copy_adapter(src: str | Path, dst: str | Path) -> Path:
         dst.unlink()
     shutil.copytree(Path(src).resolve(), dst)
     return dst
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Replace module.name by a wrapper that records each call; the record."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls

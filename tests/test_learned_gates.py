@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import adapter_delta, peft_delta, rel_err, tada_config
+from conftest import adapter_delta, count_calls, peft_delta, rel_err, tada_config
 
 import mergekit_tada
 from mergekit_tada.errors import TadaError
@@ -70,14 +70,7 @@ def test_learned_gates_are_the_merged_update(gate_work, granularity, groups):
 def test_learned_gates_are_cached_and_overridable(gate_work, monkeypatch):
     import mergekit_tada.training as training
 
-    calls = []
-    real = training.train_coefficients
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_coefficients", counting)
+    calls = count_calls(monkeypatch, training, "train_coefficients")
     mergekit_tada.merge(
         learned_config(gate_granularity="global"), "a", adapter_only=True, quiet=True
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import copy_adapter, peft_delta, rel_err, tada_config
+from conftest import copy_adapter, count_calls, peft_delta, rel_err, tada_config
 from safetensors.torch import load_file, save_file
 
 import mergekit_tada
@@ -348,14 +348,7 @@ def test_cache_hit_and_miss_on_every_component(work, monkeypatch):
     import mergekit_tada.probe.calibration as calibration_module
 
     write_prompts()
-    calls = []
-    real = calibration_module.run_calibration
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(calibration_module, "run_calibration", counting)
+    calls = count_calls(monkeypatch, calibration_module, "run_calibration")
 
     def run(config=None, expect_pass=True):
         before = len(calls)

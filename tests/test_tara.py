@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapter_delta, peft_delta, rel_err
+from conftest import adapter_delta, count_calls, peft_delta, rel_err
 from safetensors.torch import load_file, save_file
 
 import mergekit_tada
@@ -295,14 +295,7 @@ def test_preference_lowers_the_preferred_gap(tara_work):
 def test_reruns_are_bit_identical_and_cached(tara_work, monkeypatch):
     import mergekit_tada.training as training
 
-    calls = []
-    real = training.train_coefficients
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_coefficients", counting)
+    calls = count_calls(monkeypatch, training, "train_coefficients")
     a = Path(mergekit_tada.merge(tara_config(), "a", adapter_only=True, quiet=True))
     config = tara_config(cache_dir="other-cache")
     b = Path(mergekit_tada.merge(config, "b", adapter_only=True, quiet=True))

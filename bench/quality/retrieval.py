@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from run import score  # noqa: E402
-from world import World, WorldSpec, train  # noqa: E402
+from world import World, WorldSpec, train_base, train_lora  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "bench" / "work" / "quality"
@@ -131,67 +131,17 @@ class LibraryWorld(World):
 
 def build_library(world: LibraryWorld, root: Path, log=print) -> None:
     """Train the base and the six adapters; write samples and library.yml."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mergekit_tada.toy import LLAMA_TARGETS, build_tokenizer
-
-    spec = world.spec
-    root.mkdir(parents=True)
-    tok = build_tokenizer(root / "base", world.vocabulary())
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        max_position_embeddings=64,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(spec.seed)
-    base = LlamaForCausalLM(config)
-    t0 = time.perf_counter()
-    loss = train(
-        base,
-        tok,
-        [("", t) for t in world.base_corpus()],
-        steps=spec.base_steps,
-        lr=3e-3,
-        batch=spec.batch,
-        seed=spec.seed,
-    )
-    log(f"  base: loss {loss:.3f} in {time.perf_counter() - t0:.0f} s")
-    base.save_pretrained(str(root / "base"))
+    loss, seconds = train_base(world, root)
+    log(f"  base: loss {loss:.3f} in {seconds:.0f} s")
     corpora = {fmt: world.format_corpus(fmt) for fmt in FORMATS} | {
         name: world.domain_rows(name) for name in DOMAINS
     }
     entries = []
     for i, (name, corpus) in enumerate(corpora.items()):
-        model = LlamaForCausalLM.from_pretrained(str(root / "base"))
-        lora = LoraConfig(
-            r=spec.lora_rank,
-            lora_alpha=2 * spec.lora_rank,
-            target_modules=list(LLAMA_TARGETS),
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
+        loss, seconds = train_lora(
+            root, world.spec, name, world.with_replay(corpus), i, world.spec.lora_steps
         )
-        torch.manual_seed(spec.seed * 10 + i)
-        peft_model = get_peft_model(model, lora)
-        t0 = time.perf_counter()
-        loss = train(
-            peft_model,
-            tok,
-            world.with_replay(corpus),
-            steps=spec.lora_steps,
-            lr=spec.lora_lr,
-            batch=spec.batch,
-            seed=spec.seed + i,
-        )
-        log(f"  {name} LoRA: loss {loss:.3f} in {time.perf_counter() - t0:.0f} s")
-        peft_model.save_pretrained(str(root / f"lora-{name}"))
+        log(f"  {name} LoRA: loss {loss:.3f} in {seconds:.0f} s")
         (root / f"{name}.txt").write_text("\n".join(world.samples(name)) + "\n")
         entries.append(
             {"name": name, "path": f"./lora-{name}", "samples": f"./{name}.txt"}

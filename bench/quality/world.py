@@ -236,12 +236,11 @@ def train(
     return float(loss.detach()) if loss is not None else float("nan")
 
 
-def build(world: World, root: Path, log=print) -> dict:
-    """Train the base and the three adapters of ``world`` under ``root``."""
-    from peft import LoraConfig, get_peft_model
+def train_base(world: World, root: Path) -> tuple[float, float]:
+    """Pre-train the world's base from scratch into root/base: (loss, seconds)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mergekit_tada.toy import LLAMA_TARGETS, build_tokenizer
+    from mergekit_tada.toy import build_tokenizer
 
     spec = world.spec
     root.mkdir(parents=True, exist_ok=True)
@@ -260,9 +259,8 @@ def build(world: World, root: Path, log=print) -> dict:
     )
     torch.manual_seed(spec.seed)
     base = LlamaForCausalLM(config)
-    info: dict = {"spec": asdict(spec)}
     t0 = time.perf_counter()
-    info["base_loss"] = train(
+    loss = train(
         base,
         tok,
         [("", t) for t in world.base_corpus()],
@@ -271,40 +269,60 @@ def build(world: World, root: Path, log=print) -> dict:
         batch=spec.batch,
         seed=spec.seed,
     )
-    info["base_seconds"] = round(time.perf_counter() - t0, 1)
-    log(f"  base: loss {info['base_loss']:.3f} in {info['base_seconds']} s")
     base.save_pretrained(str(root / "base"))
+    return loss, round(time.perf_counter() - t0, 1)
+
+
+def train_lora(
+    root: Path, spec: WorldSpec, name: str, corpus, index: int, steps: int
+) -> tuple[float, float]:
+    """Train root/lora-<name> on the base with the world's LoRA settings."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from mergekit_tada.toy import LLAMA_TARGETS
+
+    tok = AutoTokenizer.from_pretrained(str(root / "base"))
+    model = LlamaForCausalLM.from_pretrained(str(root / "base"))
+    lora = LoraConfig(
+        r=spec.lora_rank,
+        lora_alpha=2 * spec.lora_rank,
+        target_modules=list(LLAMA_TARGETS),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(spec.seed * 10 + index)
+    peft_model = get_peft_model(model, lora)
+    t0 = time.perf_counter()
+    loss = train(
+        peft_model,
+        tok,
+        corpus,
+        steps=steps,
+        lr=spec.lora_lr,
+        batch=spec.batch,
+        seed=spec.seed + index,
+    )
+    peft_model.save_pretrained(str(root / f"lora-{name}"))
+    return loss, round(time.perf_counter() - t0, 1)
+
+
+def build(world: World, root: Path, log=print) -> dict:
+    """Train the base and the three adapters of ``world`` under ``root``."""
+    spec = world.spec
+    info: dict = {"spec": asdict(spec)}
+    info["base_loss"], info["base_seconds"] = train_base(world, root)
+    log(f"  base: loss {info['base_loss']:.3f} in {info['base_seconds']} s")
     corpora = {
         "task": world.with_replay(world.task_corpus()),
         "domain": world.with_replay(world.domain_corpus()),
         "joint": world.with_replay(world.joint_corpus()),
     }
     for i, (name, corpus) in enumerate(corpora.items()):
-        model = LlamaForCausalLM.from_pretrained(str(root / "base"))
-        lora = LoraConfig(
-            r=spec.lora_rank,
-            lora_alpha=2 * spec.lora_rank,
-            target_modules=list(LLAMA_TARGETS),
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-        )
-        torch.manual_seed(spec.seed * 10 + i)
-        peft_model = get_peft_model(model, lora)
-        t0 = time.perf_counter()
         steps = spec.lora_steps * (2 if name == "joint" else 1)
-        loss = train(
-            peft_model,
-            tok,
-            corpus,
-            steps=steps,
-            lr=spec.lora_lr,
-            batch=spec.batch,
-            seed=spec.seed + i,
-        )
-        info[f"{name}_loss"] = loss
-        info[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
-        log(f"  {name} LoRA: loss {loss:.3f} in {info[f'{name}_seconds']} s")
-        peft_model.save_pretrained(str(root / f"lora-{name}"))
+        loss, seconds = train_lora(root, spec, name, corpus, i, steps)
+        info[f"{name}_loss"], info[f"{name}_seconds"] = loss, seconds
+        log(f"  {name} LoRA: loss {loss:.3f} in {seconds} s")
     (root / "calibration.txt").write_text("\n".join(world.calibration_prompts()) + "\n")
     (root / "world.json").write_text(
         json.dumps(info | {"facts": world.facts}, indent=1)
