@@ -388,7 +388,7 @@ def main() -> None:
     from report import write_docs  # noqa: PLC0415
 
     write_docs(per_seed, DOCS, wall=time.perf_counter() - t0)
-    print(f"done in {time.perf_counter() - t0:.0f} s; wrote docs/quality.md")
+    print(f"done in {time.perf_counter() - t0:.0f} s; wrote docs/quality-results.md")
 
 
 if __name__ == "__main__":
