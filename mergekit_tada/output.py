@@ -179,9 +179,8 @@ class OutputFolder:
                 f"output folder {self.path}: cannot create ({error.strerror})"
             ) from None
         self._lock()
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, _terminate)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             self._recover()
             yield self
@@ -189,8 +188,8 @@ class OutputFolder:
             try:
                 self._discard_stage()
             finally:
-                if previous is not None:
-                    signal.signal(signal.SIGTERM, previous)
+                if main:  # None: the earlier handler was not set from Python
+                    signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
                 self._unlock(remove_folder=created)
 
     def _lock(self) -> None:
