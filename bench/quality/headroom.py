@@ -33,16 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from report import harmonic  # noqa: E402
 from run import WORK, Ctx, score, with_adapter  # noqa: E402
 from world import World, WorldSpec  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 GRID = [i / 4 for i in range(9)]
 MULTIPLIERS = (0.0, 0.5, 1.5, 2.0)
-
-
-def harmonic(c: float, t: float) -> float:
-    return 2 * c * t / (c + t) if c + t > 0 else 0.0
 
 
 def groups(layers: int) -> list[str]:

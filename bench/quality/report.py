@@ -12,6 +12,11 @@ from mergekit_tada.report import depth_series
 SETS = ("combined", "task", "domain")
 
 
+def harmonic(combined: float, task: float) -> float:
+    """H: the harmonic mean of the combined score and the task control."""
+    return 2 * combined * task / (combined + task) if combined + task > 0 else 0.0
+
+
 def _mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.1f} ± {sd:.1f}"
@@ -127,16 +132,13 @@ def write_docs(per_seed: dict, docs: Path, wall: float) -> None:
     for name, row in names.items():
         combined = _column(per_seed, name, "combined")
         task = _column(per_seed, name, "task")
-        harmonic = [
-            2 * c * t / (c + t) if c + t > 0 else 0.0
-            for c, t in zip(combined, task, strict=True)
-        ]
+        h = [harmonic(c, t) for c, t in zip(combined, task, strict=True)]
         lines.append(
             f"| {name} | {row['group']} | **{_mean_sd(combined)}** | "
             + " / ".join(f"{v:.0f}" for v in combined)
             + f" | {_mean_sd(task)}"
             f" | {_mean_sd(_column(per_seed, name, 'domain'))}"
-            f" | {_mean_sd(harmonic)}"
+            f" | {_mean_sd(h)}"
             f" | {statistics.mean(_column(per_seed, name, 'combined', 'loglik')):.2f} |"
         )
     s = summary(per_seed)
