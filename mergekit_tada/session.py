@@ -433,10 +433,12 @@ class MergeSession:
             )
         from mergekit_tada.probe.cache import StatsCache
         from mergekit_tada.probe.calibration import (
+            batches_digest,
             check_statistics,
             make_batches,
             read_prompts,
             run_calibration,
+            token_count,
             tokenizer_for,
         )
 
@@ -448,17 +450,13 @@ class MergeSession:
             settings["calibration_max_length"],
             settings["calibration_batch_size"],
         )
-        tokens = hashlib.sha256()
-        for b in batches:
-            tokens.update(b.input_ids.numpy().tobytes())
-            tokens.update(b.attention_mask.numpy().tobytes())
         device = torch.device(self.options.device or "cpu")
         cache = StatsCache(settings["cache_dir"])
         key = cache.key(
             {
                 "adapters": {label: a.hashes for label, a in self.adapters.items()},
                 "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
-                "tokens": tokens.hexdigest(),
+                "tokens": batches_digest(batches),
                 "settings": {k: v for k, v in settings.items() if k != "cache_dir"},
                 "base": cache.file_hashes(self._base_files()),
                 "device": device.type,
@@ -479,7 +477,7 @@ class MergeSession:
         self.calibration_info = {
             "path": settings["calibration"],
             "prompts": len(texts),
-            "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
+            "tokens": token_count(batches),
             "max_length": settings["calibration_max_length"],
             "cache_key": key,
             "cache_hit": hit,

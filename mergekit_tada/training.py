@@ -33,10 +33,9 @@ import torch
 from torch import nn
 
 from mergekit_tada.errors import TadaError
-from mergekit_tada.methods.tara import OBJECTIVES, Directions
+from mergekit_tada.methods.tara import Directions
 from mergekit_tada.probe.calibration import Batch
 
-__all__ = ["OBJECTIVES", "learn_tara", "train_coefficients"]
 LOG = logging.getLogger(__name__)
 
 
@@ -120,10 +119,9 @@ class CoefficientHooks:
 def _forward_entropy(
     model: nn.Module, batch: Batch, device: torch.device
 ) -> tuple[torch.Tensor, int]:
-    ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return entropy_sum(logits, mask)
+    batch = batch.to(device)
+    logits = model(**batch.forward_kwargs()).logits
+    return entropy_sum(logits, batch.attention_mask)
 
 
 class InMemory:
@@ -199,11 +197,8 @@ class Streamed:
         with torch.no_grad():
             for batch in batches:
                 sink: dict = {}
-                kwargs = {k: v for k, v in batch.forward_kwargs().items()}
-                kwargs["input_ids"] = kwargs["input_ids"].to(self.device)
-                kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
                 with self.sm.recorders(sink):
-                    self.sm.model(**kwargs)
+                    self.sm.model(**batch.to(self.device).forward_kwargs())
                 records.append(sink)
                 states.append([sink[0][0]])
             for i in range(self.sm.n_layers):
@@ -216,13 +211,13 @@ class Streamed:
 
     def _head(self, batch: Batch, final: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The stem's tail and the LM head on the last states: entropy sum, count."""
+        batch = batch.to(self.device)
         kwargs = batch.forward_kwargs()
-        ids = kwargs.pop("input_ids").to(self.device)
-        kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
+        ids = kwargs.pop("input_ids")
         zeros = torch.zeros(*ids.shape, final.shape[-1], device=self.device)
         with self.sm.recorders({}, final=final):
             logits = self.sm.root(inputs_embeds=zeros, **kwargs).logits
-        return entropy_sum(logits, batch.attention_mask.to(self.device))
+        return entropy_sum(logits, batch.attention_mask)
 
     @torch.no_grad()
     def entropy(self, phi: dict[str, torch.Tensor], batch: Batch) -> tuple[float, int]:
@@ -365,8 +360,8 @@ class LearnedCoefficients:
     cache: dict  # key, hit
 
 
-def check_causal_lm(base_path: str) -> None:
-    """TARA learns from next-token entropies: the base needs an LM head."""
+def check_causal_lm(base_path: str, what: str = "tara") -> None:
+    """Learning from next-token entropies needs a base with an LM head."""
     import json
     import os
 
@@ -374,8 +369,8 @@ def check_causal_lm(base_path: str) -> None:
         model_type = json.load(fh).get("model_type")
     if model_type not in CAUSAL_LM_TYPES:
         raise TadaError(
-            f"tara: base model {base_path} is a {model_type!r} model; TARA learns from "
-            "next-token entropies and needs a causal language model with an LM head "
+            f"{what}: base model {base_path} is a {model_type!r} model; learning from "
+            "next-token entropies needs a causal language model with an LM head "
             f"({', '.join(CAUSAL_LM_TYPES)})"
         )
 
@@ -392,7 +387,9 @@ def _available_memory() -> int | None:
     return None
 
 
-def choose_mode(base_files: Sequence[str], device: torch.device, requested: str) -> str:
+def choose_mode(
+    base_files: Sequence[str], device: torch.device, requested: str, what: str
+) -> str:
     """In memory when a float32 copy of the base fits in half the available memory.
 
     ``requested`` ("memory" or "streamed") overrides; the choice is logged.
@@ -413,7 +410,8 @@ def choose_mode(base_files: Sequence[str], device: torch.device, requested: str)
         mode = "memory" if available is None or need <= 0.5 * available else "streamed"
     known = f"{available / 1e9:.1f} GB available" if available else "memory unknown"
     LOG.warning(
-        "tara: training %s (float32 base %.2f GB, %s)",
+        "%s: training %s (float32 base %.2f GB, %s)",
+        what,
         "in memory" if mode == "memory" else "block-streamed",
         need / 1e9,
         known,
@@ -444,26 +442,27 @@ def read_tasks(
     Returns the tasks, a description per input (path, rows, tokens) and a
     digest of every token id used (for cache keys).
     """
-    import hashlib
-
-    from mergekit_tada.probe.calibration import make_batches, tokenizer_for
+    from mergekit_tada.probe.calibration import (
+        batches_digest,
+        make_batches,
+        token_count,
+        tokenizer_for,
+    )
     from mergekit_tada.texts import read_texts
 
     tokenizer = tokenizer_for(base_path)
-    tasks, described, tokens = [], {}, hashlib.sha256()
+    tasks, described = [], {}
     for name, path, what in sources:
         texts = read_texts(path, what)[:samples]
         batches = make_batches(tokenizer, texts, max_length, batch_size)
-        for b in batches:
-            tokens.update(b.input_ids.numpy().tobytes())
-            tokens.update(b.attention_mask.numpy().tobytes())
         tasks.append(Task(name, batches))
         described[name] = {
             "path": path,
             "rows": len(texts),
-            "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
+            "tokens": token_count(batches),
         }
-    return tasks, described, tokens.hexdigest()
+    digest = batches_digest([b for t in tasks for b in t.batches])
+    return tasks, described, digest
 
 
 def module_directions(run, plans: list, labels: list[str], variant: str) -> dict:
@@ -520,18 +519,20 @@ def train_or_cached(
     )
     payload = cache.load(key, kind)
     if payload is not None and set(payload.get("phi", {})) == set(dirs):
-        result = TrainingResult(
-            phi={m: torch.tensor(v) for m, v in payload["phi"].items()},
-            z=payload["z"],
-            h_before=payload["h_before"],
-            h_after=payload["h_after"],
-            history=payload["history"],
-            params={k: torch.tensor(v) for k, v in payload["params"].items()},
-        )
-        return result, {"key": key, "hit": True}
-    check_causal_lm(run.base_path)
+        try:
+            result = TrainingResult(
+                phi={m: torch.tensor(v) for m, v in payload["phi"].items()},
+                z=payload["z"],
+                h_before=payload["h_before"],
+                h_after=payload["h_after"],
+                history=payload["history"],
+                params={k: torch.tensor(v) for k, v in payload["params"].items()},
+            )
+            return result, {"key": key, "hit": True}
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            LOG.warning("ignoring unusable cache entry %s (%s)", key[:12], error)
     device = torch.device(run.device)
-    mode = choose_mode(run.base_files, device, settings["training_mode"])
+    mode = choose_mode(run.base_files, device, settings["training_mode"], what)
     if mode == "memory":
         engine = InMemory(load_causal_lm(run.base_path, device), dirs, device)
     else:
@@ -671,7 +672,7 @@ def learn_gates(
     shared by every direction of an adapter in a group (module, layer or
     global).
     """
-    check_causal_lm(run.base_path)
+    check_causal_lm(run.base_path, "tada learned gates")
     labels = sorted(roles, key=lambda label: ("task", "domain").index(roles[label]))
     tasks, described, tokens = read_tasks(
         run.base_path,

@@ -73,6 +73,17 @@ CALIBRATION_KEYS = (
 )
 
 
+def same_for_every_tensor(values: list, message: str) -> Any:
+    """The one value that per-tensor resolution gave every tensor, else an error.
+
+    Settings read once per merge (data, a training) must not vary per tensor
+    (gradients, filters).
+    """
+    if any(v != values[0] for v in values):
+        raise TadaError(message)
+    return values[0]
+
+
 @dataclass(frozen=True)
 class ModuleJob:
     """Everything a method needs to merge one module.
@@ -414,13 +425,13 @@ class TadaMethod(LoraMergeMethod):
         from mergekit_tada.training import learn_gates
 
         params = plans[0].params
-        settings = [{k: p.params[k] for k in self.LEARNING_KEYS} for p in plans]
-        learning = [(p.params["learned_steps"], p.params["learned_lr"]) for p in plans]
-        if any(s != settings[0] for s in settings) or len(set(learning)) > 1:
-            raise TadaError(
-                "tada: gates: learned takes its data and training settings as plain "
-                "global values (the same for every tensor)"
-            )
+        keys = (*self.LEARNING_KEYS, "learned_steps", "learned_lr")
+        settings = same_for_every_tensor(
+            [{k: p.params[k] for k in keys} for p in plans],
+            "tada: gates: learned takes its data and training settings as plain "
+            "global values (the same for every tensor)",
+        )
+        steps, lr = settings.pop("learned_steps"), settings.pop("learned_lr")
         uniform = (1.0 if params["gate_normalization"] == "max" else 0.5) * params[
             "scale"
         ]
@@ -428,10 +439,10 @@ class TadaMethod(LoraMergeMethod):
         return learn_gates(
             run,
             plans,
-            settings[0]
+            settings
             | {
-                "steps": params["learned_steps"],
-                "lr": params["learned_lr"],
+                "steps": steps,
+                "lr": lr,
                 "objective": "stch",
                 "alpha": 1.0,
             },
@@ -818,25 +829,27 @@ class TaraMethod(LoraMergeMethod):
     def prepare(self, stats: Any, plans: list, run: RunInputs) -> Any:
         from mergekit_tada.training import learn_tara
 
-        shared = [{k: p.params[k] for k in self.SETTINGS} for p in plans]
-        per_input = [
-            {label: (i["data"], i["preference"]) for label, i in p.inputs.items()}
-            for p in plans
-        ]
-        if any(s != shared[0] for s in shared) or any(
-            i != per_input[0] for i in per_input
-        ):
-            raise TadaError(
-                "tara: its settings, data and preferences must be the same for every "
-                "tensor: give them as plain values (no gradients or filters)"
-            )
+        shared, per_input = same_for_every_tensor(
+            [
+                (
+                    {k: p.params[k] for k in self.SETTINGS},
+                    {
+                        label: (i["data"], i["preference"])
+                        for label, i in p.inputs.items()
+                    },
+                )
+                for p in plans
+            ],
+            "tara: its settings, data and preferences must be the same for every "
+            "tensor: give them as plain values (no gradients or filters)",
+        )
         labels = list(run.adapters)
         return learn_tara(
             run,
             plans,
-            shared[0],
-            data={label: per_input[0][label][0] for label in labels},
-            preference={label: per_input[0][label][1] for label in labels},
+            shared,
+            data={label: per_input[label][0] for label in labels},
+            preference={label: per_input[label][1] for label in labels},
         )
 
     def combine(self, job, updates):

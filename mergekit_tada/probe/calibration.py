@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import logging
 import math
 import re
@@ -325,6 +326,13 @@ class Batch:
     attention_mask: torch.Tensor
     extra: dict
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            {k: v.to(device) for k, v in self.extra.items()},
+        )
+
     def forward_kwargs(self) -> dict:
         # use_cache=False: a KV cache would keep every streamed block's keys and
         # values alive for the whole pass.
@@ -359,6 +367,20 @@ def make_batches(
     return batches
 
 
+def batches_digest(batches: Sequence[Batch]) -> str:
+    """sha256 of every token id and mask used: what cache keys cover."""
+    digest = hashlib.sha256()
+    for b in batches:
+        digest.update(b.input_ids.numpy().tobytes())
+        digest.update(b.attention_mask.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def token_count(batches: Sequence[Batch]) -> int:
+    """Valid (non-padding) tokens in the batches."""
+    return int(sum(int(b.attention_mask.sum()) for b in batches))
+
+
 @large_allocations_unmapped()
 def run_calibration(
     base_path: str,
@@ -376,14 +398,7 @@ def run_calibration(
     model = streamed or StreamedModel(base_path, device, torch.float32)
     stats: Stats = {label: {} for label in adapters}
     acc = _Accumulator(adapters, stats, device)
-    on_device = [
-        Batch(
-            b.input_ids.to(device),
-            b.attention_mask.to(device),
-            {k: v.to(device) for k, v in b.extra.items()},
-        )
-        for b in batches
-    ]
+    on_device = [b.to(device) for b in batches]
     with torch.inference_mode():
         # 1. the exact inputs and kwargs of every block, per chunk
         records: list[dict] = []
