@@ -264,8 +264,11 @@ class LoraAdapter:
                 raise TadaError(
                     f"{self.weights_path}: module {module}: {side} contains NaN or Inf"
                 )
+        # copies in torch's own (64-byte aligned) memory: safetensors hands out
+        # buffers at any alignment, and MKL's kernels may round differently
+        # on differently aligned inputs (bits would vary from run to run)
         B = B.to(device=device, dtype=torch.float32) * spec.scaling
-        return Factored(B, A.to(device=device, dtype=torch.float32))
+        return Factored(B, A.to(device=device, dtype=torch.float32, copy=True))
 
     def check_all_finite(self) -> None:
         """Read every factor once so corrupt data or NaN/Inf fail before any output."""

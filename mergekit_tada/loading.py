@@ -60,7 +60,8 @@ class HeaderIndex:
             sl = fh.get_slice(name)
             shape = sl.get_shape()
             if dtype is None or len(shape) < 2:
-                return fh.get_tensor(name).to(device=device, dtype=dtype)
+                # a copy in torch's aligned memory (see LoraAdapter.factors)
+                return fh.get_tensor(name).to(device=device, dtype=dtype, copy=True)
             out = torch.empty(shape, dtype=dtype, device=device)
             row_bytes = max(1, out[0].numel() * out.element_size())
             step = max(1, chunk_bytes // row_bytes)

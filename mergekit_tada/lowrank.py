@@ -33,13 +33,17 @@ def single_thread() -> Iterator[None]:
     QR of thin factors and SVDs of r x r cores are several times slower with
     torch's default thread pool on a few shared cores; parallelism comes from
     running modules on separate Python threads instead. The first entrant sets
-    one thread, the last one out restores the previous count.
+    one thread, the last one out restores the previous count. Every entrant
+    sets it for its own OS thread too: OpenMP's thread count is per thread,
+    and a fresh worker thread starts from OMP_NUM_THREADS, whatever was set
+    in another (its first LAPACK call would then run on that many threads,
+    and round differently).
     """
     global _THREADS_DEPTH, _THREADS_SAVED
     with _THREADS_LOCK:
         if _THREADS_DEPTH == 0:
             _THREADS_SAVED = torch.get_num_threads()
-            torch.set_num_threads(1)
+        torch.set_num_threads(1)
         _THREADS_DEPTH += 1
     try:
         yield

@@ -18,12 +18,14 @@ The objective, with preference rho (summing to 1) and alpha = 1 by default:
     linear:  Psi(phi) = sum_i rho_i (H_i(phi) - z_i)
 
 AdamW (torch's defaults beyond ``lr``: betas (0.9, 0.999), weight decay 0.01)
-on phi only; step k uses batch k mod n_i of every task (no sampling: reruns
-are bit-identical on the same machine and thread count).
+on phi only; step k uses batch k mod n_i of every task (no sampling). The
+two sums over tokens (the entropies, phi's gradients) run on one torch
+thread on the CPU, so reruns are bit-identical whatever the thread count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -74,7 +76,41 @@ def entropy_sum(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     )
     entropy = -(logp.exp() * logp).sum(-1)
     valid = mask.bool()
-    return entropy[valid].sum(), int(valid.sum())
+    with _one_thread(logits.device):  # a sum over every position
+        total = entropy[valid].sum()
+    return total, int(valid.sum())
+
+
+def _one_thread(device: torch.device) -> contextlib.AbstractContextManager:
+    """One torch thread for a reduction over tokens on the CPU.
+
+    ATen splits such sums into per-thread partial sums, so their last bits
+    depend on the thread count. Everything else in a training step keeps its
+    threads: matmuls and per-row reductions (softmax, norms) do not sum across
+    threads (measured identical on 1 and 2 threads; tests/test_tara.py).
+    """
+    from mergekit_tada.lowrank import single_thread
+
+    return single_thread() if device.type == "cpu" else contextlib.nullcontext()
+
+
+class _Scaled(torch.autograd.Function):
+    """``z * phi`` whose gradient for phi (a sum over tokens) runs on one thread."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z, phi)
+        return z * phi
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, phi = ctx.saved_tensors
+        grad_z = grad * phi if ctx.needs_input_grad[0] else None
+        grad_phi = None
+        if ctx.needs_input_grad[1]:
+            with _one_thread(grad.device):
+                grad_phi = (grad * z).reshape(-1, z.shape[-1]).sum(0)
+        return grad_z, grad_phi
 
 
 class CoefficientHooks:
@@ -106,7 +142,7 @@ class CoefficientHooks:
         def add_update(_module, inputs, output):
             B, A, groups = self._factors[name]
             z = inputs[0].to(A.dtype) @ A.T  # (..., groups * R)
-            z = (z * self.phi[name]).unflatten(-1, (groups, -1)).sum(-2)
+            z = _Scaled.apply(z, self.phi[name]).unflatten(-1, (groups, -1)).sum(-2)
             return output + (z @ B.T).to(output.dtype)
 
         return add_update
@@ -427,7 +463,13 @@ def load_causal_lm(base_path: str, device: torch.device) -> nn.Module:
 
     with transformers_errors_only():
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    return model.to(device)
+    model = model.to(device)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+            # into torch's aligned memory (see LoraAdapter.factors); ties hold,
+            # parameters() yields a shared weight once
+            tensor.data = tensor.data.clone()
+    return model
 
 
 def read_tasks(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,37 @@ def count_calls(monkeypatch, module, name: str) -> list:
 
     monkeypatch.setattr(module, name, counting)
     return calls
+
+
+def outputs_under_settings(
+    config: dict, inputs: Sequence[str], adapter_only: bool = False
+) -> list[dict[str, bytes]]:
+    """Every output file's bytes from fresh processes with other hash seeds and
+    thread counts (1, 2, 2 threads), each in its own folder and cache."""
+    import subprocess
+    import sys
+
+    Path("c.json").write_text(json.dumps(config))
+    code = (
+        "import json, sys, torch, mergekit_tada\n"
+        "torch.set_num_threads(int(sys.argv[1]))\n"
+        "mergekit_tada.merge(json.load(open('c.json')), 'out', quiet=True,"
+        f" adapter_only={adapter_only})\n"
+    )
+    outputs = []
+    for seed, threads in (("0", "1"), ("1", "2"), ("5", "2")):
+        run = Path(f"run{seed}")  # same relative paths, own cache and output
+        run.mkdir()
+        for name in (*inputs, "c.json"):
+            (run / name).symlink_to(Path(name).resolve())
+        env = dict(os.environ, PYTHONHASHSEED=seed, OMP_NUM_THREADS=threads)
+        done = subprocess.run([sys.executable, "-c", code, threads], env=env, cwd=run)
+        assert done.returncode == 0
+        outputs.append(
+            {
+                str(p.relative_to(run)): p.read_bytes()
+                for p in sorted((run / "out").rglob("*"))
+                if p.is_file() and p.name != ".mergekit-tada.lock"
+            }
+        )
+    return outputs

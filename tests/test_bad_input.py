@@ -1,12 +1,16 @@
 """Bad input: a clear error naming file and module, and nothing that looks finished."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_adapter, rewrite_factors, tada_config
+from conftest import (
+    copy_adapter,
+    outputs_under_settings,
+    rewrite_factors,
+    tada_config,
+)
 
 import mergekit_tada
 from mergekit_tada.errors import TadaError
@@ -278,9 +282,6 @@ def test_output_rank_is_capped_at_what_the_update_can_have(work, caplog):
 
 def test_output_bytes_do_not_depend_on_hash_seed_or_threads(work):
     """Inputs with different task types: the output's comes from the config order."""
-    import subprocess
-    import sys
-
     path = copy_adapter("lora-domain", "lora-fe")
     cfg = json.loads((path / "adapter_config.json").read_text())
     cfg["task_type"] = "FEATURE_EXTRACTION"
@@ -297,28 +298,9 @@ def test_output_bytes_do_not_depend_on_hash_seed_or_threads(work):
         conflict_elimination=True,
         cache_dir="cache",
     )
-    Path("c.json").write_text(json.dumps(config))
-    code = (
-        "import json, sys, torch, mergekit_tada\n"
-        "torch.set_num_threads(int(sys.argv[1]))\n"
-        "mergekit_tada.merge(json.load(open('c.json')), 'out', quiet=True)\n"
+    outputs = outputs_under_settings(
+        config, ("base", "lora-task", "lora-fe", "prompts.txt")
     )
-    outputs = []
-    for seed, threads in (("0", "1"), ("1", "2"), ("5", "2")):
-        run = Path(f"run{seed}")  # same relative paths, own cache and output
-        run.mkdir()
-        for name in ("base", "lora-task", "lora-fe", "prompts.txt", "c.json"):
-            (run / name).symlink_to(Path(name).resolve())
-        env = dict(os.environ, PYTHONHASHSEED=seed, OMP_NUM_THREADS=threads)
-        done = subprocess.run([sys.executable, "-c", code, threads], env=env, cwd=run)
-        assert done.returncode == 0
-        outputs.append(
-            {
-                str(p.relative_to(run)): p.read_bytes()
-                for p in sorted((run / "out").rglob("*"))
-                if p.is_file() and p.name != ".mergekit-tada.lock"
-            }
-        )
     assert outputs[0] == outputs[1] == outputs[2]
     cfg = json.loads(outputs[0]["out/adapter/adapter_config.json"])
     assert cfg["task_type"] == "CAUSAL_LM"  # the first input's, in config order

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapter_delta, count_calls, peft_delta, rel_err
+from conftest import (
+    adapter_delta,
+    count_calls,
+    outputs_under_settings,
+    peft_delta,
+    rel_err,
+)
 from safetensors.torch import load_file, save_file
 
 import mergekit_tada
@@ -290,6 +296,15 @@ def test_preference_lowers_the_preferred_gap(tara_work):
     uniform = gaps(1.0, "uniform")
     preferred = gaps(9.0, "preferred")  # rho = (0.1, 0.9)
     assert preferred[1] < uniform[1]
+
+
+def test_output_bytes_do_not_depend_on_hash_seed_or_threads(tara_work):
+    """Training and the per-module merges on worker threads give the same bits
+    on 1 or 2 torch threads (ATen splits reductions by the thread count)."""
+    inputs = ("base", "lora-task", "lora-domain", "a.txt", "b.txt")
+    outputs = outputs_under_settings(tara_config(), inputs, adapter_only=True)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert "out/adapter/adapter_model.safetensors" in outputs[0]
 
 
 def test_reruns_are_bit_identical_and_cached(tara_work, monkeypatch):

@@ -35,7 +35,7 @@ from torch import nn
 from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
-from mergekit_tada.lowrank import frobenius_sq
+from mergekit_tada.lowrank import frobenius_sq, single_thread
 from mergekit_tada.texts import read_texts
 
 LOG = logging.getLogger(__name__)
@@ -292,13 +292,18 @@ class _Accumulator:
             # float64 in chunks of tokens: a float64 copy of a whole MLP input
             # would be the largest tensor of the block phase
             sum_sq_input, sum_sq_delta = 0.0, [0.0] * len(prepared)
-            for chunk in x.split(self.CHUNK_TOKENS):
-                c = chunk.double().flatten()
-                sum_sq_input += float(torch.dot(c, c))
-                c = c.view(chunk.shape)
-                for n, (_, A, G) in enumerate(prepared):
-                    z = c @ A.T
-                    sum_sq_delta[n] += float(((z @ G) * z).sum())
+            # one torch thread: ATen splits long reductions by the thread
+            # count, and the sums' last bits would depend on it
+            with (
+                single_thread() if x.device.type == "cpu" else contextlib.nullcontext()
+            ):
+                for chunk in x.split(self.CHUNK_TOKENS):
+                    c = chunk.double().flatten()
+                    sum_sq_input += float(torch.dot(c, c))
+                    c = c.view(chunk.shape)
+                    for n, (_, A, G) in enumerate(prepared):
+                        z = c @ A.T
+                        sum_sq_delta[n] += float(((z @ G) * z).sum())
             for (entry, _, _), delta in zip(prepared, sum_sq_delta, strict=True):
                 entry.sum_sq_delta += delta
                 entry.sum_sq_input += sum_sq_input
