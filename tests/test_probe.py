@@ -334,6 +334,42 @@ def test_per_layer_gates_and_raw_statistic(work):
         mergekit_tada.merge(probe_config(probe_statistic="rms"), "bad", quiet=True)
 
 
+def test_gates_centred_per_projection_type(work):
+    """probe_centring: type moves each projection type's median delta to the global one."""
+    write_prompts()
+    module_run = merged_modules(probe_config(), "m")
+    typed = merged_modules(probe_config(probe_centring="type"), "t")
+    deltas = {
+        m: math.log(r["probe_domain"]) - math.log(r["probe_task"])
+        for m, r in module_run.items()
+        if r.get("probe_domain") and r.get("probe_task")
+    }
+
+    def median(values):
+        v = sorted(values)
+        return (
+            v[len(v) // 2]
+            if len(v) % 2
+            else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+        )
+
+    overall = median(deltas.values())
+    kind = lambda m: m.rsplit(".", 1)[-1]  # noqa: E731
+    centred = {
+        m: d - median([x for n, x in deltas.items() if kind(n) == kind(m)]) + overall
+        for m, d in deltas.items()
+    }
+    centre = median(centred.values())  # the gates' sigmoid is centred on it
+    for m, c in centred.items():
+        assert typed[m]["delta"] == pytest.approx(c, rel=1e-9, abs=1e-12), m
+        w_d = 2.0 * min(max(1 / (1 + math.exp(-(c - centre))), 0.1), 0.9)
+        assert typed[m]["domain_gate"] == pytest.approx(w_d, rel=1e-9), m
+    # four types (q, v, up, down) over three layers: the shift is not zero
+    assert any(abs(typed[m]["delta"] - d) > 1e-3 for m, d in deltas.items())
+    with pytest.raises(Exception, match="probe_centring must be one of global, type"):
+        mergekit_tada.merge(probe_config(probe_centring="layer"), "bad", quiet=True)
+
+
 def test_user_weights_override_probe_gates(work):
     write_prompts()
     config = probe_config(task_weight=[{"filter": "layers.0.", "value": 0.77}])

@@ -41,6 +41,7 @@ from mergekit_tada.methods.tada import tada_combine
 from mergekit_tada.probe.gates import (
     GATE_GRANULARITIES,
     GATE_NORMALIZATIONS,
+    PROBE_CENTRINGS,
     PROBE_STATISTICS,
     ProbeTable,
     gates_from_delta,
@@ -265,6 +266,7 @@ class TadaMethod(LoraMergeMethod):
             ParameterSpec(
                 "probe_statistic", str, SHARED, "normalized", "normalized | raw"
             ),
+            ParameterSpec("probe_centring", str, SHARED, "global", "global | type"),
             ParameterSpec("task_weight", float | None, SHARED, None),
             ParameterSpec("domain_weight", float | None, SHARED, None),
             ParameterSpec("conflict_elimination", bool, SHARED, True),
@@ -320,6 +322,7 @@ class TadaMethod(LoraMergeMethod):
             ("gate_granularity", granularities),
             ("gate_normalization", GATE_NORMALIZATIONS),
             ("probe_statistic", PROBE_STATISTICS),
+            ("probe_centring", PROBE_CENTRINGS),
             ("training_mode", tara.TRAINING_MODES),
         ):
             if params[key] not in allowed:
@@ -406,6 +409,7 @@ class TadaMethod(LoraMergeMethod):
             by_role["domain"],
             statistic=plans[0].params["probe_statistic"],
             granularity=plans[0].params["gate_granularity"],
+            centring=plans[0].params["probe_centring"],
         )
         if table.undefined:
             shared = len(table.undefined) + len(table.deltas)

@@ -16,10 +16,14 @@ The median runs over the modules both adapters touch. A module in one adapter
 only, or where a probe is undefined (a zero update or zero inputs), gets the
 neutral delta = median (w = 0.5 before clipping and scaling).
 
-Two ablation settings (docs/quality.md): ``statistic="raw"`` uses the raw
-activation norm RMS_x ||dW_a x|| instead of the probe (not magnitude-invariant),
-and ``granularity="layer"`` gives every module of a decoder layer the mean
-delta of that layer (one gate per layer instead of per layer x projection).
+Three ablation settings (docs/quality.md): ``statistic="raw"`` uses the raw
+activation norm RMS_x ||dW_a x|| instead of the probe (not magnitude-invariant);
+``granularity="layer"`` gives every module of a decoder layer the mean
+delta of that layer (one gate per layer instead of per layer x projection);
+``centring="type"`` shifts each projection type's deltas (all q_proj, all
+down_proj, ...) so that their median is the global median: a type whose
+probes differ from the others' for both adapters alike (its input
+statistics, not the task/domain split) then gets no gate bias of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from mergekit_tada.probe.calibration import ModuleStats
 PROBE_STATISTICS = ("normalized", "raw")
 GATE_GRANULARITIES = ("module", "layer")
 GATE_NORMALIZATIONS = ("sum", "max")
+PROBE_CENTRINGS = ("global", "type")
 _LAYER = re.compile(r"^(.*\.(?:layers|layer|h|blocks)\.\d+)\.")
 
 
@@ -65,6 +70,19 @@ def layer_of(module: str) -> str:
     return match.group(1) if match else module
 
 
+def _centre_by_type(deltas: dict[str, float]) -> dict[str, float]:
+    """Each projection type's deltas shifted to have the global median."""
+    overall = _median(list(deltas.values()))
+    types: dict[str, list[str]] = {}
+    for module in deltas:
+        types.setdefault(module.rsplit(".", 1)[-1], []).append(module)
+    centred = {}
+    for members in types.values():
+        shift = overall - _median([deltas[m] for m in members])
+        centred.update({m: deltas[m] + shift for m in members})
+    return {m: centred[m] for m in deltas}
+
+
 def _pool_by_layer(deltas: dict[str, float]) -> dict[str, float]:
     """Each module's delta replaced by the mean delta of its decoder layer."""
     groups: dict[str, list[str]] = {}
@@ -95,6 +113,7 @@ class ProbeTable:
         *,
         statistic: str = "normalized",
         granularity: str = "module",
+        centring: str = "global",
     ) -> ProbeTable:
         p_task = {m: probe_value(s, statistic) for m, s in task.items()}
         p_domain = {m: probe_value(s, statistic) for m, s in domain.items()}
@@ -106,6 +125,8 @@ class ProbeTable:
         undefined = tuple(
             m for m in sorted(set(p_task) & set(p_domain)) if m not in deltas
         )
+        if centring == "type":
+            deltas = _centre_by_type(deltas)
         if granularity == "layer":
             deltas = _pool_by_layer(deltas)
         return cls(p_task, p_domain, deltas, _median(list(deltas.values())), undefined)
