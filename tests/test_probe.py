@@ -25,7 +25,7 @@ from mergekit_tada.probe.calibration import (
     tokenizer_for,
 )
 from mergekit_tada.probe.gates import ProbeTable, gates_from_delta
-from mergekit_tada.toy import build_lora, build_tokenizer
+from mergekit_tada.toy import build_llama, build_lora, build_tokenizer
 
 PROMPTS = [
     "the protein binding of the receptor in the cell",
@@ -68,14 +68,16 @@ def reference_stats(model_dir, batches, adapters, auto="causal"):
     cls = AutoModelForCausalLM if auto == "causal" else AutoModel
     model = cls.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     seen: dict[str, list[torch.Tensor]] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
     mask = {}
 
     def hook(name):
-        def fn(_m, inputs, _o):
-            x = inputs[0]
+        def fn(_m, inputs, output):
+            x, y = inputs[0], output
             if x.shape[:-1] == mask["m"].shape:
-                x = x[mask["m"]]
+                x, y = x[mask["m"]], y[mask["m"]]
             seen.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).double())
+            outputs.setdefault(name, []).append(y.reshape(-1, y.shape[-1]).double())
 
         return fn
 
@@ -92,23 +94,26 @@ def reference_stats(model_dir, batches, adapters, auto="causal"):
             x = torch.cat(seen[module])
             f = adapter.factors(module)
             delta = f.B.double() @ f.A.double()
+            y = torch.cat(outputs[module])
             out[(label, module)] = (
                 float(((x @ delta.T) ** 2).sum()),
                 float((x * x).sum()),
                 x.shape[0],
                 float((delta * delta).sum()),
+                float((y * y).sum()),
             )
     return out
 
 
 def assert_stats_match(stats, reference):
     assert len(reference) == sum(len(m) for m in stats.values())
-    for (label, module), (delta, inputs, tokens, frob) in reference.items():
+    for (label, module), (delta, inputs, tokens, frob, output) in reference.items():
         s = stats[label][module]
         assert s.tokens == tokens, module
         assert s.sum_sq_delta == pytest.approx(delta, rel=1e-5), module
         assert s.sum_sq_input == pytest.approx(inputs, rel=1e-5), module
         assert s.frob_sq == pytest.approx(frob, rel=1e-5), module
+        assert s.sum_sq_output == pytest.approx(output, rel=1e-5), module
 
 
 def test_streamed_statistics_equal_full_forward(work):
@@ -154,6 +159,24 @@ def test_streamed_statistics_other_decoders(tmp_path, model_type):
     )
     stats = run_calibration(str(tmp_path / "m"), batches, adapters, quiet=True)
     assert "lm_head" in stats["b"]  # outside the blocks: streamed too
+    assert_stats_match(stats, reference_stats(tmp_path / "m", batches, adapters))
+
+
+# PEFT warns that an adapter on a tied head may complicate merging: this one
+# is only read for its factors
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+def test_streamed_statistics_tied_lm_head(tmp_path):
+    """A tied LM head (no lm_head.weight in the checkpoint): its output sums come
+    from the input embedding's weight."""
+    build_llama(tmp_path / "m", tie_embeddings=True, seed=6)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "m" / "model.safetensors"))
+    build_lora(tmp_path / "m", tmp_path / "b", r=2, seed=5, targets=("lm_head",))
+    adapters = {"b": LoraAdapter(tmp_path / "b")}
+    batches = make_batches(
+        tokenizer_for(str(tmp_path / "m")), PROMPTS, 12, batch_size=3
+    )
+    stats = run_calibration(str(tmp_path / "m"), batches, adapters, quiet=True)
+    assert stats["b"]["lm_head"].sum_sq_output > 0
     assert_stats_match(stats, reference_stats(tmp_path / "m", batches, adapters))
 
 
@@ -368,6 +391,44 @@ def test_gates_centred_per_projection_type(work):
     assert any(abs(typed[m]["delta"] - d) > 1e-3 for m, d in deltas.items())
     with pytest.raises(Exception, match="probe_centring must be one of global, type"):
         mergekit_tada.merge(probe_config(probe_centring="layer"), "bad", quiet=True)
+
+
+def test_reported_output_perturbation(work):
+    """Each module's RMS ||dW x|| / RMS ||W x|| is reported; as a gate statistic it
+    would equal `raw` (||W x|| is shared by both adapters and cancels in delta)."""
+    write_prompts()
+    modules = merged_modules(probe_config(), "o")
+    batches = make_batches(tokenizer_for("base"), PROMPTS, 256, batch_size=8)
+    adapters = {"task": LoraAdapter("lora-task"), "domain": LoraAdapter("lora-domain")}
+    reference = reference_stats("base", batches, adapters)
+    for (role, module), (delta, _, _, _, output) in reference.items():
+        expected = math.sqrt(delta / output)
+        got = modules[module][f"perturbation_{role}"]
+        assert got == pytest.approx(expected, rel=1e-5), module
+    raw = merged_modules(probe_config(probe_statistic="raw"), "r")
+    for m, r in raw.items():
+        if r.get("perturbation_domain") and r.get("perturbation_task"):
+            ratio = math.log(r["perturbation_domain"] / r["perturbation_task"])
+            assert r["delta"] == pytest.approx(ratio, rel=1e-9, abs=1e-12), m
+
+
+def test_stats_entry_of_an_older_version_is_recomputed(work):
+    """An entry without a field added since (sum_sq_output) is a miss, not zeros."""
+    write_prompts()
+    mergekit_tada.merge(probe_config(), "out", quiet=True, adapter_only=True)
+    (entry,) = Path("cache").glob("stats-*.json")
+    good = json.loads(Path("out/tada_report.json").read_text())["modules"]
+    cache = StatsCache("cache")
+    key = entry.name.removeprefix("stats-").removesuffix(".json")
+    payload = cache.load(key, "stats")
+    for modules in payload.values():
+        for s in modules.values():
+            del s["sum_sq_output"]
+    cache.store(key, payload, "stats")  # a valid entry, of the older layout
+    mergekit_tada.merge(probe_config(), "out", quiet=True, adapter_only=True)
+    report = json.loads(Path("out/tada_report.json").read_text())
+    assert report["inputs"]["calibration"]["cache_hit"] is False
+    assert report["modules"] == good
 
 
 def test_user_weights_override_probe_gates(work):

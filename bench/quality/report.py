@@ -109,17 +109,25 @@ def write_docs(per_seed: dict, docs: Path, wall: float) -> None:
         "",
         "## Worlds",
         "",
-        "| seed | base loss | task loss | domain loss | joint loss | build s |",
-        "|---|---|---|---|---|---|",
+        "| seed | base loss | task loss | domain loss | joint loss | build s "
+        "| task ‖ΔW‖/‖W‖ median (max) | domain ‖ΔW‖/‖W‖ median (max) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for seed, run in per_seed.items():
         w = run["world"]
         build = sum(
             w.get(f"{k}_seconds", 0) for k in ("base", "task", "domain", "joint")
         )
+        sizes = w.get("update_sizes")
+        size = " | ".join(
+            f"{100 * sizes[f'{a}_median']:.0f} % ({100 * sizes[f'{a}_max']:.0f} %)"
+            if sizes
+            else "—"
+            for a in ("task", "domain")
+        )
         lines.append(
             f"| {seed} | {w['base_loss']:.3f} | {w['task_loss']:.3f} | "
-            f"{w['domain_loss']:.3f} | {w['joint_loss']:.3f} | {build:.0f} |"
+            f"{w['domain_loss']:.3f} | {w['joint_loss']:.3f} | {build:.0f} | {size} |"
         )
     lines += [
         "",

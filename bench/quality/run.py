@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from world import World, WorldSpec, build  # noqa: E402
+from world import World, WorldSpec, build, update_sizes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "bench" / "work" / "quality"
@@ -203,6 +203,7 @@ TADA_ABLATIONS = {
     " N=8": {"calibration_samples": 8},
     " N=128": {"calibration_samples": 128},
     " raw activation norm": {"probe_statistic": "raw"},
+    " per-type centring": {"probe_centring": "type"},
     " clip 0.3-0.7": {"gate_min": 0.3, "gate_max": 0.7},
     " max-normalised gates": {"gate_normalization": "max"},
     " rank 16 (no truncation)": {"rank": 16},
@@ -371,7 +372,8 @@ def run_seed(seed: int, spec_overrides: dict, log=print) -> dict:
             for m, r in report["modules"].items()
         }
     return {
-        "world": json.loads((root / "world.json").read_text()) | {"facts": None},
+        "world": json.loads((root / "world.json").read_text())
+        | {"facts": None, "update_sizes": update_sizes(root)},
         "results": results,
         "gates": gates,
     }

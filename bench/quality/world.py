@@ -307,6 +307,32 @@ def train_lora(
     return loss, round(time.perf_counter() - t0, 1)
 
 
+def update_sizes(root: Path) -> dict[str, float]:
+    """Per adapter: median and largest ||s B A||_F / ||W||_F over its modules."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(root / "base" / "model.safetensors"))
+    sizes = {}
+    for name in ("task", "domain"):
+        folder = root / f"lora-{name}"
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        scaling = config["lora_alpha"] / config["r"]
+        ratios = sorted(
+            float(
+                (scaling * tensors[key.replace(".lora_A.", ".lora_B.")] @ A).norm()
+                / weights[
+                    key.removeprefix("base_model.model.").replace(".lora_A", "")
+                ].norm()
+            )
+            for key, A in tensors.items()
+            if ".lora_A." in key
+        )
+        sizes[f"{name}_median"] = ratios[len(ratios) // 2]
+        sizes[f"{name}_max"] = ratios[-1]
+    return sizes
+
+
 def build(world: World, root: Path, log=print) -> dict:
     """Train the base and the three adapters of ``world`` under ``root``."""
     spec = world.spec

@@ -66,6 +66,7 @@ LEARNED_GRANULARITIES = ("module", "layer", "global")
 CALIBRATION_KEYS = (
     "gate_granularity",
     "probe_statistic",
+    "probe_centring",
     "calibration",
     "calibration_samples",
     "calibration_max_length",
@@ -578,6 +579,8 @@ class TadaMethod(LoraMergeMethod):
                 probe_task=probes.task.get(task_m) if task_m else None,
                 probe_domain=probes.domain.get(domain_m) if domain_m else None,
                 delta=delta,
+                perturbation_task=probes.perturbations["task"].get(task_m),
+                perturbation_domain=probes.perturbations["domain"].get(domain_m),
             )
             # user weights (scalars, gradients, filters) override per tensor
             if w_task is not None or w_domain is not None:

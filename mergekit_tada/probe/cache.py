@@ -17,7 +17,14 @@ class StatsCache(ContentCache):
         payload = self.load(key, "stats")
         if payload is None:
             return None
+        fields = set(vars(ModuleStats()))
         try:
+            if any(
+                set(s) != fields
+                for modules in payload.values()
+                for s in modules.values()
+            ):
+                return None  # an entry of another version (fields added since)
             return {
                 label: {m: ModuleStats(**s) for m, s in modules.items()}
                 for label, modules in payload.items()

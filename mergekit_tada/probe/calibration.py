@@ -14,8 +14,8 @@ their statistics too. Peak memory: the stem, one block, and the activations.
 
 Per target module m and adapter a the pass accumulates, over valid tokens x,
     sum ||dW_a x||^2 = sum_x z^T (s_a^2 B_a^T B_a) z,  z = A_a x  (r numbers),
-    sum ||x||^2 and the token count,
-which is all the magnitude-invariant probe needs (mergekit_tada/probe/gates.py).
+    sum ||x||^2, sum ||W x||^2 (the module's own output) and the token count,
+which is all the probes need (mergekit_tada/probe/gates.py).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class ModuleStats:
     frob_sq: float = 0.0  # ||dW||_F^2
     sum_sq_delta: float = 0.0  # sum_x ||dW x||^2
     sum_sq_input: float = 0.0  # sum_x ||x||^2
+    sum_sq_output: float = 0.0  # sum_x ||W x (+ b)||^2, the base module's output
     tokens: int = 0
 
 
@@ -73,7 +74,8 @@ def check_statistics(stats: Stats, base_path: str) -> None:
             for modules in stats.values()
             for module, s in modules.items()
             if not all(
-                math.isfinite(v) for v in (s.frob_sq, s.sum_sq_delta, s.sum_sq_input)
+                math.isfinite(v)
+                for v in (s.frob_sq, s.sum_sq_delta, s.sum_sq_input, s.sum_sq_output)
             )
         },
         key=natural_key,
@@ -203,6 +205,15 @@ class StreamedModel:
             f"calibration: {self.headers.path} has no weight named like {name}"
         )
 
+    def lm_head_weight(self) -> torch.Tensor:
+        """The LM head's weight from the checkpoint (the input embedding's if tied)."""
+        key = "lm_head.weight"
+        if key not in self.headers.index.tensor_paths:
+            embedding = self.model.get_input_embeddings()
+            name = next(n for n, m in self.model.named_modules() if m is embedding)
+            key = self.checkpoint_name(f"{name}.weight")
+        return self.headers.read(key, self.dtype, self.device)
+
     def checkpoint_name(self, module_name: str) -> str:
         """Base-model module name -> name in the checkpoint (= the adapter's)."""
         return self.prefix + module_name
@@ -274,8 +285,13 @@ class _Accumulator:
         self.stats = stats
         self.mask: torch.Tensor | None = None  # valid-token mask of the current chunk
 
-    def hook(self, module_name: str):
-        """A forward hook accumulating (A, G = s^2 B^T B) statistics for the module."""
+    def hook(self, module_name: str, output_gram: torch.Tensor | None = None):
+        """A forward hook accumulating (A, G = s^2 B^T B) statistics for the module.
+
+        ``output_gram``: W^T W (float64) for a module called without its output
+        (the LM head on the final states): sum ||W x||^2 = sum x^T (W^T W) x,
+        never the tokens x vocabulary logits.
+        """
         prepared = []
         for label in self.targets[module_name]:
             f = self.adapters[label].factors(module_name, self.device)
@@ -284,14 +300,17 @@ class _Accumulator:
             entry.frob_sq = frobenius_sq(f)
             prepared.append((entry, A, B.T @ B))
 
-        def accumulate(_module: nn.Module, inputs: tuple, _output) -> None:
-            x = inputs[0]
+        def accumulate(_module: nn.Module, inputs: tuple, output) -> None:
+            x, y = inputs[0], output
             if self.mask is not None and x.shape[:-1] == self.mask.shape:
                 x = x[self.mask]
+                y = None if y is None else y[self.mask]
             x = x.reshape(-1, x.shape[-1])
+            y = None if y is None else y.reshape(-1, y.shape[-1])
             # float64 in chunks of tokens: a float64 copy of a whole MLP input
             # would be the largest tensor of the block phase
-            sum_sq_input, sum_sq_delta = 0.0, [0.0] * len(prepared)
+            sum_sq_input, sum_sq_output = 0.0, 0.0
+            sum_sq_delta = [0.0] * len(prepared)
             # one torch thread: ATen splits long reductions by the thread
             # count, and the sums' last bits would depend on it
             with (
@@ -304,9 +323,16 @@ class _Accumulator:
                     for n, (_, A, G) in enumerate(prepared):
                         z = c @ A.T
                         sum_sq_delta[n] += float(((z @ G) * z).sum())
+                    if y is None:
+                        sum_sq_output += float(((c @ output_gram) * c).sum())
+                if y is not None:
+                    for chunk in y.split(self.CHUNK_TOKENS):
+                        c = chunk.double().flatten()
+                        sum_sq_output += float(torch.dot(c, c))
             for (entry, _, _), delta in zip(prepared, sum_sq_delta, strict=True):
                 entry.sum_sq_delta += delta
                 entry.sum_sq_input += sum_sq_input
+                entry.sum_sq_output += sum_sq_output
                 entry.tokens += x.shape[0]
 
         return accumulate
@@ -386,6 +412,18 @@ def token_count(batches: Sequence[Batch]) -> int:
     return int(sum(int(b.attention_mask.sum()) for b in batches))
 
 
+def row_gram(weight: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """W^T W in float64, a block of rows at a time (no float64 copy of a vocab x
+    hidden head), on one thread (its sums' bits must not depend on the count)."""
+    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64)
+    with single_thread() if weight.device.type == "cpu" else contextlib.nullcontext():
+        gram = gram.to(weight.device)
+        for block in weight.split(rows):
+            block = block.double()
+            gram += block.T @ block
+    return gram
+
+
 @large_allocations_unmapped()
 def run_calibration(
     base_path: str,
@@ -434,7 +472,9 @@ def run_calibration(
             for n, m in model.linear_modules(model.model, "")
             if not n.startswith(model.checkpoint_name(model.blocks_name + "."))
         ]
-        lm_hook = acc.hook("lm_head") if "lm_head" in acc.targets else None
+        lm_hook = None
+        if "lm_head" in acc.targets:
+            lm_hook = acc.hook("lm_head", output_gram=row_gram(model.lm_head_weight()))
         with acc.attached(iter(stem)):
             for c, b in enumerate(on_device):
                 acc.mask = b.attention_mask.bool()

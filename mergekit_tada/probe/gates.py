@@ -16,8 +16,12 @@ The median runs over the modules both adapters touch. A module in one adapter
 only, or where a probe is undefined (a zero update or zero inputs), gets the
 neutral delta = median (w = 0.5 before clipping and scaling).
 
-Three ablation settings (docs/quality.md): ``statistic="raw"`` uses the raw
+Ablation settings (docs/quality.md): ``statistic="raw"`` uses the raw
 activation norm RMS_x ||dW_a x|| instead of the probe (not magnitude-invariant);
+the output-side probe RMS_x ||dW_a x|| / RMS_x ||W x|| would give the same
+gates as ``raw`` (the module's ||W x|| is shared by both adapters and cancels
+in delta), so it is reported (``perturbation``: how far each adapter moves
+the module's own output on the calibration text), not offered as a statistic;
 ``granularity="layer"`` gives every module of a decoder layer the mean
 delta of that layer (one gate per layer instead of per layer x projection);
 ``centring="type"`` shifts each projection type's deltas (all q_proj, all
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mergekit_tada.probe.calibration import ModuleStats
 
@@ -52,6 +56,14 @@ def probe_value(stats: ModuleStats, statistic: str = "normalized") -> float | No
             else None
         )
     return math.sqrt(stats.sum_sq_delta) / math.sqrt(stats.frob_sq * stats.sum_sq_input)
+
+
+def perturbation(stats: ModuleStats) -> float | None:
+    """RMS_x ||dW x|| / RMS_x ||W x||: the adapter's relative change of the
+    module's output on the calibration text; None where undefined."""
+    if stats.sum_sq_output <= 0:
+        return None
+    return math.sqrt(stats.sum_sq_delta / stats.sum_sq_output)
 
 
 def _median(values: list[float]) -> float:
@@ -104,6 +116,8 @@ class ProbeTable:
     deltas: dict[str, float]
     median_delta: float
     undefined: tuple[str, ...] = ()  # modules of both adapters with no probe
+    # relative output perturbations (reported): role -> module -> value
+    perturbations: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     @classmethod
     def from_stats(
@@ -129,7 +143,17 @@ class ProbeTable:
             deltas = _centre_by_type(deltas)
         if granularity == "layer":
             deltas = _pool_by_layer(deltas)
-        return cls(p_task, p_domain, deltas, _median(list(deltas.values())), undefined)
+        return cls(
+            p_task,
+            p_domain,
+            deltas,
+            _median(list(deltas.values())),
+            undefined,
+            {
+                role: {m: perturbation(s) for m, s in stats.items()}
+                for role, stats in (("task", task), ("domain", domain))
+            },
+        )
 
     def delta(self, task_module: str | None, domain_module: str | None) -> float:
         if task_module is None or domain_module is None or task_module != domain_module:
