@@ -16,7 +16,9 @@ Every score also reports H, the harmonic mean of combined and task control.
 Weights per group go through mergekit's filter lists, so these are ordinary
 ``lora_task_arithmetic`` merges. Writes docs/quality-headroom.md and .json.
 
-    .venv/bin/python bench/quality/headroom.py [--seeds 0 1 2]
+    .venv/bin/python bench/quality/headroom.py [--seeds 0 1 2] [--world quiet]
+
+(--world quiet writes docs/quality-quiet-headroom.md and .json.)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from report import harmonic  # noqa: E402
 from run import WORK, Ctx, score, with_adapter  # noqa: E402
-from world import World, WorldSpec  # noqa: E402
+from world import WORLDS, World, WorldSpec, world_root  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 GRID = [i / 4 for i in range(9)]
@@ -89,14 +91,15 @@ def evaluate(model, tok, sets: dict) -> dict[str, float]:
     return row
 
 
-def context(seed: int) -> tuple[Ctx, World, dict, object]:
+def context(seed: int, world_name: str) -> tuple[Ctx, World, dict, object]:
     from transformers import AutoTokenizer
 
-    world = World.generate(WorldSpec(seed=seed))
-    root = WORK / f"seed-{seed}"
+    world = World.generate(WorldSpec(seed=seed, **WORLDS[world_name]))
+    root = world_root(WORK, world_name, seed)
     if not (root / "world.json").exists():
         raise SystemExit(
-            f"{root} is not built: run bench/quality/run.py --seeds {seed}"
+            f"{root} is not built: run bench/quality/run.py --seeds {seed} "
+            f"--world {world_name}"
         )
     ctx = Ctx(root, seed, world, root / "headroom")
     shutil.rmtree(ctx.out, ignore_errors=True)
@@ -113,8 +116,8 @@ def context(seed: int) -> tuple[Ctx, World, dict, object]:
     return ctx, world, sets, AutoTokenizer.from_pretrained(ctx.base)
 
 
-def run_seed(seed: int, log=print) -> dict:
-    ctx, world, sets, tok = context(seed)
+def run_seed(seed: int, world_name: str, log=print) -> dict:
+    ctx, world, sets, tok = context(seed, world_name)
     grid = {}
     for a in GRID:
         for b in GRID:
@@ -146,14 +149,14 @@ def run_seed(seed: int, log=print) -> dict:
     }
 
 
-def transfer(results: dict, log=print) -> dict:
+def transfer(results: dict, world_name: str, log=print) -> dict:
     """Each seed's per-group weights applied to every other seed's world."""
     out = {}
     for source, res in results.items():
         for target in results:
             if target == source:
                 continue
-            ctx, _, sets, tok = context(target)
+            ctx, _, sets, tok = context(target, world_name)
             row = evaluate(
                 merged_model(
                     ctx, "transfer", res["oracle"]["task"], res["oracle"]["domain"]
@@ -168,12 +171,14 @@ def transfer(results: dict, log=print) -> dict:
     return out
 
 
-def write_docs(results: dict, moved: dict, seconds: float) -> None:
-    (DOCS / "quality-headroom.json").write_text(
+def write_docs(results: dict, moved: dict, seconds: float, world_name: str) -> str:
+    stem = "quality" if world_name == "default" else f"quality-{world_name}"
+    (DOCS / f"{stem}-headroom.json").write_text(
         json.dumps({"seeds": results, "transfer": moved}, indent=1) + "\n"
     )
     lines = [
-        "# Headroom of the task/domain balance (bench/quality/headroom.py)",
+        "# Headroom of the task/domain balance (bench/quality/headroom.py)"
+        + ("" if world_name == "default" else f", the {world_name} world"),
         "",
         f"Seeds {', '.join(map(str, results))}; {seconds / 60:.1f} min. Exact match %; "
         "H = harmonic mean of combined and task control. Task arithmetic 1/1 is "
@@ -225,19 +230,21 @@ def write_docs(results: dict, moved: dict, seconds: float) -> None:
         "",
         *(f"- {k}: {v['combined']:.1f} (H {v['H']:.1f})" for k, v in moved.items()),
     ]
-    (DOCS / "quality-headroom.md").write_text("\n".join(lines) + "\n")
+    (DOCS / f"{stem}-headroom.md").write_text("\n".join(lines) + "\n")
+    return f"docs/{stem}-headroom.md"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--world", choices=sorted(WORLDS), default="default")
     args = parser.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    results = {seed: run_seed(seed) for seed in args.seeds}
-    moved = transfer(results)
-    write_docs(results, moved, time.perf_counter() - t0)
-    print(f"wrote docs/quality-headroom.md in {time.perf_counter() - t0:.0f} s")
+    results = {seed: run_seed(seed, args.world) for seed in args.seeds}
+    moved = transfer(results, args.world)
+    page = write_docs(results, moved, time.perf_counter() - t0, args.world)
+    print(f"wrote {page} in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

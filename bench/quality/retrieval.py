@@ -138,7 +138,7 @@ def build_library(world: LibraryWorld, root: Path, log=print) -> None:
     }
     entries = []
     for i, (name, corpus) in enumerate(corpora.items()):
-        loss, seconds = train_lora(
+        loss, seconds, _ = train_lora(
             root, world.spec, name, world.with_replay(corpus), i, world.spec.lora_steps
         )
         log(f"  {name} LoRA: loss {loss:.3f} in {seconds:.0f} s")

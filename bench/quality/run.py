@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/quality/run.py            # build (cached) + score + docs
     .venv/bin/python bench/quality/run.py --seeds 0  # one world
+    .venv/bin/python bench/quality/run.py --world quiet  # small-perturbation worlds
 
-Worlds are built once under bench/work/quality/seed-N (delete to rebuild);
-merges are re-run and re-scored on every call (about a minute per seed).
-Writes docs/quality.md, docs/quality.json and docs/quality-gates.png.
+Worlds are built once under bench/work/quality/ (seed-N; quiet-seed-N for
+--world quiet; delete to rebuild); merges are re-run and re-scored on every
+call (about a minute per seed). Writes docs/quality-results.md,
+docs/quality.json and docs/quality-gates.png (quality-quiet-* for quiet).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from world import World, WorldSpec, build, update_sizes  # noqa: E402
+from world import (  # noqa: E402
+    WORLDS,
+    World,
+    WorldSpec,
+    build,
+    update_sizes,
+    world_root,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "bench" / "work" / "quality"
@@ -313,15 +322,14 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", name).strip("_")
 
 
-def run_seed(seed: int, spec_overrides: dict, log=print) -> dict:
+def run_seed(seed: int, world_name: str = "default", log=print) -> dict:
     from transformers import AutoTokenizer
 
-    spec = WorldSpec(seed=seed, **spec_overrides)
-    world = World.generate(spec)
-    root = WORK / f"seed-{seed}"
+    world = World.generate(WorldSpec(seed=seed, **WORLDS[world_name]))
+    root = world_root(WORK, world_name, seed)
     if not (root / "world.json").exists():
-        log(f"seed {seed}: building the world")
-        building = WORK / f".seed-{seed}.building"
+        log(f"seed {seed}: building the {world_name} world")
+        building = root.with_name(f".{root.name}.building")
         shutil.rmtree(building, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
         build(world, building, log=log)
@@ -383,14 +391,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--world", choices=sorted(WORLDS), default="default")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    per_seed = {seed: run_seed(seed, {}) for seed in args.seeds}
+    per_seed = {seed: run_seed(seed, args.world) for seed in args.seeds}
     from report import write_docs  # noqa: PLC0415
 
-    write_docs(per_seed, DOCS, wall=time.perf_counter() - t0)
-    print(f"done in {time.perf_counter() - t0:.0f} s; wrote docs/quality-results.md")
+    page = write_docs(per_seed, DOCS, wall=time.perf_counter() - t0, world=args.world)
+    print(f"done in {time.perf_counter() - t0:.0f} s; wrote {page}")
 
 
 if __name__ == "__main__":

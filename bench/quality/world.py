@@ -78,7 +78,37 @@ class WorldSpec:
     lora_rank: int = 8
     lora_lr: float = 2e-3
     batch: int = 64
+    # early stopping of each adapter on its own held-out rows (0: none)
+    lora_validation: float = 0.0
+    eval_every: int = 50
+    patience: int = 4
     extra: dict = field(default_factory=dict)
+
+
+# Named worlds (bench/quality/run.py --world NAME): WorldSpec overrides.
+WORLDS: dict[str, dict] = {
+    # adapters move a third to a half of the base weights' norm (v9)
+    "default": {},
+    # adapters as small perturbations, as a LoRA is in a real model: a wider
+    # base, 8 domain entities (32 facts), rank-4 adapters at a low learning
+    # rate, early-stopped on their own held-out rows (docs/quality.md)
+    "quiet": {
+        "hidden": 256,
+        "intermediate": 1024,
+        "heads": 8,
+        "base_steps": 2400,
+        "n_domain": 8,
+        "lora_rank": 4,
+        "lora_lr": 2e-4,
+        "lora_steps": 3000,
+        "lora_validation": 0.1,
+    },
+}
+
+
+def world_root(work: Path, world: str, seed: int) -> Path:
+    """Where a world is cached (the default world keeps its old folders)."""
+    return work / (f"seed-{seed}" if world == "default" else f"{world}-seed-{seed}")
 
 
 @dataclass
@@ -185,16 +215,39 @@ def _batches(
     """Random minibatches, right-padded; prompt and padding are masked out of the loss."""
     rng = random.Random(seed)
     for _ in range(steps):
-        rows = [ids[rng.randrange(len(ids))] for _ in range(batch)]
-        width = max(len(p) + len(r) for p, r in rows)
-        x = torch.full((batch, width), pad, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        labels = torch.full((batch, width), -100, dtype=torch.long)
-        for i, (p, r) in enumerate(rows):
-            x[i, : len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, : len(p) + len(r)] = 1
-            labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
-        yield x, mask, labels
+        yield _padded([ids[rng.randrange(len(ids))] for _ in range(batch)], pad)
+
+
+def _padded(rows: list, pad: int):
+    """(input ids, attention mask, labels) of right-padded rows; the loss on responses."""
+    width = max(len(p) + len(r) for p, r in rows)
+    x = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        x[i, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, : len(p) + len(r)] = 1
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+    return x, mask, labels
+
+
+def _tokenized(tokenizer, corpus: list[tuple[str, str]]) -> list:
+    return [
+        (tokenizer(p)["input_ids"] if p else [], tokenizer(r)["input_ids"])
+        for p, r in corpus
+    ]
+
+
+def _mean_loss(model, ids: list, pad: int, batch: int = 256) -> float:
+    """Response-token loss over all of ``ids`` (early stopping's validation)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), batch):
+            x, mask, labels = _padded(ids[start : start + batch], pad)
+            n = int((labels != -100).sum())
+            loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+            total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
 
 
 def train(
@@ -206,13 +259,22 @@ def train(
     lr: float,
     batch: int,
     seed: int,
-):
-    """AdamW, warm-up and cosine decay; the loss is on the response words only."""
+    validation: list[tuple[str, str]] | None = None,
+    eval_every: int = 50,
+    patience: int = 4,
+) -> tuple[float, int]:
+    """AdamW, warm-up and cosine decay; the loss is on the response words only.
+
+    With ``validation`` rows, early stopping: their loss every ``eval_every``
+    steps, the trainable weights of the best evaluation kept, a stop after
+    ``patience`` evaluations without improvement. Returns (the kept weights'
+    validation loss, else the last batch's training loss; the step kept).
+    """
     torch.manual_seed(seed)
-    ids = [
-        (tokenizer(p)["input_ids"] if p else [], tokenizer(r)["input_ids"])
-        for p, r in corpus
-    ]
+    ids = _tokenized(tokenizer, corpus)
+    held = _tokenized(tokenizer, validation) if validation else None
+    best: tuple[float, dict, int] | None = None
+    since_best = 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 20)
@@ -226,14 +288,34 @@ def train(
     )
     model.train()
     loss = None
-    for x, mask, labels in _batches(ids, batch, steps, seed, tokenizer.pad_token_id):
+    pad = tokenizer.pad_token_id
+    for step, (x, mask, labels) in enumerate(_batches(ids, batch, steps, seed, pad)):
         loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if held and (step + 1) % eval_every == 0:
+            model.eval()
+            value = _mean_loss(model, held, pad)
+            model.train()
+            if best is None or value < best[0]:
+                best, since_best = (value, _trainable_copy(model), step + 1), 0
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    break
     model.eval()
-    return float(loss.detach()) if loss is not None else float("nan")
+    if best is not None:
+        model.load_state_dict(best[1], strict=False)
+        return best[0], best[2]
+    return (float(loss.detach()) if loss is not None else float("nan")), steps
+
+
+def _trainable_copy(model) -> dict:
+    return {
+        k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def train_base(world: World, root: Path) -> tuple[float, float]:
@@ -260,7 +342,7 @@ def train_base(world: World, root: Path) -> tuple[float, float]:
     torch.manual_seed(spec.seed)
     base = LlamaForCausalLM(config)
     t0 = time.perf_counter()
-    loss = train(
+    loss, _ = train(
         base,
         tok,
         [("", t) for t in world.base_corpus()],
@@ -275,7 +357,8 @@ def train_base(world: World, root: Path) -> tuple[float, float]:
 
 def train_lora(
     root: Path, spec: WorldSpec, name: str, corpus, index: int, steps: int
-) -> tuple[float, float]:
+) -> tuple[float, float, int]:
+    """(loss, seconds, step kept); see :func:`train`."""
     """Train root/lora-<name> on the base with the world's LoRA settings."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -293,8 +376,15 @@ def train_lora(
     )
     torch.manual_seed(spec.seed * 10 + index)
     peft_model = get_peft_model(model, lora)
+    validation = None
+    if spec.lora_validation > 0:  # distinct rows held out for early stopping
+        rows = list(dict.fromkeys(corpus))  # the corpus repeats rows
+        random.Random(spec.seed * 10 + index).shuffle(rows)
+        validation = rows[: max(1, int(len(rows) * spec.lora_validation))]
+        held = set(validation)
+        corpus = [row for row in corpus if row not in held]
     t0 = time.perf_counter()
-    loss = train(
+    loss, kept = train(
         peft_model,
         tok,
         corpus,
@@ -302,9 +392,12 @@ def train_lora(
         lr=spec.lora_lr,
         batch=spec.batch,
         seed=spec.seed + index,
+        validation=validation,
+        eval_every=spec.eval_every,
+        patience=spec.patience,
     )
     peft_model.save_pretrained(str(root / f"lora-{name}"))
-    return loss, round(time.perf_counter() - t0, 1)
+    return loss, round(time.perf_counter() - t0, 1), kept
 
 
 def update_sizes(root: Path) -> dict[str, float]:
@@ -346,9 +439,10 @@ def build(world: World, root: Path, log=print) -> dict:
     }
     for i, (name, corpus) in enumerate(corpora.items()):
         steps = spec.lora_steps * (2 if name == "joint" else 1)
-        loss, seconds = train_lora(root, spec, name, corpus, i, steps)
+        loss, seconds, kept = train_lora(root, spec, name, corpus, i, steps)
         info[f"{name}_loss"], info[f"{name}_seconds"] = loss, seconds
-        log(f"  {name} LoRA: loss {loss:.3f} in {seconds} s")
+        info[f"{name}_kept_step"] = kept
+        log(f"  {name} LoRA: loss {loss:.3f} in {seconds} s (weights of step {kept})")
     (root / "calibration.txt").write_text("\n".join(world.calibration_prompts()) + "\n")
     (root / "world.json").write_text(
         json.dumps(info | {"facts": world.facts}, indent=1)
