@@ -579,8 +579,10 @@ class TadaMethod(LoraMergeMethod):
                 probe_task=probes.task.get(task_m) if task_m else None,
                 probe_domain=probes.domain.get(domain_m) if domain_m else None,
                 delta=delta,
-                perturbation_task=probes.perturbations["task"].get(task_m),
-                perturbation_domain=probes.perturbations["domain"].get(domain_m),
+                perturbation_task=probes.perturbations.get("task", {}).get(task_m),
+                perturbation_domain=probes.perturbations.get("domain", {}).get(
+                    domain_m
+                ),
             )
             # user weights (scalars, gradients, filters) override per tensor
             if w_task is not None or w_domain is not None:
