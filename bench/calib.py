@@ -33,12 +33,7 @@ with large_allocations_unmapped():  # as in run_calibration, for both modes
         run_calibration(base, batches, adapters, quiet=True, streamed=model)
     else:
         with torch.inference_mode():  # each block loaded once, run on every batch
-            sinks = []
-            for b in batches:
-                sink: dict = {}
-                with model.recorders(sink):
-                    model.model(**b.forward_kwargs())
-                sinks.append(sink)
+            sinks = model.block_inputs(batches)
             hidden = [s[0][0] for s in sinks]
             for i in range(model.n_layers):
                 with model.block(i) as layer:

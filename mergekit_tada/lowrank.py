@@ -27,8 +27,12 @@ _THREADS_SAVED = 0
 
 
 @contextlib.contextmanager
-def single_thread() -> Iterator[None]:
+def single_thread(device: torch.device | str = "cpu") -> Iterator[None]:
     """Run small-matrix maths on one torch thread (re-entrant, thread-safe).
+
+    A no-op for maths on another ``device`` (torch's thread count is the
+    CPU's). Also what keeps sums bit-identical whatever the thread count:
+    ATen splits long reductions into per-thread partial sums.
 
     QR of thin factors and SVDs of r x r cores are several times slower with
     torch's default thread pool on a few shared cores; parallelism comes from
@@ -40,6 +44,9 @@ def single_thread() -> Iterator[None]:
     and round differently).
     """
     global _THREADS_DEPTH, _THREADS_SAVED
+    if torch.device(device).type != "cpu":
+        yield
+        return
     with _THREADS_LOCK:
         if _THREADS_DEPTH == 0:
             _THREADS_SAVED = torch.get_num_threads()

@@ -579,7 +579,7 @@ class MergeSession:
             torch.get_num_threads() if dev.type == "cpu" else 1
         )  # before 1-thread
         with (
-            single_thread() if dev.type == "cpu" else contextlib.nullcontext(),
+            single_thread(dev),
             ThreadPoolExecutor(max_workers=workers) as pool,
             tqdm(
                 total=len(targets), desc="Merging modules", disable=self.options.quiet
@@ -603,8 +603,7 @@ class MergeSession:
             seed=self.options.random_seed or 0,
             context=self.context,
         )
-        threads = single_thread() if device.type == "cpu" else contextlib.nullcontext()
-        with threads:
+        with single_thread(device):
             result = self.method.merge_module(job)
         with self._lock:
             self.writer.add(plan.module, result.lora.B, result.lora.A)

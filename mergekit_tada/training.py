@@ -25,7 +25,6 @@ thread on the CPU, so reruns are bit-identical whatever the thread count.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from mergekit_tada.errors import TadaError
+from mergekit_tada.lowrank import single_thread
 from mergekit_tada.methods.tara import Directions
 from mergekit_tada.probe.calibration import Batch
 
@@ -76,22 +76,13 @@ def entropy_sum(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     )
     entropy = -(logp.exp() * logp).sum(-1)
     valid = mask.bool()
-    with _one_thread(logits.device):  # a sum over every position
+    # a sum over every position: on one thread, so its bits do not depend on
+    # the thread count. The rest of a training step keeps its threads: matmuls
+    # and per-row reductions (softmax, norms) do not sum across threads
+    # (measured identical on 1 and 2 threads; tests/test_tara.py).
+    with single_thread(logits.device):
         total = entropy[valid].sum()
     return total, int(valid.sum())
-
-
-def _one_thread(device: torch.device) -> contextlib.AbstractContextManager:
-    """One torch thread for a reduction over tokens on the CPU.
-
-    ATen splits such sums into per-thread partial sums, so their last bits
-    depend on the thread count. Everything else in a training step keeps its
-    threads: matmuls and per-row reductions (softmax, norms) do not sum across
-    threads (measured identical on 1 and 2 threads; tests/test_tara.py).
-    """
-    from mergekit_tada.lowrank import single_thread
-
-    return single_thread() if device.type == "cpu" else contextlib.nullcontext()
 
 
 class _Scaled(torch.autograd.Function):
@@ -108,7 +99,7 @@ class _Scaled(torch.autograd.Function):
         grad_z = grad * phi if ctx.needs_input_grad[0] else None
         grad_phi = None
         if ctx.needs_input_grad[1]:
-            with _one_thread(grad.device):
+            with single_thread(grad.device):
                 grad_phi = (grad * z).reshape(-1, z.shape[-1]).sum(0)
         return grad_z, grad_phi
 
@@ -229,14 +220,9 @@ class Streamed:
 
     def _states(self, batches: Sequence[Batch]) -> tuple[list[dict], list[list]]:
         """Every block's recorded inputs and the hidden states at block boundaries."""
-        records, states = [], []
         with torch.no_grad():
-            for batch in batches:
-                sink: dict = {}
-                with self.sm.recorders(sink):
-                    self.sm.model(**batch.to(self.device).forward_kwargs())
-                records.append(sink)
-                states.append([sink[0][0]])
+            records = self.sm.block_inputs([b.to(self.device) for b in batches])
+            states = [[sink[0][0]] for sink in records]
             for i in range(self.sm.n_layers):
                 with self.sm.block(i) as layer:
                     for c, sink in enumerate(records):
@@ -513,7 +499,6 @@ def module_directions(run, plans: list, labels: list[str], variant: str) -> dict
     Computed once, in one thread, and reused by the merge: a basis recomputed
     under other thread counts could differ in the last bits.
     """
-    from mergekit_tada.lowrank import single_thread
     from mergekit_tada.methods.tara import directions
 
     modules: dict[str, list] = {}

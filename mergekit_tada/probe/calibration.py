@@ -250,6 +250,21 @@ class StreamedModel:
             if isinstance(module, nn.Linear):
                 yield self.checkpoint_name(prefix + name), module
 
+    def block_inputs(self, batches: Sequence[Batch]) -> list[dict]:
+        """Per batch (on the model's device): every block's recorded inputs.
+
+        One stem forward per batch with the blocks swapped for recorders;
+        ``sink[i]`` is block i's (hidden states, args, kwargs). Runs in the
+        caller's grad mode.
+        """
+        records = []
+        for batch in batches:
+            sink: dict = {}
+            with self.recorders(sink):
+                self.model(**batch.forward_kwargs())
+            records.append(sink)
+        return records
+
     @contextlib.contextmanager
     def recorders(
         self, sink: dict, final: torch.Tensor | None = None
@@ -313,9 +328,7 @@ class _Accumulator:
             sum_sq_delta = [0.0] * len(prepared)
             # one torch thread: ATen splits long reductions by the thread
             # count, and the sums' last bits would depend on it
-            with (
-                single_thread() if x.device.type == "cpu" else contextlib.nullcontext()
-            ):
+            with single_thread(x.device):
                 for chunk in x.split(self.CHUNK_TOKENS):
                     c = chunk.double().flatten()
                     sum_sq_input += float(torch.dot(c, c))
@@ -416,7 +429,7 @@ def row_gram(weight: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """W^T W in float64, a block of rows at a time (no float64 copy of a vocab x
     hidden head), on one thread (its sums' bits must not depend on the count)."""
     gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64)
-    with single_thread() if weight.device.type == "cpu" else contextlib.nullcontext():
+    with single_thread(weight.device):
         gram = gram.to(weight.device)
         for block in weight.split(rows):
             block = block.double()
@@ -444,12 +457,7 @@ def run_calibration(
     on_device = [b.to(device) for b in batches]
     with torch.inference_mode():
         # 1. the exact inputs and kwargs of every block, per chunk
-        records: list[dict] = []
-        for b in on_device:
-            sink: dict = {}
-            with model.recorders(sink):
-                model.model(**b.forward_kwargs())
-            records.append(sink)
+        records = model.block_inputs(on_device)
         hidden = [r[0][0] for r in records]
         # The input embedding (vocab x hidden, float32) is not needed again: the
         # tail forward below starts from zero embeddings, and its last recorder
