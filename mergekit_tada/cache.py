@@ -52,6 +52,16 @@ class ContentCache:
             )
             self._warned = True
 
+    def _write(self, path: Path, data: dict, doing: str) -> bool:
+        """Write JSON atomically into the cache; False (one warning) if unusable."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(data, sort_keys=True))
+        except OSError as error:
+            self._unusable(doing, error)
+            return False
+        return True
+
     # -- file hashes ---------------------------------------------------------
 
     def file_hashes(self, paths: Iterable[str]) -> dict[str, str]:
@@ -72,11 +82,7 @@ class ContentCache:
                 changed = True
             out[os.path.basename(path)] = memo[key]
         if changed:
-            try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(memo_path, json.dumps(memo, sort_keys=True))
-            except OSError as error:
-                self._unusable("write file hashes", error)
+            self._write(memo_path, memo, "write file hashes")
         return out
 
     # -- entries ---------------------------------------------------------------
@@ -107,10 +113,4 @@ class ContentCache:
         """Write an entry; None (and one warning) where the cache is unusable."""
         entry = {"key": key, "checksum": _digest(payload), "payload": payload}
         path = self.entry_path(key, kind)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps(entry, sort_keys=True))
-        except OSError as error:
-            self._unusable("store an entry", error)
-            return None
-        return path
+        return path if self._write(path, entry, "store an entry") else None
