@@ -46,6 +46,20 @@ def merged_modules(config: dict, out: str) -> dict:
     return json.loads((out_path / "tada_report.json").read_text())["modules"]
 
 
+def report_deltas(modules: dict) -> dict[str, float]:
+    """module -> log p_D - log p_T from a report's probes (modules of both adapters)."""
+    return {
+        m: math.log(r["probe_domain"]) - math.log(r["probe_task"])
+        for m, r in modules.items()
+        if r.get("probe_domain") and r.get("probe_task")
+    }
+
+
+def expected_domain_gate(delta: float, centre: float, scale: float = 2.0) -> float:
+    """The default gate (tau 1, clipped to [0.1, 0.9]) written out independently."""
+    return scale * min(max(1 / (1 + math.exp(-(delta - centre))), 0.1), 0.9)
+
+
 def write_prompts(path="prompts.txt", lines=PROMPTS) -> str:
     Path(path).write_text("\n".join(lines) + "\n")
     return path
@@ -291,14 +305,10 @@ def test_probe_merge_end_to_end(work):
     assert both["probe_task"] > 0 and both["probe_domain"] > 0
     assert both["gate_mode"] == "probe"
     delta = math.log(both["probe_domain"]) - math.log(both["probe_task"])
-    deltas = sorted(
-        math.log(r["probe_domain"]) - math.log(r["probe_task"])
-        for r in report["modules"].values()
-        if r.get("probe_domain") and r.get("probe_task")
-    )
+    deltas = sorted(report_deltas(report["modules"]).values())
     median = 0.5 * (deltas[5] + deltas[6])  # 12 shared modules
     lam = 2.0  # the default scale: gates sum to 2 (uniform = task arithmetic 1/1)
-    w_d = lam * min(max(1 / (1 + math.exp(-(delta - median))), 0.1), 0.9)
+    w_d = expected_domain_gate(delta, median, lam)
     assert both["domain_gate"] == pytest.approx(w_d, rel=1e-9)
     assert both["task_gate"] == pytest.approx(
         lam * min(max(1 - 1 / (1 + math.exp(-(delta - median))), 0.1), 0.9)
@@ -324,11 +334,7 @@ def test_per_layer_gates_and_raw_statistic(work):
     write_prompts()
     module_run = merged_modules(probe_config(), "m")
     layer_run = merged_modules(probe_config(gate_granularity="layer"), "l")
-    deltas = {
-        m: math.log(r["probe_domain"]) - math.log(r["probe_task"])
-        for m, r in module_run.items()
-        if r.get("probe_domain") and r.get("probe_task")
-    }
+    deltas = report_deltas(module_run)
     layer_of = lambda m: m.split(".")[2]  # noqa: E731  model.layers.<i>.
     pooled = {
         m: sum(d for n, d in deltas.items() if layer_of(n) == layer_of(m))
@@ -339,7 +345,7 @@ def test_per_layer_gates_and_raw_statistic(work):
     ordered = sorted(pooled.values())
     median = 0.5 * (ordered[5] + ordered[6])
     for m, d in pooled.items():
-        w_d = 2.0 * min(max(1 / (1 + math.exp(-(d - median))), 0.1), 0.9)
+        w_d = expected_domain_gate(d, median)
         assert layer_run[m]["domain_gate"] == pytest.approx(w_d, rel=1e-9), m
         assert layer_run[m]["delta"] == pytest.approx(d, rel=1e-9), m
     # raw: the probe times ||dW||_F * RMS||x||, so it follows the adapter's size
@@ -362,11 +368,7 @@ def test_gates_centred_per_projection_type(work):
     write_prompts()
     module_run = merged_modules(probe_config(), "m")
     typed = merged_modules(probe_config(probe_centring="type"), "t")
-    deltas = {
-        m: math.log(r["probe_domain"]) - math.log(r["probe_task"])
-        for m, r in module_run.items()
-        if r.get("probe_domain") and r.get("probe_task")
-    }
+    deltas = report_deltas(module_run)
 
     def median(values):
         v = sorted(values)
@@ -385,7 +387,7 @@ def test_gates_centred_per_projection_type(work):
     centre = median(centred.values())  # the gates' sigmoid is centred on it
     for m, c in centred.items():
         assert typed[m]["delta"] == pytest.approx(c, rel=1e-9, abs=1e-12), m
-        w_d = 2.0 * min(max(1 / (1 + math.exp(-(c - centre))), 0.1), 0.9)
+        w_d = expected_domain_gate(c, centre)
         assert typed[m]["domain_gate"] == pytest.approx(w_d, rel=1e-9), m
     # four types (q, v, up, down) over three layers: the shift is not zero
     assert any(abs(typed[m]["delta"] - d) > 1e-3 for m, d in deltas.items())
