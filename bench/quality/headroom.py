@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from report import harmonic  # noqa: E402
+from report import doc_stem, harmonic  # noqa: E402
 from run import WORK, Ctx, score, with_adapter  # noqa: E402
 from world import WORLDS, World, WorldSpec, world_root  # noqa: E402
 
@@ -172,7 +172,7 @@ def transfer(results: dict, world_name: str, log=print) -> dict:
 
 
 def write_docs(results: dict, moved: dict, seconds: float, world_name: str) -> str:
-    stem = "quality" if world_name == "default" else f"quality-{world_name}"
+    stem = doc_stem(world_name)
     (DOCS / f"{stem}-headroom.json").write_text(
         json.dumps({"seeds": results, "transfer": moved}, indent=1) + "\n"
     )

@@ -93,9 +93,14 @@ def plot(per_seed: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def doc_stem(world: str) -> str:
+    """The prefix of a world's doc files (quality-*, quality-quiet-*)."""
+    return "quality" if world == "default" else f"quality-{world}"
+
+
 def doc_names(world: str) -> tuple[str, str, str]:
     """(results page, gate plot, raw json) of a world's docs."""
-    stem = "quality" if world == "default" else f"quality-{world}"
+    stem = doc_stem(world)
     return f"{stem}-results.md", f"{stem}-gates.png", f"{stem}.json"
 
 
