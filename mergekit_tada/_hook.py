@@ -27,10 +27,7 @@ if TYPE_CHECKING:  # typing and importlib.abc are not needed at run time
 
 
 def _on_merge_methods(_module: ModuleType) -> None:
-    methods = sys.modules.get("mergekit_tada.methods.specs")
-    if methods is not None and not hasattr(methods, "register_all"):
-        return  # our methods module is importing mergekit: it registers when done
-    from mergekit_tada.methods.specs import register_all
+    from mergekit_tada.integration import register_all
 
     register_all()
 

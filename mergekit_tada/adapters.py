@@ -153,12 +153,20 @@ class LoraAdapter:
                 self._fh = self._open()
             return self._fh
 
-    def _scaling(self, module: str, rank: int) -> float:
+    @staticmethod
+    def _pattern_key(pattern: dict, module: str) -> str | None:
+        """The ``rank_pattern``/``alpha_pattern`` key PEFT applies to a module."""
+        if not pattern:  # peft's import is most of an adapter-only run's time
+            return None
         from peft.utils.other import get_pattern_key
 
+        key = get_pattern_key(pattern.keys(), module)
+        return key if key in pattern else None
+
+    def _scaling(self, module: str, rank: int) -> float:
         alpha_pattern = self.config.get("alpha_pattern") or {}
         alpha = alpha_pattern.get(
-            get_pattern_key(alpha_pattern.keys(), module), self.config["lora_alpha"]
+            self._pattern_key(alpha_pattern, module), self.config["lora_alpha"]
         )
         if self.config.get("use_rslora"):
             return alpha / math.sqrt(rank)
@@ -166,13 +174,11 @@ class LoraAdapter:
 
     def _check_rank(self, module: str, rank: int) -> None:
         """The config's r (or rank_pattern) must be the factors' rank: s = alpha/r."""
-        from peft.utils.other import get_pattern_key
-
         pattern = self.config.get("rank_pattern") or {}
-        key = get_pattern_key(pattern.keys(), module)
+        key = self._pattern_key(pattern, module)
         declared = pattern.get(key, self.config["r"])
         if declared != rank:
-            where = f"rank_pattern[{key!r}]" if key in pattern else "r"
+            where = f"rank_pattern[{key!r}]" if key is not None else "r"
             raise TadaError(
                 f"{self.config_path}: {where} = {declared}, but module {module} in "
                 f"{WEIGHTS_NAME} has rank {rank}; the scaling alpha/r would be wrong"
@@ -433,6 +439,38 @@ class StreamingAdapterWriter:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def lora_adapter_config(
+    *,
+    rank: int,
+    target_modules: list[str],
+    rank_pattern: dict[str, int],
+    base_model: str,
+    task_type: str | None,
+) -> dict:
+    """The adapter_config.json of a merged adapter, made without importing peft.
+
+    The fields that define a plain LoRA (alpha = r: scaling 1); PEFT gives
+    every field left out its default when it loads the file. Each value is
+    what ``peft.LoraConfig(...).to_dict()`` holds for the same arguments
+    (``tests/test_adapters.py``), so the file reads the same either way.
+    """
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": dict(rank_pattern),
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": sorted(target_modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+    }
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

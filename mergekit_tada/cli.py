@@ -7,7 +7,9 @@
 
 ``--chroma-host/--chroma-port`` use a Chroma server instead of ``--db``.
 Our errors print as one ``Error: ...`` line (``TadaError`` is a
-``click.ClickException``).
+``click.ClickException``). The console script enters at
+:func:`mergekit_tada.fastpath.main`, which runs a plain adapter-only merge
+without importing mergekit and hands everything else to :func:`main` here.
 """
 
 from __future__ import annotations

@@ -89,6 +89,67 @@ def _is_ours(method_name: str) -> bool:
     return method_name in METHOD_NAMES
 
 
+def register_all() -> None:
+    """Put a mergekit wrapper of each of our methods in its registry (idempotent).
+
+    The wrapper carries mergekit's form of the method's spec; its per-tensor
+    call lands in the active session (the parameters mergekit resolves are the
+    ones the session resolved and validated when it planned the merge).
+    """
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import (
+        BasePolicy,
+        GroupMergeMethod,
+        InputContract,
+        MergeMethodSpec,
+        OptionalTensorPolicy,
+        ParameterScope,
+        ParameterSpec,
+    )
+
+    from mergekit_tada.methods.params import SHARED
+    from mergekit_tada.methods.specs import METHODS
+
+    class LoraMethodForMergekit(GroupMergeMethod):
+        def __init__(self, spec: MergeMethodSpec) -> None:
+            self.spec = spec
+
+        def merge_group(self, group: Any, /, **_parameters: Any) -> Any:
+            return active_session(self.spec.name).merge_tensor(group)
+
+    known = {m.spec.name for m in registry.registered_methods()}
+    for method in METHODS:
+        spec = method.spec
+        if spec.name in known:
+            continue
+        parameters = tuple(
+            ParameterSpec(
+                p.name,
+                p.value_type,
+                ParameterScope.SHARED if p.scope == SHARED else ParameterScope.NON_BASE,
+                p.default,
+                p.description,
+            )
+            for p in spec.parameters
+        )
+        contract = InputContract(
+            base=BasePolicy.REQUIRED,
+            min_non_base=spec.min_inputs,
+            max_non_base=spec.max_inputs,
+        )
+        registry.register(
+            LoraMethodForMergekit(
+                MergeMethodSpec(
+                    name=spec.name,
+                    pretty_name=spec.pretty_name,
+                    contract=contract,
+                    optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
+                    parameters=parameters,
+                )
+            )
+        )
+
+
 def check_method_name(name: str) -> None:
     """An unknown merge_method, with the nearest known names, before any work.
 

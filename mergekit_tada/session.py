@@ -33,25 +33,23 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from mergekit.common import ModelReference, dtype_from_name
-from mergekit.config import MergeConfiguration
-from mergekit.merge_methods import registry
-from mergekit.merge_methods.base import TensorGroup
-from mergekit.options import MergeOptions
 
-from mergekit_tada.adapters import LoraAdapter, StreamingAdapterWriter
+from mergekit_tada.adapters import (
+    LoraAdapter,
+    StreamingAdapterWriter,
+    lora_adapter_config,
+)
 from mergekit_tada.errors import TadaError
 from mergekit_tada.integration import activated, check_method_name
-from mergekit_tada.loading import (
-    HeaderIndex,
-    PlaceholderLoader,
-    transformers_errors_only,
-)
+from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
-from mergekit_tada.methods.specs import LoraMergeMethod, ModuleJob, RunInputs
+from mergekit_tada.methods import specs
+from mergekit_tada.methods.specs import ModuleJob, RunInputs
 from mergekit_tada.output import CARD, MANIFEST_NAME, OutputFolder, check_folder_name
+from mergekit_tada.planning import PlannedTensor, with_mergekit
 from mergekit_tada.report import (
     MergeFacts,
     build_report,
@@ -63,7 +61,15 @@ from mergekit_tada.report import (
     truncation_warning,
 )
 
+if TYPE_CHECKING:  # mergekit is imported only where its executor runs
+    from mergekit.common import ModelReference
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.options import MergeOptions
+
 LOG = logging.getLogger(__name__)
+# A planner that may decline (None): then mergekit's own planner runs.
+Planner = Callable[["MergeSession"], "list[PlannedTensor] | None"]
 
 
 @dataclass(frozen=True)
@@ -110,16 +116,18 @@ def run(
     mergekit_run: Callable[[MergeConfiguration, str, MergeOptions, str | None], None]
     | None = None,
     extra_files: dict[str, str] | None = None,
+    planner: Planner | None = None,
 ) -> None:
     """One whole merge into ``out_path``: lock, validate, merge into a stage, commit.
 
     ``mergekit_run``: mergekit's own ``run_merge`` for a full-model merge
     (called with the stage folder as its output); None merges the adapter only.
     ``extra_files``: name -> text, written into the stage (committed with the rest).
+    ``planner``: see :class:`MergeSession`.
     """
     folder = OutputFolder(out_path)
     with folder.locked():
-        session = MergeSession(config, options, source)
+        session = MergeSession(config, options, source, planner)
         folder.guard_inputs(
             session.input_paths(), [*session.output_names(), *(extra_files or {})]
         )
@@ -170,17 +178,24 @@ def check_model_path(what: str, path: str) -> None:
 class MergeSession:
     def __init__(
         self,
-        config: MergeConfiguration,
-        options: MergeOptions,
+        config: MergeConfiguration | Any,
+        options: MergeOptions | Any,
         source: str | None = None,
+        planner: Planner | None = None,
     ) -> None:
-        """Validate the merge; nothing is read beyond headers and factors."""
+        """Validate the merge; nothing is read beyond headers and factors.
+
+        ``config``/``options``: mergekit's, or for the adapter-only path their
+        plain stand-ins (:mod:`mergekit_tada.config`) with ``planner``
+        :func:`~mergekit_tada.planning.from_definitions`.
+        """
         self.config = config
         self.options = options
         self.source = source
-        check_method_name(config.merge_method)
-        method = registry.get(config.merge_method)
-        if not isinstance(method, LoraMergeMethod):
+        self.planner = planner
+        method = specs.get(config.merge_method)
+        if method is None:
+            check_method_name(config.merge_method)
             raise TadaError(f"{config.merge_method} is not a mergekit-tada method")
         self.method = method
         self._check_config()
@@ -188,7 +203,6 @@ class MergeSession:
         base_path = self.base.local_path(cache_dir=options.transformers_cache)
         self.base_path = base_path
         self.headers = HeaderIndex(base_path)
-        self.float_dtype = dtype_from_name(config.dtype)
         # in config order: the output must not depend on set iteration order
         refs = dict.fromkeys(r for _, r, _ in _parameter_blocks(config) if r)
         self.model_refs = list(dict.fromkeys([self.base, *refs]))
@@ -196,8 +210,7 @@ class MergeSession:
             str(ref): LoraAdapter(ref.lora.path) for ref in refs if ref.lora is not None
         }
         self.default_rank = max(a.max_rank for a in self.adapters.values())
-        with activated(self):
-            self.plans = self._plan()
+        self.plans = self._plan()
         self._validate_plans()
         adapter_out = {p.params["adapter_out"] for p in self.plans.values()}
         if len(adapter_out) != 1:
@@ -300,52 +313,28 @@ class MergeSession:
         )
 
     def _plan(self) -> dict[str, TensorPlan]:
-        from mergekit.architecture import get_architecture_info
-        from mergekit.io.tasks import LoaderCache
-        from mergekit.merge import _model_out_config
-        from mergekit.plan import MergePlanner
-
-        config = self.config.model_copy(deep=True)  # the planner rewrites its config
-        LoaderCache().setup(options=self.options)
-        arch = get_architecture_info(config, self.options)
-        with transformers_errors_only():  # mergekit sets the deprecated torch_dtype
-            out_cfg = _model_out_config(
-                config, arch, trust_remote_code=self.options.trust_remote_code
-            )
-        planner = MergePlanner(
-            config, arch, options=self.options, out_model_config=out_cfg
-        )
-        planner._plan()
+        planned = self.planner(self) if self.planner else None
+        if planned is None:
+            with activated(self):
+                planned = with_mergekit(self)
         plans = {}
         capped: list[tuple[str, int, int]] = []
-        for weight, task in planner._tensors:
-            gather = task.gather_tensors
-            while not hasattr(gather, "weight_info"):  # vocabulary wrappers
-                gather = gather.gather_tensors
-            infos = gather.weight_info
-            sources, inputs = {}, {}
-            for ref in task.model_order:
-                if ref == task.base_model:
-                    continue
-                label = str(ref)
-                info = infos[ref]
+        for tensor in planned:
+            sources = {}
+            for label, names in tensor.input_names.items():
                 modules = self.adapters[label].modules
-                names = [info.name, *(info.aliases or ())]
                 candidates = [
                     n.removesuffix(".weight") for n in names if n.endswith(".weight")
                 ]
                 sources[label] = next((m for m in candidates if m in modules), None)
-                inputs[label] = dict(task.input_parameters[ref].items())
-            params = dict(task.parameters.items())
-            base_info = infos[task.base_model]
-            plans[weight.name] = TensorPlan(
-                out_name=weight.name,
-                module=weight.name.removesuffix(".weight"),
-                base_names=[base_info.name, *(base_info.aliases or ())],
+            plans[tensor.name] = TensorPlan(
+                out_name=tensor.name,
+                module=tensor.name.removesuffix(".weight"),
+                base_names=tensor.base_names,
                 sources=sources,
-                params=params,
-                inputs=inputs,
-                rank=self._capped_rank(weight.name, params, sources, capped),
+                params=tensor.params,
+                inputs=tensor.inputs,
+                rank=self._capped_rank(tensor.name, tensor.params, sources, capped),
             )
         # Modules with fewer inputs are capped quietly (their record says so);
         # a rank no module can reach is a mistake worth one line.
@@ -494,7 +483,9 @@ class MergeSession:
     # ------------------------------------------------------------------ running
 
     def placeholder_loader(self, ref: ModelReference) -> PlaceholderLoader:
-        return PlaceholderLoader(self.headers, self.float_dtype)
+        from mergekit.common import dtype_from_name
+
+        return PlaceholderLoader(self.headers, dtype_from_name(self.config.dtype))
 
     @contextlib.contextmanager
     def writing(self, target: Path, model_card: bool = False) -> Iterator[None]:
@@ -624,31 +615,20 @@ class MergeSession:
         return layout
 
     def _adapter_config(self) -> dict:
-        from peft import LoraConfig
-
         ranks = self.writer.ranks
         counts: dict[int, int] = {}
         for r in ranks.values():
             counts[r] = counts.get(r, 0) + 1
         rank = max(sorted(counts), key=lambda r: counts[r])
         self.output_rank = rank
-        pattern = {m: r for m, r in sorted(ranks.items()) if r != rank}
         first = next(iter(self.adapters.values())).config
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=rank,
+        return lora_adapter_config(
+            rank=rank,
             target_modules=self._target_modules(),
-            rank_pattern=pattern,
-            alpha_pattern=dict(pattern),
-            lora_dropout=0.0,
-            bias="none",
-            use_rslora=False,
-            use_dora=False,
-            base_model_name_or_path=str(self.base.model),
+            rank_pattern={m: r for m, r in sorted(ranks.items()) if r != rank},
+            base_model=str(self.base.model),
             task_type=first.get("task_type"),
-            inference_mode=True,
-        ).to_dict()
-        return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        )
 
     def _target_modules(self) -> list[str]:
         """Short leaf names when they select exactly the merged modules, else full names."""

@@ -84,6 +84,29 @@ def build_llama(
     return str(path)
 
 
+def build_decoder(path: str | os.PathLike, model_type: str) -> str:
+    """A random two-layer causal LM of another family (mistral, qwen2, gemma, ...)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = build_tokenizer(path)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
+    return str(path)
+
+
 def build_lora(
     base_path: str | os.PathLike,
     out_path: str | os.PathLike,

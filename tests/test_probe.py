@@ -25,7 +25,7 @@ from mergekit_tada.probe.calibration import (
     tokenizer_for,
 )
 from mergekit_tada.probe.gates import ProbeTable, gates_from_delta
-from mergekit_tada.toy import build_llama, build_lora, build_tokenizer
+from mergekit_tada.toy import build_decoder, build_llama, build_lora
 
 PROMPTS = [
     "the protein binding of the receptor in the cell",
@@ -139,30 +139,9 @@ def test_streamed_statistics_equal_full_forward(work):
     assert streamed.max_resident_blocks == 1  # one block at a time, never more
 
 
-def _tiny_decoder(path: Path, model_type: str) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tok = build_tokenizer(path)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(3)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
-
-
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
 def test_streamed_statistics_other_decoders(tmp_path, model_type):
-    _tiny_decoder(tmp_path / "m", model_type)
+    build_decoder(tmp_path / "m", model_type)
     build_lora(tmp_path / "m", tmp_path / "a", r=3, seed=4)
     build_lora(
         tmp_path / "m", tmp_path / "b", r=2, seed=5, targets=("q_proj", "lm_head")
@@ -611,7 +590,7 @@ def test_base_without_tokenizer(work):
 
 
 def test_unsupported_architecture(tmp_path):
-    _tiny_decoder(tmp_path / "g", "gemma")
+    build_decoder(tmp_path / "g", "gemma")
     with pytest.raises(TadaError, match=r"architecture 'gemma' .* is not supported"):
         StreamedModel(str(tmp_path / "g"), torch.device("cpu"), torch.float32)
 

@@ -1,11 +1,10 @@
-"""Our merge methods as mergekit sees them: a spec and a per-tensor entry point.
+"""Our merge methods: each one's parameters, checks and per-module merge.
 
-mergekit calls ``merge_group`` once per output tensor with the base weight and
-zero-cost placeholders for the LoRA inputs. The work happens in the active
-:class:`~mergekit_tada.session.MergeSession` (reached through
-``integration.active_session``), which reads the LoRA factors,
-asks the method for the merged rank-r factors of the module (``merge_module``)
-and returns ``W + B A``.
+No mergekit here (the adapter-only path runs without it). mergekit's registry
+holds a wrapper per method (``integration.register_all``) whose per-tensor call
+lands in the active :class:`~mergekit_tada.session.MergeSession`, which reads
+the LoRA factors, asks the method for the merged rank-r factors of the module
+(``merge_module``) and returns ``W + B A``.
 
 ``merge_module`` is shared: optional Pico calibration of the inputs, the
 method's own ``combine`` (the merged update as a thin SVD), Pico's magnitude
@@ -21,22 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    GroupMergeMethod,
-    InputContract,
-    MergeMethodSpec,
-    OptionalTensorPolicy,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
-
 from mergekit_tada.cache import DEFAULT_CACHE_DIR
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, svd, truncate
 from mergekit_tada.methods import pico, rules, tara
+from mergekit_tada.methods.params import NON_BASE, SHARED, MethodSpec, Param
 from mergekit_tada.methods.tada import tada_combine
 from mergekit_tada.probe.gates import (
     GATE_GRANULARITIES,
@@ -48,14 +36,12 @@ from mergekit_tada.probe.gates import (
 )
 
 LOG = logging.getLogger(__name__)
-SHARED = ParameterScope.SHARED
-NON_BASE = ParameterScope.NON_BASE
 
 # Parameters every LoRA-space method takes.
 COMMON_PARAMETERS = (
-    ParameterSpec("rank", int | None, SHARED, None, "output LoRA rank"),
-    ParameterSpec("adapter_out", str, SHARED, "adapter", "adapter sub-folder"),
-    ParameterSpec("pico", bool, SHARED, False, "Pico B-space calibration first"),
+    Param("rank", int | None, SHARED, None, "output LoRA rank"),
+    Param("adapter_out", str, SHARED, "adapter", "adapter sub-folder"),
+    Param("pico", bool, SHARED, False, "Pico B-space calibration first"),
 )
 ROLES = ("task", "domain")
 TARA_PLOT = "tara_loss.png"
@@ -123,18 +109,13 @@ class ModuleMerge:
     record: dict
 
 
-class LoraMergeMethod(GroupMergeMethod):
-    """A merge done on LoRA factors; mergekit sees only ``W -> W + dW``."""
+class LoraMergeMethod:
+    """A merge done on LoRA factors; mergekit sees only ``W -> W + dW``
+    (through the wrapper ``integration.register_all`` puts in its registry)."""
 
+    spec: MethodSpec
     report_name = "merge_report.json"
     plot_files: tuple[str, ...] = ()  # what write_plots may write
-
-    def merge_group(self, group: TensorGroup, /, **_parameters: Any) -> torch.Tensor:
-        # The session resolved and validated the same parameters when it planned
-        # the merge (same config, same resolver), so it uses its own copy.
-        from mergekit_tada.integration import active_session
-
-        return active_session(self.spec.name).merge_tensor(group)
 
     def check(self, tensor: str, params: dict, inputs: dict[str, dict]) -> None:
         """Validate one tensor's resolved parameters; raise TadaError naming it.
@@ -158,8 +139,7 @@ class LoraMergeMethod(GroupMergeMethod):
 
     def check_inputs(self, refs: list) -> None:
         """The number of LoRA inputs against the method's contract."""
-        contract = self.spec.contract
-        low, high = contract.min_non_base or 0, contract.max_non_base
+        low, high = self.spec.min_inputs, self.spec.max_inputs
         if len(refs) < low or (high is not None and len(refs) > high):
             want = f"exactly {low}" if low == high else f"at least {low}"
             raise TadaError(
@@ -251,42 +231,37 @@ class LoraMergeMethod(GroupMergeMethod):
 class TadaMethod(LoraMergeMethod):
     report_name = "tada_report.json"  # the name readers of earlier versions know
     plot_files = ("gates.png",)
-    spec = MergeMethodSpec(
+    spec = MethodSpec(
         name="tada",
         pretty_name="TaDA (task-domain LoRA merging)",
-        contract=InputContract(
-            base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2
-        ),
-        optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
+        max_inputs=2,
         parameters=(
-            ParameterSpec("role", str | None, NON_BASE, None, "task | domain"),
+            Param("role", str | None, NON_BASE, None, "task | domain"),
             *COMMON_PARAMETERS,
-            ParameterSpec("gates", str, SHARED, "probe", "probe | uniform | fixed"),
-            ParameterSpec("gate_granularity", str, SHARED, "module", "module | layer"),
-            ParameterSpec("gate_normalization", str, SHARED, "sum", "sum | max"),
-            ParameterSpec(
-                "probe_statistic", str, SHARED, "normalized", "normalized | raw"
-            ),
-            ParameterSpec("probe_centring", str, SHARED, "global", "global | type"),
-            ParameterSpec("task_weight", float | None, SHARED, None),
-            ParameterSpec("domain_weight", float | None, SHARED, None),
-            ParameterSpec("conflict_elimination", bool, SHARED, True),
-            ParameterSpec("conflict_threshold", float, SHARED, 0.3, "kappa"),
-            ParameterSpec("calibration", str | None, SHARED, None, "prompts file"),
-            ParameterSpec("calibration_samples", int, SHARED, 32),
-            ParameterSpec("calibration_max_length", int, SHARED, 256),
-            ParameterSpec("calibration_batch_size", int, SHARED, 8),
-            ParameterSpec("tau", float, SHARED, 1.0),
-            ParameterSpec("gate_min", float, SHARED, 0.1),
-            ParameterSpec("gate_max", float, SHARED, 0.9),
+            Param("gates", str, SHARED, "probe", "probe | uniform | fixed"),
+            Param("gate_granularity", str, SHARED, "module", "module | layer"),
+            Param("gate_normalization", str, SHARED, "sum", "sum | max"),
+            Param("probe_statistic", str, SHARED, "normalized", "normalized | raw"),
+            Param("probe_centring", str, SHARED, "global", "global | type"),
+            Param("task_weight", float | None, SHARED, None),
+            Param("domain_weight", float | None, SHARED, None),
+            Param("conflict_elimination", bool, SHARED, True),
+            Param("conflict_threshold", float, SHARED, 0.3, "kappa"),
+            Param("calibration", str | None, SHARED, None, "prompts file"),
+            Param("calibration_samples", int, SHARED, 32),
+            Param("calibration_max_length", int, SHARED, 256),
+            Param("calibration_batch_size", int, SHARED, 8),
+            Param("tau", float, SHARED, 1.0),
+            Param("gate_min", float, SHARED, 0.1),
+            Param("gate_max", float, SHARED, 0.9),
             # lambda = 2: uniform gates are task arithmetic 1/1 (docs/quality.md)
-            ParameterSpec("scale", float, SHARED, 2.0, "global lambda on both gates"),
-            ParameterSpec("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
+            Param("scale", float, SHARED, 2.0, "global lambda on both gates"),
+            Param("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
             # gates: learned (TARA's objective, one loop: mergekit_tada/training.py)
-            ParameterSpec("task_calibration", str | None, SHARED, None),
-            ParameterSpec("learned_steps", int, SHARED, 200),
-            ParameterSpec("learned_lr", float, SHARED, 0.02),
-            ParameterSpec("training_mode", str, SHARED, "auto"),
+            Param("task_calibration", str | None, SHARED, None),
+            Param("learned_steps", int, SHARED, 200),
+            Param("learned_lr", float, SHARED, 0.02),
+            Param("training_mode", str, SHARED, "auto"),
         ),
     )
 
@@ -617,29 +592,25 @@ class TadaMethod(LoraMergeMethod):
 
 # --------------------------------------------------------------------- the family
 
-WEIGHT = ParameterSpec("weight", float, NON_BASE, 1.0, "per-adapter weight")
-DENSITY = ParameterSpec("density", float, NON_BASE, 1.0, "fraction of entries kept")
+WEIGHT = Param("weight", float, NON_BASE, 1.0, "per-adapter weight")
+DENSITY = Param("density", float, NON_BASE, 1.0, "fraction of entries kept")
 
 
-def _gta_parameters(normalize: bool, rescale: bool) -> tuple[ParameterSpec, ...]:
+def _gta_parameters(normalize: bool, rescale: bool) -> tuple[Param, ...]:
     """mergekit's generalized-task-arithmetic parameters, with its defaults."""
     return (
         WEIGHT,
         DENSITY,
-        ParameterSpec("normalize", bool, SHARED, normalize),
-        ParameterSpec("rescale", bool, SHARED, rescale),
-        ParameterSpec("int8_mask", bool, SHARED, False),
-        ParameterSpec("lambda", float, SHARED, 1.0),
+        Param("normalize", bool, SHARED, normalize),
+        Param("rescale", bool, SHARED, rescale),
+        Param("int8_mask", bool, SHARED, False),
+        Param("lambda", float, SHARED, 1.0),
     )
 
 
-def _spec(name: str, pretty: str, extra: tuple[ParameterSpec, ...]) -> MergeMethodSpec:
-    return MergeMethodSpec(
-        name=name,
-        pretty_name=pretty,
-        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
-        optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
-        parameters=(*COMMON_PARAMETERS, *extra),
+def _spec(name: str, pretty: str, extra: tuple[Param, ...]) -> MethodSpec:
+    return MethodSpec(
+        name=name, pretty_name=pretty, parameters=(*COMMON_PARAMETERS, *extra)
     )
 
 
@@ -667,7 +638,7 @@ class LoraTaskArithmetic(_FamilyMethod):
         "Task arithmetic on LoRA factors (exact)",
         (
             WEIGHT,
-            ParameterSpec("lossless", bool, SHARED, False, "rank = sum of input ranks"),
+            Param("lossless", bool, SHARED, False, "rank = sum of input ranks"),
         ),
     )
 
@@ -730,7 +701,7 @@ class LoraTsvM(_FamilyMethod):
     spec = _spec(
         "lora_tsv_m",
         "TSV-M (task singular vectors merge) on LoRA factors",
-        (WEIGHT, ParameterSpec("alpha", float, SHARED, 1.0, "global scale")),
+        (WEIGHT, Param("alpha", float, SHARED, 1.0, "global scale")),
     )
 
     def combine(self, job, updates):
@@ -748,28 +719,24 @@ class TaraMethod(LoraMergeMethod):
     """
 
     plot_files = (TARA_PLOT,)
-    spec = MergeMethodSpec(
+    spec = MethodSpec(
         name="tara",
         pretty_name="TARA-Merging (learned per-direction coefficients)",
-        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
-        optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
         parameters=(
             *COMMON_PARAMETERS,
-            ParameterSpec("data", str | None, NON_BASE, None, "unlabeled text"),
-            ParameterSpec("preference", float, NON_BASE, 1.0, "rho (normalized)"),
-            ParameterSpec("variant", str, SHARED, "b", "a | b"),
-            ParameterSpec("objective", str, SHARED, "stch", "stch | linear"),
-            ParameterSpec("alpha", float, SHARED, 1.0, "STCH smoothing"),
-            ParameterSpec("steps", int, SHARED, 500),
-            ParameterSpec("lr", float, SHARED, 1e-3),
-            ParameterSpec("batch_size", int, SHARED, 16),
-            ParameterSpec("max_length", int, SHARED, 256),
-            ParameterSpec("data_samples", int, SHARED, 256, "rows read per input"),
-            ParameterSpec("init_lambda", float | None, SHARED, None, "phi_0 = l/T"),
-            ParameterSpec(
-                "training_mode", str, SHARED, "auto", "auto | memory | streamed"
-            ),
-            ParameterSpec("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
+            Param("data", str | None, NON_BASE, None, "unlabeled text"),
+            Param("preference", float, NON_BASE, 1.0, "rho (normalized)"),
+            Param("variant", str, SHARED, "b", "a | b"),
+            Param("objective", str, SHARED, "stch", "stch | linear"),
+            Param("alpha", float, SHARED, 1.0, "STCH smoothing"),
+            Param("steps", int, SHARED, 500),
+            Param("lr", float, SHARED, 1e-3),
+            Param("batch_size", int, SHARED, 16),
+            Param("max_length", int, SHARED, 256),
+            Param("data_samples", int, SHARED, 256, "rows read per input"),
+            Param("init_lambda", float | None, SHARED, None, "phi_0 = l/T"),
+            Param("training_mode", str, SHARED, "auto", "auto | memory | streamed"),
+            Param("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
         ),
     )
     SETTINGS = (
@@ -933,16 +900,6 @@ METHODS: tuple[LoraMergeMethod, ...] = (
 METHOD_NAMES = frozenset(m.spec.name for m in METHODS)
 
 
-def register_all() -> None:
-    """Add our methods to mergekit's registry (idempotent)."""
-    from mergekit.merge_methods import registry
-
-    known = {m.spec.name for m in registry.registered_methods()}
-    for method in METHODS:
-        if method.spec.name not in known:
-            registry.register(method)
-
-
-# Imported first (before mergekit.merge_methods), this module triggered the
-# start-up hook while half-initialized; the hook left registration to us.
-register_all()
+def get(name: str) -> LoraMergeMethod | None:
+    """Our method of that name (None: not ours)."""
+    return next((m for m in METHODS if m.spec.name == name), None)
