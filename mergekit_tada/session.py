@@ -47,7 +47,7 @@ from mergekit_tada.integration import activated, check_method_name
 from mergekit_tada.loading import HeaderIndex, PlaceholderLoader
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
 from mergekit_tada.methods import specs
-from mergekit_tada.methods.specs import ModuleJob, RunInputs
+from mergekit_tada.methods.specs import PASS_KEYS, ModuleJob, RunInputs
 from mergekit_tada.output import CARD, MANIFEST_NAME, OutputFolder, check_folder_name
 from mergekit_tada.planning import PlannedTensor, with_mergekit
 from mergekit_tada.report import (
@@ -432,52 +432,61 @@ class MergeSession:
         )
 
         settings = json.loads(wanted.pop())
-        texts = read_prompts(settings["calibration"], settings["calibration_samples"])
-        batches = make_batches(
-            tokenizer_for(self.base_path),
-            texts,
-            settings["calibration_max_length"],
-            settings["calibration_batch_size"],
-        )
+        tokenizer = tokenizer_for(self.base_path)
         device = torch.device(self.options.device or "cpu")
         cache = StatsCache(settings["cache_dir"])
-        key = cache.key(
-            {
-                "adapters": {label: a.hashes for label, a in self.adapters.items()},
-                "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
-                "tokens": batches_digest(batches),
-                "settings": {k: v for k, v in settings.items() if k != "cache_dir"},
-                "base": cache.file_hashes(self._base_files()),
-                "device": device.type,
-            }
-        )
-        stats = cache.load_stats(key)
-        hit = stats is not None
-        if not hit:
-            stats = run_calibration(
-                self.base_path,
-                batches,
-                self.adapters,
-                device=device,
-                quiet=self.options.quiet,
+        stats, infos = {}, []
+        for prompts, path in settings["passes"].items():
+            texts = read_prompts(path, settings["calibration_samples"])
+            batches = make_batches(
+                tokenizer,
+                texts,
+                settings["calibration_max_length"],
+                settings["calibration_batch_size"],
             )
-            check_statistics(stats, self.base_path)
-            cache.store_stats(key, stats)
-        self.calibration_info = {
-            "path": settings["calibration"],
-            "prompts": len(texts),
-            "tokens": token_count(batches),
-            "max_length": settings["calibration_max_length"],
-            "cache_key": key,
-            "cache_hit": hit,
-        }
-        if hit:  # said once: the calibration pass was skipped, and why
-            LOG.warning(
-                "calibration statistics from cache entry %s (no calibration pass)",
-                cache.entry_path(key),
+            # what the pass depends on (gate-only settings would only miss)
+            key = cache.key(
+                {
+                    "adapters": {label: a.hashes for label, a in self.adapters.items()},
+                    "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
+                    "tokens": batches_digest(batches),
+                    "settings": {k: settings[k] for k in PASS_KEYS},
+                    "base": cache.file_hashes(self._base_files()),
+                    "device": device.type,
+                }
             )
-        else:
-            LOG.info("calibration statistics computed (cache key %s)", key[:12])
+            found = cache.load_stats(key)
+            hit = found is not None
+            if not hit:
+                found = run_calibration(
+                    self.base_path,
+                    batches,
+                    self.adapters,
+                    device=device,
+                    quiet=self.options.quiet,
+                )
+                check_statistics(found, self.base_path)
+                cache.store_stats(key, found)
+                LOG.info("calibration statistics computed (cache key %s)", key[:12])
+            else:  # said once: the calibration pass was skipped, and why
+                LOG.warning(
+                    "calibration statistics from cache entry %s (no calibration pass)",
+                    cache.entry_path(key),
+                )
+            stats[prompts] = found
+            infos.append(
+                {
+                    "path": path,
+                    "prompts": len(texts),
+                    "tokens": token_count(batches),
+                    "max_length": settings["calibration_max_length"],
+                    "cache_key": key,
+                    "cache_hit": hit,
+                }
+            )
+        self.calibration_info = infos[0]
+        if len(infos) > 1:
+            self.calibration_info["task_prompts"] = infos[1]
         return stats
 
     # ------------------------------------------------------------------ running

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -393,6 +394,69 @@ def test_reported_output_perturbation(work):
             assert r["delta"] == pytest.approx(ratio, rel=1e-9, abs=1e-12), m
 
 
+TASK_PROMPTS = [
+    "answer : the color of the cell is",
+    "answer : the dose of the trial is",
+    "repeat : a list of the step",
+    "answer : the question then",
+    "repeat : the first and the second",
+]
+
+
+def test_probe_on_task_prompts_and_contrast(work):
+    """probe_prompts: task reads task_calibration; contrast is delta(domain
+    prompts) - delta(task prompts), each delta from a full forward with hooks,
+    then centred and gated as usual."""
+    write_prompts()
+    write_prompts("task.txt", TASK_PROMPTS)
+    adapters = {"task": LoraAdapter("lora-task"), "domain": LoraAdapter("lora-domain")}
+
+    def deltas(prompts: list[str]) -> dict[str, float]:
+        batches = make_batches(tokenizer_for("base"), prompts, 256, batch_size=8)
+        ref = reference_stats("base", batches, adapters)
+
+        def probe(role, m):
+            delta, inputs, _, frob, _ = ref[(role, m)]
+            return math.sqrt(delta) / math.sqrt(frob * inputs)
+
+        return {
+            m: math.log(probe("domain", m)) - math.log(probe("task", m))
+            for role, m in ref
+            if role == "domain" and ("task", m) in ref
+        }
+
+    on_domain, on_task = deltas(PROMPTS), deltas(TASK_PROMPTS)
+    expected = {
+        "task": on_task,
+        "contrast": {m: d - on_task[m] for m, d in on_domain.items()},
+    }
+    for mode, want in expected.items():
+        config = probe_config(probe_prompts=mode, task_calibration="task.txt")
+        out = Path(mergekit_tada.merge(config, mode, quiet=True))
+        report = json.loads((out / "tada_report.json").read_text())
+        centre = statistics.median(want.values())
+        for m, d in want.items():
+            got = report["modules"][m]
+            assert got["delta"] == pytest.approx(d, abs=1e-5), (mode, m)
+            assert got["domain_gate"] == pytest.approx(
+                expected_domain_gate(d, centre), rel=1e-4
+            ), (mode, m)
+        calib = report["inputs"]["calibration"]
+        card = (out / "README.md").read_text()
+        if mode == "task":
+            assert calib["path"] == "task.txt" and "task_prompts" not in calib
+        else:
+            assert calib["path"] == "prompts.txt"
+            assert calib["task_prompts"]["prompts"] == len(TASK_PROMPTS)
+            assert "contrasted with the probe over 5 task-style prompts" in card
+    # the contrast moved the gates: not the domain-prompt probe's
+    assert any(abs(expected["contrast"][m] - d) > 1e-2 for m, d in on_domain.items())
+    with pytest.raises(
+        TadaError, match="probe_prompts: contrast needs task_calibration"
+    ):
+        mergekit_tada.merge(probe_config(probe_prompts="contrast"), "bad", quiet=True)
+
+
 def test_stats_entry_of_an_older_version_is_recomputed(work):
     """An entry without a field added since (sum_sq_output) is a miss, not zeros."""
     write_prompts()
@@ -445,6 +509,12 @@ def test_cache_hit_and_miss_on_every_component(work, monkeypatch):
     run(
         probe_config(tau=2.0, gate_min=0.2), expect_pass=False
     )  # gate settings: no pass
+    run(  # how probes become deltas: no pass either
+        probe_config(
+            probe_statistic="raw", gate_granularity="layer", probe_centring="type"
+        ),
+        expect_pass=False,
+    )
     run(probe_config(calibration_samples=4))  # settings
     run(probe_config(calibration_max_length=3))
     run(probe_config(calibration_batch_size=2))

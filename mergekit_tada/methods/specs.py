@@ -53,12 +53,22 @@ CALIBRATION_KEYS = (
     "gate_granularity",
     "probe_statistic",
     "probe_centring",
+    "probe_prompts",
     "calibration",
+    "task_calibration",
     "calibration_samples",
     "calibration_max_length",
     "calibration_batch_size",
     "cache_dir",
 )
+# What a calibration pass's statistics depend on besides data, adapters, base
+PASS_KEYS = ("calibration_samples", "calibration_max_length", "calibration_batch_size")
+# Which prompts the probe reads: prompt set -> the parameter naming its file
+PROBE_PASSES = {
+    "domain": {"domain": "calibration"},
+    "task": {"task": "task_calibration"},
+    "contrast": {"domain": "calibration", "task": "task_calibration"},
+}
 
 
 def same_for_every_tensor(values: list, message: str) -> Any:
@@ -243,6 +253,7 @@ class TadaMethod(LoraMergeMethod):
             Param("gate_normalization", str, SHARED, "sum", "sum | max"),
             Param("probe_statistic", str, SHARED, "normalized", "normalized | raw"),
             Param("probe_centring", str, SHARED, "global", "global | type"),
+            Param("probe_prompts", str, SHARED, "domain", "domain | task | contrast"),
             Param("task_weight", float | None, SHARED, None),
             Param("domain_weight", float | None, SHARED, None),
             Param("conflict_elimination", bool, SHARED, True),
@@ -299,6 +310,7 @@ class TadaMethod(LoraMergeMethod):
             ("gate_normalization", GATE_NORMALIZATIONS),
             ("probe_statistic", PROBE_STATISTICS),
             ("probe_centring", PROBE_CENTRINGS),
+            ("probe_prompts", tuple(PROBE_PASSES)),
             ("training_mode", tara.TRAINING_MODES),
         ):
             if params[key] not in allowed:
@@ -318,10 +330,20 @@ class TadaMethod(LoraMergeMethod):
                 f"tada: learned_steps must be >= 1 and learned_lr > 0 for {tensor}"
             )
         if params["gates"] == "probe" and not params["calibration"]:
+            if params["probe_prompts"] != "task":
+                raise TadaError(
+                    "tada: gates: probe (the default) needs calibration: a .txt (one "
+                    "prompt per line), .jsonl (a 'text' field) or saved dataset of "
+                    f"domain prompts; or set gates: uniform | fixed (for {tensor})"
+                )
+        if (
+            params["gates"] == "probe"
+            and params["probe_prompts"] != "domain"
+            and not params["task_calibration"]
+        ):
             raise TadaError(
-                "tada: gates: probe (the default) needs calibration: a .txt (one prompt "
-                "per line), .jsonl (a 'text' field) or saved dataset of domain prompts; "
-                f"or set gates: uniform | fixed (for {tensor})"
+                f"tada: probe_prompts: {params['probe_prompts']} needs "
+                f"task_calibration (unlabeled task-style prompts) (for {tensor})"
             )
         limits = (
             ("conflict_threshold", 0, None),
@@ -351,7 +373,11 @@ class TadaMethod(LoraMergeMethod):
     def calibration(self, params: dict) -> dict | None:
         if params["gates"] != "probe":
             return None
-        return {key: params[key] for key in CALIBRATION_KEYS}
+        passes = {
+            prompts: params[key]
+            for prompts, key in PROBE_PASSES[params["probe_prompts"]].items()
+        }
+        return {key: params[key] for key in CALIBRATION_KEYS} | {"passes": passes}
 
     LEARNING_KEYS = (
         "calibration",
@@ -379,13 +405,19 @@ class TadaMethod(LoraMergeMethod):
         if stats is None:
             return None
         roles = {label: p["role"] for label, p in plans[0].inputs.items()}
-        by_role = {role: stats[label] for label, role in roles.items()}
+        # prompt set -> role -> module -> statistics
+        by_role = {
+            prompts: {role: found[label] for label, role in roles.items()}
+            for prompts, found in stats.items()
+        }
+        first, *contrast = by_role.values()
         table = ProbeTable.from_stats(
-            by_role["task"],
-            by_role["domain"],
+            first["task"],
+            first["domain"],
             statistic=plans[0].params["probe_statistic"],
             granularity=plans[0].params["gate_granularity"],
             centring=plans[0].params["probe_centring"],
+            against=(contrast[0]["task"], contrast[0]["domain"]) if contrast else None,
         )
         if table.undefined:
             shared = len(table.undefined) + len(table.deltas)
@@ -488,6 +520,11 @@ class TadaMethod(LoraMergeMethod):
                 f"gates from the calibration probe over {calibration['prompts']} "
                 f"prompts ({calibration['tokens']} tokens) of `{calibration['path']}`"
             )
+            if task := calibration.get("task_prompts"):
+                lines.append(
+                    f"contrasted with the probe over {task['prompts']} task-style "
+                    f"prompts ({task['tokens']} tokens) of `{task['path']}`"
+                )
         else:
             modes = sorted({r.get("gate_mode", "?") for r in records.values()})
             lines.append(f"gates: {', '.join(modes)}")

@@ -28,6 +28,14 @@ delta of that layer (one gate per layer instead of per layer x projection);
 down_proj, ...) so that their median is the global median: a type whose
 probes differ from the others' for both adapters alike (its input
 statistics, not the task/domain split) then gets no gate bias of its own.
+
+Which prompts (``probe_prompts``): ``domain`` (the calibration prompts, the
+paper's probe), ``task`` (the task-style prompts of ``task_calibration``), or
+``contrast``: delta on the domain prompts minus delta on the task prompts,
+i.e. how far the domain text moves a module's balance toward the domain
+adapter compared with task text; whatever makes one adapter respond more in
+a module on any input (its shape there, the module's input statistics)
+cancels.
 """
 
 from __future__ import annotations
@@ -107,6 +115,22 @@ def _pool_by_layer(deltas: dict[str, float]) -> dict[str, float]:
     return pooled
 
 
+def _deltas(
+    task: dict[str, ModuleStats], domain: dict[str, ModuleStats], statistic: str
+) -> tuple[dict, dict, dict[str, float], tuple[str, ...]]:
+    """Probes per module, delta = log s_D - log s_T where both are defined, and
+    the modules of both adapters where it is not."""
+    p_task = {m: probe_value(s, statistic) for m, s in task.items()}
+    p_domain = {m: probe_value(s, statistic) for m, s in domain.items()}
+    shared = sorted(set(p_task) & set(p_domain))
+    deltas = {
+        m: math.log(p_domain[m]) - math.log(p_task[m])
+        for m in shared
+        if p_task[m] and p_domain[m]
+    }
+    return p_task, p_domain, deltas, tuple(m for m in shared if m not in deltas)
+
+
 @dataclass(frozen=True)
 class ProbeTable:
     """Probe values per module for the task and the domain adapter, and median delta."""
@@ -128,17 +152,18 @@ class ProbeTable:
         statistic: str = "normalized",
         granularity: str = "module",
         centring: str = "global",
+        against: tuple[dict[str, ModuleStats], dict[str, ModuleStats]] | None = None,
     ) -> ProbeTable:
-        p_task = {m: probe_value(s, statistic) for m, s in task.items()}
-        p_domain = {m: probe_value(s, statistic) for m, s in domain.items()}
-        deltas = {
-            m: math.log(p_domain[m]) - math.log(p_task[m])
-            for m in sorted(set(p_task) & set(p_domain))
-            if p_task[m] and p_domain[m]
-        }
-        undefined = tuple(
-            m for m in sorted(set(p_task) & set(p_domain)) if m not in deltas
-        )
+        """``against``: (task, domain) statistics on the task-style prompts;
+        given, each delta becomes the contrast delta(domain prompts) -
+        delta(task prompts) before centring and pooling."""
+        p_task, p_domain, deltas, undefined = _deltas(task, domain, statistic)
+        if against is not None:
+            _, _, other, other_undefined = _deltas(*against, statistic)
+            undefined = tuple(
+                sorted({*undefined, *other_undefined, *(set(deltas) ^ set(other))})
+            )
+            deltas = {m: deltas[m] - other[m] for m in deltas if m in other}
         if centring == "type":
             deltas = _centre_by_type(deltas)
         if granularity == "layer":
