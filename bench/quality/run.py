@@ -213,6 +213,8 @@ TADA_ABLATIONS = {
     " N=128": {"calibration_samples": 128},
     " raw activation norm": {"probe_statistic": "raw"},
     " per-type centring": {"probe_centring": "type"},
+    " task-prompt probe": {"probe_prompts": "task"},
+    " contrast probe": {"probe_prompts": "contrast"},
     " clip 0.3-0.7": {"gate_min": 0.3, "gate_max": 0.7},
     " max-normalised gates": {"gate_normalization": "max"},
     " rank 16 (no truncation)": {"rank": 16},
