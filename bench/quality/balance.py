@@ -140,7 +140,9 @@ def screen(world_name: str, seed: int, log=print) -> dict:
                 "kl_task_last": _kl(
                     experts["task"], merged["task"], _last(masks["task"])
                 ),
-                "agree_task": _agreement(experts["task"], merged["task"], masks["task"]),
+                "agree_task": _agreement(
+                    experts["task"], merged["task"], masks["task"]
+                ),
                 "agree_task_last": _agreement(
                     experts["task"], merged["task"], _last(masks["task"])
                 ),
@@ -156,8 +158,8 @@ def screen(world_name: str, seed: int, log=print) -> dict:
         "kl sum": lambda v: v["kl_task"] + v["kl_domain"],
         "kl max, last token": lambda v: max(v["kl_task_last"], v["kl_domain"]),
         "agreement": lambda v: -min(v["agree_task"], v["agree_domain"]),
-        "agreement, last token": lambda v: -min(
-            v["agree_task_last"], v["agree_domain"]
+        "agreement, last token": lambda v: (
+            -min(v["agree_task_last"], v["agree_domain"])
         ),
         "entropy": lambda v: v["entropy_gap"],
     }
@@ -165,7 +167,10 @@ def screen(world_name: str, seed: int, log=print) -> dict:
         rule: min(values, key=lambda k, f=f: (f(values[k]), k))
         for rule, f in objectives.items()
     }
-    log(f"  {world_name} seed {seed}: " + ", ".join(f"{r} {c}" for r, c in chosen.items()))
+    log(
+        f"  {world_name} seed {seed}: "
+        + ", ".join(f"{r} {c}" for r, c in chosen.items())
+    )
     return {"values": values, "chosen": chosen}
 
 
@@ -188,13 +193,13 @@ def write_docs(results: dict, seconds: float) -> None:
         lines += [
             f"## {world_name} world",
             "",
-            "| rule | " + " | ".join(f"seed {s}: pair, combined, H" for s in seeds)
+            "| rule | "
+            + " | ".join(f"seed {s}: pair, combined, H" for s in seeds)
             + " | mean combined | mean H |",
             "|---" * (len(seeds) + 3) + "|",
         ]
         rows = {"best pair (labels)": {}, "1/1": {}}
         for seed in seeds:
-            grid = headroom[seed]["grid"]
             best = ",".join(map(str, headroom[seed]["best"]))
             rows["best pair (labels)"][seed] = best
             rows["1/1"][seed] = "1.0,1.0"
@@ -227,9 +232,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.time()
-    results = {
-        w: {str(s): screen(w, s) for s in args.seeds} for w in args.worlds
-    }
+    results = {w: {str(s): screen(w, s) for s in args.seeds} for w in args.worlds}
     write_docs(results, time.time() - start)
 
 
