@@ -15,6 +15,10 @@ task-style prompts), and each rule's chosen pair is looked up in that grid:
 * ``agreement`` / ``agreement, last token``: the smaller of the two shares of
   tokens where the merged model's greedy next token is the expert's (on that
   expert's prompts), maximized.
+* ``continuation``: each expert continues its own unlabeled inputs greedily
+  (a task-style prompt: the next 3 tokens; a domain text: its last 2 tokens,
+  held out), and the merged model must continue them the same way; the pair
+  maximizing the smaller of the two exact-match shares.
 * ``entropy``: TARA's objective, the smaller-is-better mean entropy of the
   merged model on both prompt sets (max of the two gaps to each expert's own).
 
@@ -51,8 +55,10 @@ RULES = (
     "kl max, last token",
     "agreement",
     "agreement, last token",
+    "continuation",
     "entropy",
 )
+TASK_TOKENS, DOMAIN_HELD_OUT = 3, 2
 
 
 def _prompts(path: Path, tok) -> dict[str, torch.Tensor]:
@@ -76,6 +82,35 @@ def _agreement(expert: torch.Tensor, merged: torch.Tensor, mask: torch.Tensor) -
     """Share of real tokens where both predict the same next token."""
     same = (expert.argmax(-1) == merged.argmax(-1)).float()
     return float((same * mask).sum() / mask.sum())
+
+
+def _grouped(path: Path, tok, cut: int) -> list[torch.Tensor]:
+    """The prompts' token ids without their last ``cut`` tokens, in batches of
+    one length (greedy continuation needs no padding then)."""
+    lines = [x for x in path.read_text().splitlines() if x.strip()][:PROMPTS]
+    by_length: dict[int, list] = {}
+    for line in lines:
+        ids = tok(line)["input_ids"]
+        ids = ids[: len(ids) - cut]
+        by_length.setdefault(len(ids), []).append(ids)
+    return [torch.tensor(rows) for _, rows in sorted(by_length.items())]
+
+
+def _continue(model, batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for x in batches:
+            for _ in range(n):
+                nxt = model(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)
+                x = torch.cat([x, nxt], 1)
+            out.append(x[:, -n:])
+    return out
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Share of rows whose continuations are equal."""
+    equal = sum(int((x == y).all(1).sum()) for x, y in zip(a, b, strict=True))
+    return equal / sum(len(x) for x in a)
 
 
 def _entropy(logp: torch.Tensor, mask: torch.Tensor) -> float:
@@ -111,6 +146,13 @@ def screen(world_name: str, seed: int, log=print) -> dict:
         "domain": _prompts(root / "calibration.txt", tok),
     }
     masks = {k: v["attention_mask"].float() for k, v in sets.items()}
+    heads = {
+        "task": (_grouped(root / "task-calibration.txt", tok, 0), TASK_TOKENS),
+        "domain": (
+            _grouped(root / "calibration.txt", tok, DOMAIN_HELD_OUT),
+            DOMAIN_HELD_OUT,
+        ),
+    }
 
     def load(a: float, b: float) -> None:
         state = dict(base)
@@ -127,12 +169,17 @@ def screen(world_name: str, seed: int, log=print) -> dict:
     for role, pair in (("task", (1.0, 0.0)), ("domain", (0.0, 1.0))):
         load(*pair)
         experts[role] = _log_probs(model, sets[role])
-    own_entropy = {r: _entropy(experts[r], masks[r]) for r in experts}
+        experts[f"{role} continued"] = _continue(model, *heads[role])
+    own_entropy = {r: _entropy(experts[r], masks[r]) for r in sets}
     values = {}
     for a in GRID:
         for b in GRID:
             load(a, b)
             merged = {r: _log_probs(model, sets[r]) for r in sets}
+            same = {
+                r: _same(experts[f"{r} continued"], _continue(model, *heads[r]))
+                for r in heads
+            }
             kl = {r: _kl(experts[r], merged[r], masks[r]) for r in sets}
             values[f"{a},{b}"] = {
                 "kl_task": kl["task"],
@@ -149,6 +196,8 @@ def screen(world_name: str, seed: int, log=print) -> dict:
                 "agree_domain": _agreement(
                     experts["domain"], merged["domain"], masks["domain"]
                 ),
+                "continued_task": same["task"],
+                "continued_domain": same["domain"],
                 "entropy_gap": max(
                     _entropy(merged[r], masks[r]) - own_entropy[r] for r in sets
                 ),
@@ -161,6 +210,7 @@ def screen(world_name: str, seed: int, log=print) -> dict:
         "agreement, last token": lambda v: (
             -min(v["agree_task_last"], v["agree_domain"])
         ),
+        "continuation": lambda v: -min(v["continued_task"], v["continued_domain"]),
         "entropy": lambda v: v["entropy_gap"],
     }
     chosen = {
