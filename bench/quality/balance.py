@@ -19,6 +19,11 @@ task-style prompts), and each rule's chosen pair is looked up in that grid:
   (a task-style prompt: the next 3 tokens; a domain text: its last 2 tokens,
   held out), and the merged model must continue them the same way; the pair
   maximizing the smaller of the two exact-match shares.
+* ``perturbations equalised`` / ``perturbation-proportional``: a probe-derived
+  balance with a + b = 2 (the default scale), a/b = p_D/p_T or p_T/p_D, where
+  p is an adapter's median relative output perturbation RMS||dW x||/RMS||W x||
+  on the domain prompts (the probe report of run.py's "tada (probe gates)");
+  the grid pair nearest to it.
 * ``entropy``: TARA's objective, the smaller-is-better mean entropy of the
   merged model on both prompt sets (max of the two gaps to each expert's own).
 
@@ -32,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +63,8 @@ RULES = (
     "agreement",
     "agreement, last token",
     "continuation",
+    "perturbations equalised",
+    "perturbation-proportional",
     "entropy",
 )
 TASK_TOKENS, DOMAIN_HELD_OUT = 3, 2
@@ -217,6 +226,28 @@ def screen(world_name: str, seed: int, log=print) -> dict:
         rule: min(values, key=lambda k, f=f: (f(values[k]), k))
         for rule, f in objectives.items()
     }
+    report = json.loads(
+        (root / "merges" / "tada_probe_gates" / "tada_report.json").read_text()
+    )["modules"]
+    both = [
+        r
+        for r in report.values()
+        if r.get("perturbation_task") and r.get("perturbation_domain")
+    ]
+    p_task = statistics.median(r["perturbation_task"] for r in both)
+    p_domain = statistics.median(r["perturbation_domain"] for r in both)
+    for rule, ratio in (
+        ("perturbations equalised", p_domain / p_task),
+        ("perturbation-proportional", p_task / p_domain),
+    ):
+        a = 2 * ratio / (1 + ratio)  # a / b = ratio, a + b = 2
+        chosen[rule] = min(
+            values,
+            key=lambda k, a=a: (
+                math.dist([float(x) for x in k.split(",")], [a, 2 - a]),
+                k,
+            ),
+        )
     log(
         f"  {world_name} seed {seed}: "
         + ", ".join(f"{r} {c}" for r, c in chosen.items())
