@@ -457,6 +457,43 @@ def test_probe_on_task_prompts_and_contrast(work):
         mergekit_tada.merge(probe_config(probe_prompts="contrast"), "bad", quiet=True)
 
 
+def test_probe_balance_equalises_output_perturbations(work):
+    """probe_balance: equalise multiplies the task gates by a and the domain gates
+    by b, mean 1, a * p_T = b * p_D with p each adapter's median RMS||dW x|| /
+    RMS||W x|| over the modules both touch (from a full forward)."""
+    write_prompts()
+    plain = merged_modules(probe_config(), "p")
+    balanced = merged_modules(probe_config(probe_balance="equalise"), "b")
+    batches = make_batches(tokenizer_for("base"), PROMPTS, 256, batch_size=8)
+    adapters = {"task": LoraAdapter("lora-task"), "domain": LoraAdapter("lora-domain")}
+    ref = reference_stats("base", batches, adapters)
+    both = [m for role, m in ref if role == "task" and ("domain", m) in ref]
+    assert len(both) == 12
+    p = {
+        role: statistics.median(
+            math.sqrt(ref[(role, m)][0] / ref[(role, m)][4]) for m in both
+        )
+        for role in ("task", "domain")
+    }
+    a, b = (
+        2 * p["domain"] / (p["task"] + p["domain"]),
+        2 * p["task"] / (p["task"] + p["domain"]),
+    )
+    assert a * p["task"] == pytest.approx(b * p["domain"]) and abs(a - 1) > 1e-3
+    for m, r in plain.items():
+        assert balanced[m]["task_gate"] == pytest.approx(r["task_gate"] * a, rel=1e-4)
+        assert balanced[m]["domain_gate"] == pytest.approx(
+            r["domain_gate"] * b, rel=1e-4
+        )
+    report = json.loads(Path("b/tada_report.json").read_text())
+    assert report["summary"]["probe_balance"] == pytest.approx([a, b], rel=1e-4)
+    assert "global balance from the probe" in Path("b/README.md").read_text()
+    assert (
+        "probe_balance"
+        not in json.loads(Path("p/tada_report.json").read_text())["summary"]
+    )
+
+
 def test_stats_entry_of_an_older_version_is_recomputed(work):
     """An entry without a field added since (sum_sq_output) is a miss, not zeros."""
     write_prompts()

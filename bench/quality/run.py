@@ -215,6 +215,7 @@ TADA_ABLATIONS = {
     " per-type centring": {"probe_centring": "type"},
     " task-prompt probe": {"probe_prompts": "task"},
     " contrast probe": {"probe_prompts": "contrast"},
+    " probe balance": {"probe_balance": "equalise"},
     " clip 0.3-0.7": {"gate_min": 0.3, "gate_max": 0.7},
     " max-normalised gates": {"gate_normalization": "max"},
     " rank 16 (no truncation)": {"rank": 16},

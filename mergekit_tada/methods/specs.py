@@ -29,6 +29,7 @@ from mergekit_tada.methods.tada import tada_combine
 from mergekit_tada.probe.gates import (
     GATE_GRANULARITIES,
     GATE_NORMALIZATIONS,
+    PROBE_BALANCES,
     PROBE_CENTRINGS,
     PROBE_STATISTICS,
     ProbeTable,
@@ -54,6 +55,7 @@ CALIBRATION_KEYS = (
     "probe_statistic",
     "probe_centring",
     "probe_prompts",
+    "probe_balance",
     "calibration",
     "task_calibration",
     "calibration_samples",
@@ -254,6 +256,7 @@ class TadaMethod(LoraMergeMethod):
             Param("probe_statistic", str, SHARED, "normalized", "normalized | raw"),
             Param("probe_centring", str, SHARED, "global", "global | type"),
             Param("probe_prompts", str, SHARED, "domain", "domain | task | contrast"),
+            Param("probe_balance", str, SHARED, "none", "none | equalise"),
             Param("task_weight", float | None, SHARED, None),
             Param("domain_weight", float | None, SHARED, None),
             Param("conflict_elimination", bool, SHARED, True),
@@ -311,6 +314,7 @@ class TadaMethod(LoraMergeMethod):
             ("probe_statistic", PROBE_STATISTICS),
             ("probe_centring", PROBE_CENTRINGS),
             ("probe_prompts", tuple(PROBE_PASSES)),
+            ("probe_balance", PROBE_BALANCES),
             ("training_mode", tara.TRAINING_MODES),
         ):
             if params[key] not in allowed:
@@ -484,8 +488,10 @@ class TadaMethod(LoraMergeMethod):
         }
 
     def summary(self, records: dict[str, dict]) -> dict:
+        balance = next((r["balance"] for r in records.values() if "balance" in r), None)
         return {
             **super().summary(records),
+            **({"probe_balance": balance} if balance else {}),
             "dropped_task": sum(
                 len(m.get("dropped_task", [])) for m in records.values()
             ),
@@ -531,6 +537,12 @@ class TadaMethod(LoraMergeMethod):
         if depth := depth_summary(records):
             lines.append(depth)
         summary = self.summary(records)
+        if balance := summary.get("probe_balance"):
+            lines.append(
+                "global balance from the probe (relative output perturbations "
+                f"equalised): task gates x{balance[0]:.3f}, domain gates "
+                f"x{balance[1]:.3f}"
+            )
         lines.append(
             f"conflicting directions dropped: {summary['dropped_task']} task, "
             f"{summary['dropped_domain']} domain"
@@ -596,6 +608,10 @@ class TadaMethod(LoraMergeMethod):
                     domain_m
                 ),
             )
+            if params["probe_balance"] == "equalise":
+                a, b = probes.balance()
+                p_task, p_domain = p_task * a, p_domain * b
+                extra["balance"] = [a, b]
             # user weights (scalars, gradients, filters) override per tensor
             if w_task is not None or w_domain is not None:
                 extra["gate_override"] = True

@@ -36,6 +36,11 @@ i.e. how far the domain text moves a module's balance toward the domain
 adapter compared with task text; whatever makes one adapter respond more in
 a module on any input (its shape there, the module's input statistics)
 cancels.
+
+``probe_balance="equalise"`` adds a global balance derived from the probe
+pass: the task gates times a, the domain gates times b, (a + b) / 2 = 1 and
+a / b = p_D / p_T, where p is an adapter's median relative output
+perturbation RMS||dW x|| / RMS||W x|| (see :meth:`ProbeTable.balance`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ PROBE_STATISTICS = ("normalized", "raw")
 GATE_GRANULARITIES = ("module", "layer")
 GATE_NORMALIZATIONS = ("sum", "max")
 PROBE_CENTRINGS = ("global", "type")
+PROBE_BALANCES = ("none", "equalise")
 _LAYER = re.compile(r"^(.*\.(?:layers|layer|h|blocks)\.\d+)\.")
 
 
@@ -179,6 +185,20 @@ class ProbeTable:
                 for role, stats in (("task", task), ("domain", domain))
             },
         )
+
+    def balance(self) -> tuple[float, float]:
+        """(a, b), mean 1, with a * p_T = b * p_D: the global factors on the task
+        and domain gates that equalise the adapters' median relative output
+        perturbation p (modules both touch) on the calibration text."""
+        task, domain = (
+            self.perturbations.get("task", {}),
+            self.perturbations.get("domain", {}),
+        )
+        both = [m for m in task if task[m] and domain.get(m)]
+        if not both:
+            return 1.0, 1.0
+        ratio = _median([domain[m] for m in both]) / _median([task[m] for m in both])
+        return 2 * ratio / (1 + ratio), 2 / (1 + ratio)
 
     def delta(self, task_module: str | None, domain_module: str | None) -> float:
         if task_module is None or domain_module is None or task_module != domain_module:
