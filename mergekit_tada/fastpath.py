@@ -108,6 +108,9 @@ def try_run(args: list[str]) -> bool:
     except TadaError as error:
         error.show()
         sys.exit(error.exit_code)
+    except KeyboardInterrupt:  # as click reports it (the run cleaned up already)
+        print("\nAborted!", file=sys.stderr)
+        sys.exit(1)
     return True
 
 

@@ -7,16 +7,18 @@ Data flow (:func:`run`; full model through ``mergekit-yaml``):
    output exists: parameter keys, LoRA inputs (config flags, tensor layout),
    the plan of every output tensor (``planning.py``: mergekit's own planner on
    a copy of the config, or for ``mergekit-tada --adapter-only`` mergekit's
-   JSON definitions read as data) with its resolved parameters, shapes against the base's safetensors
-   headers, and every factor for NaN/Inf. The run is refused if its outputs
-   would replace one of its inputs. ``session.prepare()`` then runs (or reads
-   from the cache) the calibration pass a method asks for.
+   JSON definitions read as data) with its resolved parameters, shapes against
+   the base's safetensors headers, and every factor for NaN/Inf. The run is
+   refused if its outputs would replace one of its inputs.
+   ``session.prepare()`` then runs (or reads from the cache) the calibration
+   passes a method asks for.
 3. ``with session.writing(stage):`` mergekit's executor runs into the stage
    folder; for each output tensor it calls our method's registered wrapper
    (``integration.register_all``), which lands in :meth:`merge_tensor`: read
    the module's factors, ``method.merge_module`` -> rank-r (B, A), stream
-   them to the adapter writer, return ``W + B A`` to mergekit's writer. Then the adapter config, report,
-   plot and model-card section are written into the stage.
+   them to the adapter writer, return ``W + B A`` to mergekit's writer. Then
+   the adapter config, report, plot and model-card section are written into
+   the stage.
 4. The stage is committed: the complete outputs replace the earlier ones.
 
 ``merge_adapter_only`` runs step 3 without mergekit's executor or the base
