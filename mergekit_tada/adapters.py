@@ -454,7 +454,7 @@ def lora_adapter_config(
     The fields that define a plain LoRA (alpha = r: scaling 1); PEFT gives
     every field left out its default when it loads the file. Each value is
     what ``peft.LoraConfig(...).to_dict()`` holds for the same arguments
-    (``tests/test_adapters.py``), so the file reads the same either way.
+    (``tests/test_planning.py``), so the file reads the same either way.
     """
     return {
         "peft_type": "LORA",

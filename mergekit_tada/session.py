@@ -438,6 +438,14 @@ class MergeSession:
         tokenizer = tokenizer_for(self.base_path)
         device = torch.device(self.options.device or "cpu")
         cache = StatsCache(settings["cache_dir"])
+        # what every pass depends on besides its own prompts (gate-only
+        # settings would only miss)
+        common = {
+            "adapters": {label: a.hashes for label, a in self.adapters.items()},
+            "settings": {k: settings[k] for k in PASS_KEYS},
+            "base": cache.file_hashes(self._base_files()),
+            "device": device.type,
+        }
         stats, infos = {}, []
         for prompts, path in settings["passes"].items():
             texts = read_prompts(path, settings["calibration_samples"])
@@ -447,15 +455,11 @@ class MergeSession:
                 settings["calibration_max_length"],
                 settings["calibration_batch_size"],
             )
-            # what the pass depends on (gate-only settings would only miss)
             key = cache.key(
-                {
-                    "adapters": {label: a.hashes for label, a in self.adapters.items()},
+                common
+                | {
                     "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
                     "tokens": batches_digest(batches),
-                    "settings": {k: settings[k] for k in PASS_KEYS},
-                    "base": cache.file_hashes(self._base_files()),
-                    "device": device.type,
                 }
             )
             found = cache.load_stats(key)

@@ -194,11 +194,15 @@ def outputs_under_settings(
         env = dict(os.environ, PYTHONHASHSEED=seed, OMP_NUM_THREADS=threads)
         done = subprocess.run([sys.executable, "-c", code, threads], env=env, cwd=run)
         assert done.returncode == 0
-        outputs.append(
-            {
-                str(p.relative_to(run)): p.read_bytes()
-                for p in sorted((run / "out").rglob("*"))
-                if p.is_file() and p.name != ".mergekit-tada.lock"
-            }
-        )
+        outputs.append(output_files(run / "out", relative_to=run))
     return outputs
+
+
+def output_files(folder: Path, relative_to: Path | None = None) -> dict[str, bytes]:
+    """Every file a merge left under ``folder`` (its lock file aside): path
+    (relative to ``relative_to``, default ``folder``) -> bytes."""
+    return {
+        str(p.relative_to(relative_to or folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".mergekit-tada.lock"
+    }

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import output_files
 from mergekit.options import MergeOptions
 
 import mergekit_tada
@@ -162,14 +163,6 @@ def _run_fast(config_file: str, out: str, *options: str) -> subprocess.Completed
     )
 
 
-def _outputs(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".mergekit-tada.lock"
-    }
-
-
 @pytest.mark.parametrize(
     "case",
     [
@@ -187,7 +180,7 @@ def test_fast_path_writes_what_the_mergekit_path_writes(work, case):
     if not case.startswith("ties"):  # ran without the heavy imports
         assert heavy == "[]"
     mergekit_tada.merge("c.yml", "slow", adapter_only=True, quiet=True)
-    fast, slow = _outputs(work / "fast"), _outputs(work / "slow")
+    fast, slow = output_files(work / "fast"), output_files(work / "slow")
     assert sorted(fast) == sorted(slow)
     assert any(name.endswith(".safetensors") for name in fast)
     for name in slow:

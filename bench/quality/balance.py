@@ -53,6 +53,7 @@ from run import WORK, Ctx, load_base  # noqa: E402
 from world import WORLDS, World, WorldSpec, world_root  # noqa: E402
 
 from mergekit_tada.adapters import LoraAdapter  # noqa: E402
+from mergekit_tada.texts import read_texts  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 PROMPTS = 32  # TaDA's calibration_samples default
@@ -71,8 +72,11 @@ TASK_TOKENS, DOMAIN_HELD_OUT = 3, 2
 
 
 def _prompts(path: Path, tok) -> dict[str, torch.Tensor]:
-    lines = [x for x in path.read_text().splitlines() if x.strip()][:PROMPTS]
-    batch = tok(lines, return_tensors="pt", padding=True)
+    batch = tok(
+        read_texts(path, "balance screening", limit=PROMPTS),
+        return_tensors="pt",
+        padding=True,
+    )
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
@@ -96,9 +100,8 @@ def _agreement(expert: torch.Tensor, merged: torch.Tensor, mask: torch.Tensor) -
 def _grouped(path: Path, tok, cut: int) -> list[torch.Tensor]:
     """The prompts' token ids without their last ``cut`` tokens, in batches of
     one length (greedy continuation needs no padding then)."""
-    lines = [x for x in path.read_text().splitlines() if x.strip()][:PROMPTS]
     by_length: dict[int, list] = {}
-    for line in lines:
+    for line in read_texts(path, "balance screening", limit=PROMPTS):
         ids = tok(line)["input_ids"]
         ids = ids[: len(ids) - cut]
         by_length.setdefault(len(ids), []).append(ids)

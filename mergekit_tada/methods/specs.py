@@ -333,13 +333,16 @@ class TadaMethod(LoraMergeMethod):
             raise TadaError(
                 f"tada: learned_steps must be >= 1 and learned_lr > 0 for {tensor}"
             )
-        if params["gates"] == "probe" and not params["calibration"]:
-            if params["probe_prompts"] != "task":
-                raise TadaError(
-                    "tada: gates: probe (the default) needs calibration: a .txt (one "
-                    "prompt per line), .jsonl (a 'text' field) or saved dataset of "
-                    f"domain prompts; or set gates: uniform | fixed (for {tensor})"
-                )
+        if (
+            params["gates"] == "probe"
+            and params["probe_prompts"] != "task"
+            and not params["calibration"]
+        ):
+            raise TadaError(
+                "tada: gates: probe (the default) needs calibration: a .txt (one "
+                "prompt per line), .jsonl (a 'text' field) or saved dataset of "
+                f"domain prompts; or set gates: uniform | fixed (for {tensor})"
+            )
         if (
             params["gates"] == "probe"
             and params["probe_prompts"] != "domain"
@@ -609,7 +612,7 @@ class TadaMethod(LoraMergeMethod):
                 ),
             )
             if params["probe_balance"] == "equalise":
-                a, b = probes.balance()
+                a, b = probes.balance
                 p_task, p_domain = p_task * a, p_domain * b
                 extra["balance"] = [a, b]
             # user weights (scalars, gradients, filters) override per tensor

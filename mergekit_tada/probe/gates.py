@@ -40,7 +40,7 @@ cancels.
 ``probe_balance="equalise"`` adds a global balance derived from the probe
 pass: the task gates times a, the domain gates times b, (a + b) / 2 = 1 and
 a / b = p_D / p_T, where p is an adapter's median relative output
-perturbation RMS||dW x|| / RMS||W x|| (see :meth:`ProbeTable.balance`).
+perturbation RMS||dW x|| / RMS||W x|| (see :attr:`ProbeTable.balance`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from mergekit_tada.probe.calibration import ModuleStats
 
@@ -186,6 +187,7 @@ class ProbeTable:
             },
         )
 
+    @cached_property
     def balance(self) -> tuple[float, float]:
         """(a, b), mean 1, with a * p_T = b * p_D: the global factors on the task
         and domain gates that equalise the adapters' median relative output
