@@ -6,7 +6,7 @@ Builds (once) bench/work/7b: a sparse Llama-2-7B-shaped base (headers only;
 the adapter-only path never reads base data) and two rank-16 LoRAs on all
 seven projections. Then, alternating in one process: the I/O floor (read both
 adapter files, write and fsync one adapter-sized file) and our merge work
-(MergeSession.merge_adapter_only + writing the adapter; validation and
+(Execution.merge_adapter_only + writing the adapter; validation and
 imports excluded, reported separately). Prints medians and the ratio.
 """
 
@@ -54,14 +54,17 @@ def main() -> None:
 
     from mergekit_tada._hook import ensure_installed
     from mergekit_tada.api import load_config
-    from mergekit_tada.session import MergeSession
+    from mergekit_tada.integration import mergekit_planner
+    from mergekit_tada.run.execute import Execution
+    from mergekit_tada.run.plan import MergePlan
+    from mergekit_tada.run.prepare import prepare
 
     ensure_installed()
     imported = time.perf_counter() - t0
     cfg, _ = load_config("tada.yml")
     t0 = time.perf_counter()
-    session = MergeSession(cfg, MergeOptions(quiet=True))
-    session.prepare()
+    plan = MergePlan(cfg, MergeOptions(quiet=True), None, mergekit_planner)
+    prepared_run = prepare(plan)
     prepared = time.perf_counter() - t0
     files = [
         Path("lora-a/adapter_model.safetensors"),
@@ -79,11 +82,11 @@ def main() -> None:
             os.fsync(fh.fileno())
         floor.append(time.perf_counter() - t0)
         del data
-        session.records.clear()
+        execution = Execution(plan, prepared_run)
         shutil.rmtree("out", ignore_errors=True)
         t0 = time.perf_counter()
-        with session.writing(Path("out")):
-            session.merge_adapter_only()
+        with execution.writing(Path("out")):
+            execution.merge_adapter_only()
         work.append(time.perf_counter() - t0)
         out_bytes = Path("out/adapter/adapter_model.safetensors").stat().st_size
     os.remove("io-floor.bin")
@@ -94,7 +97,7 @@ def main() -> None:
     print(
         f"read 2 adapters + write 1 (I/O floor): {f:.2f} s; merge work incl. writing: "
         f"{w:.2f} s; ratio {w / f:.2f} (median of {args.repeats}, "
-        f"{os.cpu_count()} cores, {len(session.records)} modules)"
+        f"{os.cpu_count()} cores, {len(execution.records)} modules)"
     )
 
 

@@ -2,7 +2,7 @@
 
     python bench/calib.py tada|plain BASE PROMPTS LORA_A LORA_B
 
-Both stream the same base block by block (mergekit_tada.probe.calibration.StreamedModel)
+Both stream the same base block by block (mergekit_tada.streaming.StreamedModel)
 over the same batches; ``tada`` also accumulates the probe statistics of both
 adapters. Prints the pass's own time (imports excluded) as JSON.
 """
@@ -15,13 +15,11 @@ import torch
 
 from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.probe.calibration import (
-    StreamedModel,
     large_allocations_unmapped,
-    make_batches,
     read_prompts,
     run_calibration,
-    tokenizer_for,
 )
+from mergekit_tada.streaming import StreamedModel, make_batches, tokenizer_for
 
 mode, base, prompts, lora_a, lora_b = sys.argv[1:6]
 batches = make_batches(tokenizer_for(base), read_prompts(prompts, 32), 256, 8)

@@ -47,15 +47,15 @@ def main() -> None:
     from peft import PeftModel
 
     from mergekit_tada.adapters import LoraAdapter
-    from mergekit_tada.methods.tara import directions, initial_coefficients
-    from mergekit_tada.probe.calibration import Batch
-    from mergekit_tada.training import (
+    from mergekit_tada.directions import directions, initial_coefficients
+    from mergekit_tada.streaming import Batch
+    from mergekit_tada.training.engines import (
         InMemory,
         Streamed,
-        Task,
         _forward_entropy,
         load_causal_lm,
     )
+    from mergekit_tada.training.loop import Task
 
     cpu = torch.device("cpu")
     base = str(args.dir / "base")

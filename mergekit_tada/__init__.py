@@ -5,7 +5,7 @@ This module stays import-light on purpose: the ``.pth`` start-up hook imports
 nothing here may import torch or mergekit. The public API is loaded lazily.
 """
 
-__version__ = "0.1.0"
+from mergekit_tada.version import __version__
 
 __all__ = ["merge", "__version__"]
 

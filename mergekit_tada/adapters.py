@@ -1,31 +1,24 @@
-"""PEFT LoRA adapter I/O: read factors lazily, write a standard adapter atomically.
+"""Reading PEFT LoRA adapters: validated once, then factors read lazily.
 
-Reading: an adapter folder is validated once (config flags, key layout, shapes,
+An adapter folder is validated once (config flags, key layout, shapes,
 finiteness) and then read one module at a time with ``safetensors.safe_open``.
-Writing: the output layout is known before the merge, so each module's factors
-go straight to their place in ``adapter_model.safetensors`` as they are merged
-(at most one module's factors are held in memory), inside a temporary folder
-that replaces the output folder only when complete.
+Writing the merged adapter is adapter_writer.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import shutil
-import struct
-import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mergekit_tada.errors import TadaError
+from mergekit_tada.files import sha256_file
 from mergekit_tada.lowrank import Factored
 
 CONFIG_NAME = "adapter_config.json"
@@ -52,14 +45,6 @@ _UNSUPPORTED_KEYS = (
     ("modules_to_save", "modules_to_save entry"),
     ("trainable_tokens", "trainable tokens"),
 )
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -283,210 +268,3 @@ class LoraAdapter:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-_DTYPE_NAMES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-}
-
-
-class StreamingAdapterWriter:
-    """Writes a PEFT adapter folder module by module, straight into its final file.
-
-    Every module's output rank and shape are known before the merge starts, so
-    the safetensors header (keys in sorted order, deterministic whatever order
-    modules finish in) is written first and each module's factors go to their
-    own offsets as they arrive: one pass over the bytes, no copy. A background
-    thread flushes what has been written while the merge goes on, so the final
-    fsync waits only for the tail. ``out_dir`` must not exist: the writer works
-    inside a run's stage folder (mergekit_tada/output.py), which is what makes
-    the adapter appear whole or not at all.
-    """
-
-    FLUSH_EVERY = 32 << 20  # bytes written between background flushes
-
-    def __init__(
-        self,
-        out_dir: str | os.PathLike,
-        dtype: torch.dtype,
-        layout: dict[str, tuple[int, int, int]],
-    ) -> None:
-        """``layout``: module -> (rank, out_features, in_features)."""
-        self.out_dir = Path(out_dir)
-        self.dtype = dtype
-        self.layout = dict(layout)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        shapes = {}
-        for module, (rank, out_features, in_features) in layout.items():
-            prefix = f"base_model.model.{module}"
-            shapes[f"{prefix}.lora_A.weight"] = [rank, in_features]
-            shapes[f"{prefix}.lora_B.weight"] = [out_features, rank]
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for key in sorted(shapes):
-            size = math.prod(shapes[key]) * itemsize
-            header[key] = {
-                "dtype": _DTYPE_NAMES[dtype],
-                "shape": shapes[key],
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self._header = header
-        self._data_start = 8 + len(blob)
-        self.ranks: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._unflushed = 0
-        self._complete = 0  # modules whose bytes are written
-        self._background: list[threading.Thread] = []
-        self._flushing: threading.Thread | None = None
-        self._errors: list[BaseException] = []
-        self.out_dir.mkdir()
-        self._fd: int | None = os.open(
-            self.out_dir / WEIGHTS_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
-        )
-        os.pwrite(self._fd, struct.pack("<Q", len(blob)) + blob, 0)
-        os.ftruncate(self._fd, self._data_start + offset)
-
-    def add(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
-        prefix = f"base_model.model.{module}"
-        with self._lock:
-            if module not in self.layout or module in self.ranks:
-                raise RuntimeError(f"module {module} not planned or written twice")
-            self.ranks[module] = A.shape[0]
-        size = 0
-        for key, tensor in (
-            (f"{prefix}.lora_A.weight", A),
-            (f"{prefix}.lora_B.weight", B),
-        ):
-            entry = self._header[key]
-            if list(tensor.shape) != entry["shape"]:
-                raise RuntimeError(
-                    f"{key}: shape {list(tensor.shape)}, planned {entry['shape']}"
-                )
-            data = tensor.detach().to("cpu", self.dtype).contiguous()
-            view = memoryview(data.view(-1).view(torch.uint8).numpy())
-            size += len(view)
-            position = self._data_start + entry["data_offsets"][0]
-            while view:
-                written = os.pwrite(self._fd, view, position)
-                view, position = view[written:], position + written
-        self._flush(size)
-
-    def _flush(self, size: int) -> None:
-        """Flush in the background: every FLUSH_EVERY bytes, and all once complete.
-
-        The last module's bytes start the final fsync at once, so that during
-        a full-model merge it runs beside the rest of mergekit's work (on ext4
-        it also waits for mergekit's own dirty shards).
-        """
-        with self._lock:
-            self._unflushed += size
-            self._complete += 1
-            if self._complete == len(self.layout):
-                self._start(os.fsync, self._fd)
-                return
-            busy = self._flushing is not None and self._flushing.is_alive()
-            if self._unflushed < self.FLUSH_EVERY or busy:
-                return
-            self._unflushed = 0
-            self._flushing = self._start(os.fdatasync, self._fd)
-
-    def _start(self, target, *args) -> threading.Thread:
-        """Run file-system work (which releases the GIL) beside the merge."""
-
-        def run() -> None:
-            try:
-                target(*args)
-            except BaseException as error:  # re-raised by _close
-                self._errors.append(error)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        self._background.append(thread)
-        return thread
-
-    def _close(self) -> list[BaseException]:
-        """Wait for the background work, close the file; what failed there."""
-        for thread in self._background:
-            thread.join()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        return self._errors
-
-    def abort(self) -> None:
-        """Remove the partial folder (background errors give way to the caller's)."""
-        self._close()
-        shutil.rmtree(self.out_dir, ignore_errors=True)
-
-    def finalize(self, config: dict) -> None:
-        """Check every planned module arrived and is on disk; write the config."""
-        missing = sorted(set(self.layout) - set(self.ranks))
-        if missing:
-            raise RuntimeError(f"modules never merged: {missing[:5]}")
-        if not self.layout:  # nothing planned: no last module started the fsync
-            os.fsync(self._fd)
-        errors = self._close()  # waits for the final fsync
-        if errors:
-            raise errors[0]
-        with open(self.out_dir / CONFIG_NAME, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def lora_adapter_config(
-    *,
-    rank: int,
-    target_modules: list[str],
-    rank_pattern: dict[str, int],
-    base_model: str,
-    task_type: str | None,
-) -> dict:
-    """The adapter_config.json of a merged adapter, made without importing peft.
-
-    The fields that define a plain LoRA (alpha = r: scaling 1); PEFT gives
-    every field left out its default when it loads the file. Each value is
-    what ``peft.LoraConfig(...).to_dict()`` holds for the same arguments
-    (``tests/test_planning.py``), so the file reads the same either way.
-    """
-    return {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model,
-        "inference_mode": True,
-        "r": rank,
-        "lora_alpha": rank,
-        "rank_pattern": dict(rank_pattern),
-        "alpha_pattern": dict(rank_pattern),
-        "target_modules": sorted(target_modules),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-    }
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file so readers see either the old or the complete new content."""
-    from mergekit_tada.output import follow_umask
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        follow_umask(tmp)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -20,7 +20,7 @@ def load_config(config: str | os.PathLike | dict | Any):
     from mergekit_tada.errors import TadaError
 
     if isinstance(config, MergeConfiguration):
-        from mergekit_tada.report import config_as_written
+        from mergekit_tada.run.report import config_as_written
 
         return config, yaml.safe_dump(config_as_written(config, None))
     where, text = "config", None
@@ -70,8 +70,8 @@ def merge(
     import mergekit.merge
     from mergekit.options import MergeOptions
 
-    from mergekit_tada import session
     from mergekit_tada._hook import ensure_installed
+    from mergekit_tada.integration import run_ours
 
     ensure_installed()
     merge_config, source = load_config(config)
@@ -81,14 +81,12 @@ def merge(
         options = options.model_copy(update=option_values)
     out_path = str(out_path)
     if adapter_only or extra_files:
-        from mergekit_tada.integration import original_run_merge
-
-        session.run(
+        run_ours(
             merge_config,
             options,
             out_path,
             source,
-            mergekit_run=None if adapter_only else original_run_merge(),
+            full=not adapter_only,
             extra_files=extra_files,
         )
     else:

@@ -23,8 +23,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from mergekit_tada import __version__
-from mergekit_tada.adapters import sha256_file, write_text_atomic
+from mergekit_tada.files import sha256_file, write_text_atomic
+from mergekit_tada.version import __version__
 
 LOG = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "~/.cache/mergekit_tada"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from mergekit_tada import __version__
+from mergekit_tada.version import __version__
 
 _GROUP_OPTIONS = ("--help", "-h", "--version", "--list-methods")
 
@@ -40,7 +40,7 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
         return
     from mergekit.merge_methods import registry
 
-    from mergekit_tada.methods.specs import METHOD_NAMES
+    from mergekit_tada.methods.registry import METHOD_NAMES
 
     for method in sorted(registry.registered_methods(), key=lambda m: m.spec.name):
         origin = "mergekit-tada" if method.spec.name in METHOD_NAMES else "mergekit"

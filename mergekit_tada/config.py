@@ -4,7 +4,7 @@ mergekit's ``MergeConfiguration`` lives in a module that imports peft and
 transformers (seconds of start-up). The adapter-only path reads the common form
 itself: ``merge_method``, ``base_model``, ``models`` (``base+adapter`` strings
 with ``parameters``), ``parameters``, ``dtype``, ``out_dtype``; local folders
-only. The classes answer the attributes :class:`~mergekit_tada.session.MergeSession`
+only. The classes answer the attributes :class:`~mergekit_tada.run.plan.MergePlan`
 reads as mergekit's do (``str()`` of a reference is mergekit's label).
 :func:`read_plain_config` returns None for anything else, or anything it is not
 sure mergekit reads the same way; the caller then uses mergekit.
@@ -64,7 +64,7 @@ class PlainConfig:
 
 @dataclass(frozen=True)
 class PlainOptions:
-    """The ``MergeOptions`` fields a session reads, at mergekit's defaults."""
+    """The ``MergeOptions`` fields a merge run reads, at mergekit's defaults."""
 
     device: str = "cpu"
     quiet: bool = False

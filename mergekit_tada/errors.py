@@ -17,3 +17,14 @@ class TadaError(click.ClickException, ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+def same_for_every_tensor(values: list, message: str) -> object:
+    """The one value that per-tensor resolution gave every tensor, else an error.
+
+    Settings read once per merge (data, a training) must not vary per tensor
+    (gradients, filters).
+    """
+    if any(v != values[0] for v in values):
+        raise TadaError(message)
+    return values[0]

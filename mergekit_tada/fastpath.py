@@ -11,11 +11,11 @@ can run it exactly as the mergekit path would:
 * the config is the plain ``models:`` form on local folders
   (:func:`mergekit_tada.config.read_plain_config`) naming one of our methods;
 * the base's architecture has a JSON definition in mergekit
-  (:func:`mergekit_tada.planning.from_definitions`) and every parameter
+  (:func:`mergekit_tada.run.planners.from_definitions`) and every parameter
   resolves there.
 
-The same :func:`mergekit_tada.session.run` does the rest, so validation,
-outputs and errors are the session's. Anything else (and any doubt) returns
+The same :func:`mergekit_tada.run.main.run` does the rest, so validation,
+outputs and errors are the run's. Anything else (and any doubt) returns
 False before anything is written, and the click CLI runs with mergekit.
 ``tests/test_planning.py`` holds both paths to identical bytes.
 """
@@ -90,19 +90,19 @@ def try_run(args: list[str]) -> bool:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False  # mergekit's path reports it
     from mergekit_tada.config import PlainOptions, read_plain_config
-    from mergekit_tada.methods import specs
+    from mergekit_tada.methods import registry
 
     config = read_plain_config(data)
-    if config is None or specs.get(config.merge_method) is None:
+    if config is None or registry.get(config.merge_method) is None:
         return False
     options = PlainOptions(**values)
     _apply(options)
 
-    from mergekit_tada import session
     from mergekit_tada.errors import TadaError
+    from mergekit_tada.run.main import run
 
     try:
-        session.run(config, options, out_path, text, planner=definitions_planner)
+        run(config, options, out_path, text, planner=definitions_planner)
     except Declined:
         return False
     except TadaError as error:
@@ -125,17 +125,17 @@ def _apply(options: Any) -> None:
         torch.set_num_interop_threads(options.num_threads)
 
 
-def definitions_planner(session: Any) -> list:
-    """The session's planner here: mergekit's JSON definitions, or Declined."""
+def definitions_planner(plan: Any) -> list:
+    """The plan's planner here: mergekit's JSON definitions, or Declined."""
     from mergekit_tada.errors import TadaError
-    from mergekit_tada.planning import from_definitions
+    from mergekit_tada.run.planners import from_definitions
 
     try:
         planned = from_definitions(
-            session.config,
-            session.method.spec,
-            session.base_path,
-            session.headers.index.tensor_paths,
+            plan.config,
+            plan.method.spec,
+            plan.base_path,
+            plan.headers.index.tensor_paths,
         )
     except TadaError:
         raise

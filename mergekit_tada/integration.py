@@ -4,14 +4,15 @@ Installed by the start-up hook once ``mergekit.merge`` has been imported; every
 patch but two bug fixes (BERT aliases, offline model cards) is a no-op unless
 the config's ``merge_method`` is ours.
 
-* ``mergekit.merge.run_merge``: wraps the run in a :class:`MergeSession`
-  (validate first, write adapter + report after; an unknown method name is
+* ``mergekit.merge.run_merge``: runs our methods as a merge run (run/main.py:
+  validate first, write adapter + report after; an unknown method name is
   refused with the nearest known ones, for every method). Callers that do
   ``from mergekit.merge import run_merge`` (``mergekit-yaml``, ``mergekit-multi``)
   import it after the hook ran, so they get the wrapper.
 * ``LoaderCache.get``: a ``base+lora`` input gets a placeholder loader instead
   of being merged into a full model on disk (no ``--lora-merge-cache``). The
-  placeholder is kept by the session, never in mergekit's process-wide cache.
+  placeholder is kept by the running merge, never in mergekit's process-wide
+  cache.
 * ``MergePlanner.plan_tensor``: mergekit 0.1.5 crashes on optional weights
   with aliases (``[name] + aliases`` with a tuple; every BertModel merge);
   aliases are handed over as a tuple that list concatenation accepts. This
@@ -23,6 +24,13 @@ the config's ``merge_method`` is ours.
 * ``mergekit.merge.generate_card``: the card lists the models in the order of
   a Python set (``referenced_models()``), so its bytes change with
   ``PYTHONHASHSEED``; during our runs it lists them in config order.
+
+mergekit calls a registered method with a tensor group only, and its loader
+cache and card with no run at all: the merge in progress reaches them through
+one slot (:func:`activated`), filled here around mergekit's planner
+(:func:`mergekit_planner`) and executor (:func:`mergekit_executor`), the two
+things this module hands to ``run.main.run``. The run itself never imports
+this module.
 """
 
 from __future__ import annotations
@@ -32,23 +40,51 @@ import functools
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergekit_tada.errors import TadaError
+
+if TYPE_CHECKING:
+    from mergekit_tada.run.execute import Execution
+    from mergekit_tada.run.plan import MergePlan
 
 _INSTALLED = False
 _ORIGINAL_RUN_MERGE: Any = None  # mergekit's own run_merge, before our wrapper
-_ACTIVE: Any = None  # the MergeSession of the run in progress in this process
+_ACTIVE: Running | None = None  # the merge in progress in this process
 
 
-def current_session() -> Any:
-    """The session of the merge running in this process, or None."""
+class Running:
+    """What mergekit's calls need of the merge in progress: its plan, and
+    during execution the execution that merges each tensor."""
+
+    def __init__(self, plan: MergePlan, execution: Execution | None = None) -> None:
+        self.plan = plan
+        self.execution = execution
+
+    def placeholder_loader(self, model: Any) -> Any:
+        """Zero-cost placeholders for a ``base+lora`` input (loading.py)."""
+        from mergekit.common import dtype_from_name
+
+        from mergekit_tada.loading import PlaceholderLoader
+
+        return PlaceholderLoader(
+            self.plan.headers, dtype_from_name(self.plan.config.dtype)
+        )
+
+    def merge_tensor(self, group: Any) -> Any:
+        """mergekit's per-tensor call: ``W + B A`` for LoRA targets, else ``W``."""
+        return self.execution.merge_tensor(group.metadata.name, group.base.tensor)
+
+
+def current() -> Running | None:
+    """The merge running in this process, or None."""
     return _ACTIVE
 
 
-def active_session(method_name: str) -> Any:
-    """The running session, for a method's per-tensor call from mergekit."""
-    from mergekit_tada.errors import TadaError
-
-    if _ACTIVE is None:
+def active(method_name: str) -> Running:
+    """The running merge, for a method's per-tensor call from mergekit."""
+    if _ACTIVE is None or _ACTIVE.execution is None:
         raise TadaError(
             f"merge_method {method_name} reads LoRA factors and must run through "
             "mergekit-yaml, mergekit-tada or mergekit_tada.merge with the "
@@ -58,20 +94,57 @@ def active_session(method_name: str) -> Any:
 
 
 @contextlib.contextmanager
-def activated(session: Any) -> Iterator[None]:
-    """Make ``session`` the one mergekit's calls of our methods reach.
-
-    mergekit calls a registered method object with a tensor group only; the
-    run's state (factors, plans, writer) reaches it through this slot.
-    """
+def activated(running: Running) -> Iterator[None]:
+    """Make ``running`` the merge that mergekit's calls reach."""
     global _ACTIVE
-    if _ACTIVE is not None and _ACTIVE is not session:
+    if _ACTIVE is not None and _ACTIVE.plan is not running.plan:
         raise RuntimeError("another mergekit-tada merge is running in this process")
-    previous, _ACTIVE = _ACTIVE, session
+    previous, _ACTIVE = _ACTIVE, running
     try:
         yield
     finally:
         _ACTIVE = previous
+
+
+def mergekit_planner(plan: MergePlan) -> list:
+    """mergekit's own planner on the plan's config (run/planners.py)."""
+    from mergekit_tada.run.planners import with_mergekit
+
+    with activated(Running(plan)):
+        return with_mergekit(plan)
+
+
+def mergekit_executor(execution: Execution, target: Path) -> None:
+    """mergekit's own ``run_merge`` into the stage folder, this execution active."""
+    plan = execution.plan
+    with activated(Running(plan, execution)):
+        original_run_merge()(plan.config, str(target), plan.options, plan.source)
+
+
+def run_ours(
+    config: Any,
+    options: Any,
+    out_path: str,
+    source: str | None,
+    full: bool = True,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """One of our methods' merges through mergekit's planner (and executor if
+    ``full``; else the adapter only)."""
+    from mergekit_tada.methods import registry
+    from mergekit_tada.run.main import run
+
+    if registry.get(config.merge_method) is None:
+        check_method_name(config.merge_method)
+    run(
+        config,
+        options,
+        out_path,
+        source,
+        planner=mergekit_planner,
+        executor=mergekit_executor if full else None,
+        extra_files=extra_files,
+    )
 
 
 class _ConcatTuple(tuple):
@@ -84,7 +157,7 @@ class _ConcatTuple(tuple):
 
 
 def _is_ours(method_name: str) -> bool:
-    from mergekit_tada.methods.specs import METHOD_NAMES
+    from mergekit_tada.methods.registry import METHOD_NAMES
 
     return method_name in METHOD_NAMES
 
@@ -93,8 +166,8 @@ def register_all() -> None:
     """Put a mergekit wrapper of each of our methods in its registry (idempotent).
 
     The wrapper carries mergekit's form of the method's spec; its per-tensor
-    call lands in the active session (the parameters mergekit resolves are the
-    ones the session resolved and validated when it planned the merge).
+    call lands in the running merge (the parameters mergekit resolves are the
+    ones the plan resolved and validated).
     """
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import (
@@ -108,14 +181,14 @@ def register_all() -> None:
     )
 
     from mergekit_tada.methods.params import SHARED
-    from mergekit_tada.methods.specs import METHODS
+    from mergekit_tada.methods.registry import METHODS
 
     class LoraMethodForMergekit(GroupMergeMethod):
         def __init__(self, spec: MergeMethodSpec) -> None:
             self.spec = spec
 
         def merge_group(self, group: Any, /, **_parameters: Any) -> Any:
-            return active_session(self.spec.name).merge_tensor(group)
+            return active(self.spec.name).merge_tensor(group)
 
     known = {m.spec.name for m in registry.registered_methods()}
     for method in METHODS:
@@ -160,8 +233,6 @@ def check_method_name(name: str) -> None:
 
     from mergekit.merge_methods import registry
 
-    from mergekit_tada.errors import TadaError
-
     known = sorted(m.spec.name for m in registry.registered_methods())
     if name in known:
         return
@@ -171,7 +242,7 @@ def check_method_name(name: str) -> None:
 
 
 def original_run_merge() -> Any:
-    """mergekit's own ``run_merge`` (for a session that writes into its stage)."""
+    """mergekit's own ``run_merge`` (run into a merge's stage folder)."""
     import mergekit.merge  # noqa: F401  (installs the wrapper, keeping the original)
 
     return _ORIGINAL_RUN_MERGE
@@ -186,8 +257,6 @@ def install() -> None:
     from mergekit.io.tasks import LoaderCache
     from mergekit.plan import MergePlanner
 
-    from mergekit_tada import session
-
     # Called while ``mergekit.merge`` finishes importing: the parent package has
     # no ``merge`` attribute yet, sys.modules has the module.
     merge_module = sys.modules["mergekit.merge"]
@@ -198,15 +267,15 @@ def install() -> None:
         if not _is_ours(merge_config.merge_method):
             check_method_name(merge_config.merge_method)
             return original_run_merge(merge_config, out_path, options, config_source)
-        session.run(merge_config, options, out_path, config_source, original_run_merge)
+        run_ours(merge_config, options, out_path, config_source)
 
     original_get = LoaderCache.get
 
     @functools.wraps(original_get)
     def get(self, model):
-        session = current_session()
-        if session is not None and model.lora is not None:
-            return session.placeholder_loader(model)
+        running = current()
+        if running is not None and model.lora is not None:
+            return running.placeholder_loader(model)
         return original_get(self, model)
 
     original_plan_tensor = MergePlanner.plan_tensor
@@ -235,10 +304,10 @@ def install() -> None:
 
     @functools.wraps(original_generate_card)
     def generate_card(config, config_yaml, name=None):
-        session = current_session()
-        if session is not None:
+        running = current()
+        if running is not None:
             config = config.model_copy()
-            ordered = list(session.model_refs)
+            ordered = list(running.plan.model_refs)
             object.__setattr__(config, "referenced_models", lambda: ordered)
         return original_generate_card(config, config_yaml, name=name)
 

@@ -2,7 +2,7 @@
 
 mergekit turns every ``base+lora`` input into a full model on disk before it
 plans anything. For our methods the LoRA inputs are read as factors by the
-session instead, so the loader is handed a :class:`PlaceholderLoader`: it has
+merge run instead, so the loader is handed a :class:`PlaceholderLoader`: it has
 the base model's tensor index (so planning, optional weights and aliases work
 unchanged) and returns zero-stride placeholders of the right shape and dtype,
 which cost no I/O and no memory (integer buffers, a few bytes, are read).

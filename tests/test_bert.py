@@ -119,7 +119,7 @@ def test_stock_methods_merge_bert_with_the_plugin(tmp_path, method):
 
 
 def test_gate_lines_are_labelled_by_the_module_path_inside_a_layer():
-    from mergekit_tada.report import depth_series
+    from mergekit_tada.probe.gates import depth_series
 
     records = {
         f"encoder.layer.{i}.{path}": {"task_gate": 0.4 + i, "domain_gate": 0.6}

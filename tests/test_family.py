@@ -14,7 +14,7 @@ from conftest import (
 )
 
 import mergekit_tada
-from mergekit_tada.methods.rules import module_seed
+from mergekit_tada.methods.dense import module_seed
 from mergekit_tada.toy import build_lora
 
 INPUTS = ("lora-task", "lora-domain", "lora-third")
@@ -173,17 +173,21 @@ def test_dare_masks_do_not_race_across_worker_threads(three):
     from mergekit.options import MergeOptions
 
     from mergekit_tada.api import load_config
-    from mergekit_tada.session import MergeSession
+    from mergekit_tada.integration import mergekit_planner
+    from mergekit_tada.run.execute import Execution
+    from mergekit_tada.run.plan import MergePlan
+    from mergekit_tada.run.prepare import prepare
 
     reference = run(family_config("lora_dare_ties", rank=64), random_seed=7)
     expected = (reference / "adapter/adapter_model.safetensors").read_bytes()
     config, _ = load_config(family_config("lora_dare_ties", rank=64))
     for attempt in range(4):
         out = f"threads-{attempt}"
-        session = MergeSession(config, MergeOptions(quiet=True, random_seed=7))
-        session.prepare()
-        with session.writing(Path(out)):
-            session.merge_adapter_only(workers=8)
+        options = MergeOptions(quiet=True, random_seed=7)
+        plan = MergePlan(config, options, None, mergekit_planner)
+        execution = Execution(plan, prepare(plan))
+        with execution.writing(Path(out)):
+            execution.merge_adapter_only(workers=8)
         assert (
             Path(out) / "adapter/adapter_model.safetensors"
         ).read_bytes() == expected
@@ -339,7 +343,7 @@ def test_density_out_of_range(three):
 
 def test_randomized_svd_is_near_optimal():
     """Large dense modules use a randomized truncated SVD: within 0.5% of optimal."""
-    from mergekit_tada.methods.rules import EXACT_SVD_MAX_DIM, dense_svd
+    from mergekit_tada.methods.dense import EXACT_SVD_MAX_DIM, dense_svd
 
     g = torch.Generator().manual_seed(0)
     n = EXACT_SVD_MAX_DIM + 64

@@ -68,9 +68,9 @@ def test_learned_gates_are_the_merged_update(gate_work, granularity, groups):
 
 
 def test_learned_gates_are_cached_and_overridable(gate_work, monkeypatch):
-    import mergekit_tada.training as training
+    import mergekit_tada.training.loop as loop
 
-    calls = count_calls(monkeypatch, training, "train_coefficients")
+    calls = count_calls(monkeypatch, loop, "train_coefficients")
     mergekit_tada.merge(
         learned_config(gate_granularity="global"), "a", adapter_only=True, quiet=True
     )

@@ -14,7 +14,7 @@ from conftest import tada_config
 
 import mergekit_tada
 from mergekit_tada.errors import TadaError
-from mergekit_tada.output import LOCK_NAME, STAGE_PREFIX, OutputFolder
+from mergekit_tada.run.folder import LOCK_NAME, STAGE_PREFIX, OutputFolder
 
 ADAPTER = "adapter/adapter_model.safetensors"
 
@@ -102,7 +102,7 @@ def test_paths_with_spaces(work):
 
 
 def test_failing_rerun_keeps_the_earlier_outputs(work, monkeypatch):
-    from mergekit_tada.methods.specs import TadaMethod
+    from mergekit_tada.methods.tada import TadaMethod
 
     mergekit_tada.merge(tada_config(), "out", quiet=True)
     Path("out/notes.txt").write_text("mine")
@@ -215,7 +215,7 @@ def test_parallel_runs_never_mix(work):
 HANG = textwrap.dedent(
     """
     import os, sys, time, mergekit_tada
-    from mergekit_tada.methods.specs import TadaMethod
+    from mergekit_tada.methods.tada import TadaMethod
     sys.path.insert(0, {tests!r})
     from conftest import tada_config
     real = TadaMethod.merge_module

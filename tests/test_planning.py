@@ -26,7 +26,8 @@ import mergekit_tada
 from mergekit_tada.api import load_config
 from mergekit_tada.config import PlainOptions, read_plain_config
 from mergekit_tada.fastpath import definitions_planner
-from mergekit_tada.session import MergeSession
+from mergekit_tada.integration import mergekit_planner
+from mergekit_tada.run.plan import MergePlan
 from mergekit_tada.toy import build_decoder, build_llama, build_lora
 
 BIN = Path(sys.executable).parent
@@ -76,22 +77,22 @@ CONFIGS = {
 }
 
 
-def _sessions(config: dict) -> tuple[MergeSession, MergeSession]:
+def _plans(config: dict) -> tuple[MergePlan, MergePlan]:
     from mergekit.io.tasks import LoaderCache
 
     # mergekit keeps loaders process-wide, keyed by the path as written: another
     # test's ./base (another folder) would answer for this one
     LoaderCache.loaders.clear()
     merge_config, text = load_config(config)
-    slow = MergeSession(merge_config, MergeOptions(), text)
-    fast = MergeSession(
+    slow = MergePlan(merge_config, MergeOptions(), text, mergekit_planner)
+    fast = MergePlan(
         read_plain_config(config), PlainOptions(), text, planner=definitions_planner
     )
     return slow, fast
 
 
 def _assert_same_plans(config: dict) -> None:
-    slow, fast = _sessions(config)
+    slow, fast = _plans(config)
     assert list(fast.plans) == list(slow.plans)  # the same tensors, same order
     for name, plan in slow.plans.items():
         assert fast.plans[name] == plan, name
@@ -102,7 +103,7 @@ def _assert_same_plans(config: dict) -> None:
 @pytest.mark.parametrize("case", CONFIGS)
 def test_plans_equal_mergekits_on_llama(work, case):
     _assert_same_plans(CONFIGS[case])
-    slow, _ = _sessions(CONFIGS[case])
+    slow, _ = _plans(CONFIGS[case])
     params = [p.params for p in slow.plans.values() if p.is_lora_target]
     inputs = [p.inputs for p in slow.plans.values() if p.is_lora_target]
     if case.startswith("arithmetic"):  # the gradients really vary per layer
@@ -126,7 +127,7 @@ def test_plans_equal_mergekits_with_a_tied_head(tmp_path, monkeypatch):
     build_lora("base", "lora-task", r=2, seed=1)
     build_lora("base", "lora-domain", r=2, seed=2, targets=("q_proj",))
     _assert_same_plans(CONFIGS["ties, strings mergekit converts"])
-    slow, _ = _sessions(CONFIGS["ties, strings mergekit converts"])
+    slow, _ = _plans(CONFIGS["ties, strings mergekit converts"])
     assert "lm_head.weight" not in slow.plans
 
 
@@ -240,8 +241,8 @@ def test_fast_path_declines_what_it_cannot_match(work, change, options):
     assert not os.path.exists("out") or not any(Path("out").iterdir())
 
 
-def test_fast_path_errors_are_the_sessions(work):
-    """A config the fast path reads but the session refuses: one Error line."""
+def test_fast_path_errors_are_the_plans(work):
+    """A config the fast path reads but the plan refuses: one Error line."""
     config = CONFIGS["tada, conditions per tensor"]
     config = json.loads(json.dumps(config).replace('"domain"}', '"other"}'))
     Path("c.yml").write_text(yaml.safe_dump(config))

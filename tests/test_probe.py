@@ -18,14 +18,9 @@ import mergekit_tada
 from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.probe.cache import StatsCache
-from mergekit_tada.probe.calibration import (
-    StreamedModel,
-    make_batches,
-    read_prompts,
-    run_calibration,
-    tokenizer_for,
-)
+from mergekit_tada.probe.calibration import read_prompts, run_calibration
 from mergekit_tada.probe.gates import ProbeTable, gates_from_delta
+from mergekit_tada.streaming import StreamedModel, make_batches, tokenizer_for
 from mergekit_tada.toy import build_decoder, build_llama, build_lora
 
 PROMPTS = [
@@ -524,7 +519,7 @@ def test_user_weights_override_probe_gates(work):
 
 def test_cache_hit_and_miss_on_every_component(work, monkeypatch):
     import mergekit_tada.cache as cache_module
-    import mergekit_tada.probe.calibration as calibration_module
+    import mergekit_tada.probe.cache as calibration_module
 
     write_prompts()
     calls = count_calls(monkeypatch, calibration_module, "run_calibration")

@@ -21,8 +21,8 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 import mergekit_tada
+from mergekit_tada.directions import directions
 from mergekit_tada.errors import TadaError
-from mergekit_tada.methods.tara import directions
 from mergekit_tada.toy import build_lora
 
 TEXT_A = [f"the answer to question {i} is then explained" for i in range(24)]
@@ -171,8 +171,9 @@ def reference_entropy(model_dir: str, adapters: list[str], texts: list[str]) -> 
 
 def our_entropy(variant: str, phi_fn, texts: list[str]) -> tuple[float, dict]:
     from mergekit_tada.adapters import LoraAdapter
-    from mergekit_tada.probe.calibration import make_batches, tokenizer_for
-    from mergekit_tada.training import InMemory, Task, load_causal_lm, task_entropy
+    from mergekit_tada.streaming import make_batches, tokenizer_for
+    from mergekit_tada.training.engines import InMemory, load_causal_lm
+    from mergekit_tada.training.loop import Task, task_entropy
 
     adapters = [LoraAdapter("lora-task"), LoraAdapter("lora-domain")]
     dirs = {
@@ -212,8 +213,8 @@ def test_gradient_matches_finite_differences(work, objective, monkeypatch):
     from transformers.models.llama import modeling_llama
 
     from mergekit_tada.adapters import LoraAdapter
-    from mergekit_tada.probe.calibration import make_batches, tokenizer_for
-    from mergekit_tada.training import InMemory, load_causal_lm
+    from mergekit_tada.streaming import make_batches, tokenizer_for
+    from mergekit_tada.training.engines import InMemory, load_causal_lm
 
     adapters = [LoraAdapter("lora-task"), LoraAdapter("lora-domain")]
     module_names = sorted(adapters[0].modules)[:4]
@@ -308,9 +309,9 @@ def test_output_bytes_do_not_depend_on_hash_seed_or_threads(tara_work):
 
 
 def test_reruns_are_bit_identical_and_cached(tara_work, monkeypatch):
-    import mergekit_tada.training as training
+    import mergekit_tada.training.loop as loop
 
-    calls = count_calls(monkeypatch, training, "train_coefficients")
+    calls = count_calls(monkeypatch, loop, "train_coefficients")
     a = Path(mergekit_tada.merge(tara_config(), "a", adapter_only=True, quiet=True))
     config = tara_config(cache_dir="other-cache")
     b = Path(mergekit_tada.merge(config, "b", adapter_only=True, quiet=True))
@@ -385,8 +386,8 @@ def test_diverging_training_names_the_step(tara_work):
 def test_streamed_gradients_equal_in_memory(work):
     """One block at a time, weights re-read: the same psi and d psi / d phi."""
     from mergekit_tada.adapters import LoraAdapter
-    from mergekit_tada.probe.calibration import make_batches, tokenizer_for
-    from mergekit_tada.training import InMemory, Streamed, load_causal_lm
+    from mergekit_tada.streaming import make_batches, tokenizer_for
+    from mergekit_tada.training.engines import InMemory, Streamed, load_causal_lm
 
     cpu = torch.device("cpu")
     adapters = [LoraAdapter("lora-task"), LoraAdapter("lora-domain")]
@@ -419,7 +420,7 @@ def test_streamed_gradients_equal_in_memory(work):
 def test_streamed_mode_is_chosen_when_the_base_does_not_fit(
     tara_work, monkeypatch, caplog
 ):
-    import mergekit_tada.training as training
+    import mergekit_tada.training.engines as engines
 
     memory = Path(
         mergekit_tada.merge(
@@ -429,7 +430,7 @@ def test_streamed_mode_is_chosen_when_the_base_does_not_fit(
             quiet=True,
         )
     )
-    monkeypatch.setattr(training, "_available_memory", lambda: 100_000)
+    monkeypatch.setattr(engines, "_available_memory", lambda: 100_000)
     streamed = Path(
         mergekit_tada.merge(
             tara_config(cache_dir="c2"), "s", adapter_only=True, quiet=True

@@ -7,7 +7,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from mergekit_tada.report import depth_series
+from mergekit_tada.probe.gates import depth_series
 
 SETS = ("combined", "task", "domain")
 

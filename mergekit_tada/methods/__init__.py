@@ -1,10 +1,10 @@
-"""The merge methods: one file per method's maths, and what each declares.
+"""The merge methods, one file each: spec (parameters, checks) next to its maths.
 
-``params.py`` is what a method declares (name, inputs, parameters) and
-``specs.py`` each method's checks and per-module entry point; neither imports
-mergekit (``integration.register_all`` wraps them for mergekit's registry).
-``tada.py``, ``rules.py`` (task arithmetic, TIES/DARE, KnOTS, TSV-M),
-``pico.py`` and ``tara.py`` are the maths: they take factors and return
-factors, and never import mergekit's executor or the session. Nothing is
-imported here, so importing the maths stays light.
+``base.py`` is what every method shares (the per-module job, the base class,
+the family's checks), ``params.py`` what a method declares without mergekit,
+``registry.py`` the list of methods. ``dense.py`` runs mergekit's element-wise
+kernels on one module's dense update; ``pico.py`` is the Pico pre-step any
+method can take. Methods take factors and return factors and data; they never
+import mergekit's executor or the run. Nothing is imported here, so importing
+one method stays light.
 """

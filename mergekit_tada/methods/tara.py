@@ -1,94 +1,186 @@
-"""TARA-Merging for one module (algorithms.md section 4; arXiv 2603.26299).
+"""TARA-Merging: one coefficient per rank-1 direction, learned from unlabeled text.
 
-TARA keeps every rank-1 direction of every adapter and gives each its own
-coefficient phi, learned from unlabeled text (mergekit_tada/training.py).
-Both variants are held in one form, :class:`Directions`:
+(algorithms.md section 4; arXiv 2603.26299.) Every direction of every adapter
+is kept (variant A: the adapters' own factors; variant B: the shared SVD
+basis of the stacked updates, per-task coefficients; directions.py). phi is
+learned by minimising the smooth Tchebycheff objective over the tasks'
+entropy gaps H_i(phi) - z_i (training/), once per merge; each module's merge
+is then dW(phi*), exact, at rank sum r (or ``rank``).
 
-    dW(phi) = B @ sum_g diag(phi_g) A_g          (A = [A_1; ...; A_G], phi = [phi_1 ... phi_G])
-
-* Variant A (``directions(..., "a")``): B = [B_1 ... B_T], A = [s_1 A_1; ...;
-  s_T A_T] (scalings folded in), one group: dW(phi) = B_cat diag(phi) A_cat,
-  sum_t r_t coefficients. phi = 1 is task arithmetic.
-* Variant B (``"b"``): the stacked updates M = [dW_1 | ... | dW_T] = U S V^T
-  with V^T = [V_1^T | ... | V_T^T], computed from the factors (B_cat and
-  blockdiag(A_t), never a dense SVD), null directions dropped (R <= sum r_t).
-  B = U S, group t is V_t^T: dW(phi) = sum_t U S diag(phi_t) V_t^T, T * R
-  coefficients. phi = 1 gives U S sum_t V_t^T = sum_t dW_t: task arithmetic.
-
-In both, ``single(i)`` is the phi that gives input i's own update, which is
-how the training loop evaluates each adapter alone (its baseline z_i).
+Where this differs from the authors' code: padding positions are masked out
+of the entropies; the preference vector is normalised to sum 1; causal LMs
+use the next-token distribution of the LM head (the paper's heads are
+classifiers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
-import torch
+from mergekit_tada.cache import DEFAULT_CACHE_DIR
+from mergekit_tada.directions import VARIANTS
+from mergekit_tada.errors import TadaError, same_for_every_tensor
+from mergekit_tada.lowrank import svd
+from mergekit_tada.methods.base import (
+    COMMON_PARAMETERS,
+    LoraMergeMethod,
+    Plot,
+    RunInputs,
+)
+from mergekit_tada.methods.params import NON_BASE, SHARED, MethodSpec, Param
+from mergekit_tada.training.engines import TRAINING_MODES
+from mergekit_tada.training.learners import learn_tara
+from mergekit_tada.training.objective import OBJECTIVES
 
-from mergekit_tada.lowrank import Factored, svd
-
-VARIANTS = ("a", "b")
-OBJECTIVES = ("stch", "linear")  # see mergekit_tada/training.py
-TRAINING_MODES = ("auto", "memory", "streamed")
-
-
-@dataclass(frozen=True)
-class Directions:
-    """One module's rank-1 directions and how coefficients combine them."""
-
-    B: torch.Tensor  # m x R
-    A: torch.Tensor  # (groups * R) x n
-    groups: int
-    owners: tuple[int, ...]  # per coefficient: the input (config order) it belongs to
-
-    @property
-    def size(self) -> int:
-        """Number of coefficients."""
-        return self.A.shape[0]
-
-    def combined_A(self, phi: torch.Tensor) -> torch.Tensor:
-        """sum_g diag(phi_g) A_g: the R x n right factor of dW(phi)."""
-        rows = phi.to(self.A.dtype)[:, None] * self.A
-        return rows.view(self.groups, -1, self.A.shape[1]).sum(0)
-
-    def merged(self, phi: torch.Tensor) -> Factored:
-        """dW(phi) as factors (rank <= R); never a dense m x n matrix."""
-        return Factored(self.B, self.combined_A(phi))
-
-    def single(self, index: int) -> torch.Tensor:
-        """The coefficients that give input ``index``'s own update (1 on its own)."""
-        return torch.tensor([1.0 if o == index else 0.0 for o in self.owners])
+TARA_PLOT = "tara_loss.png"
 
 
-def directions(updates: Sequence[Factored | None], variant: str) -> Directions | None:
-    """The module's directions from the inputs' scaled factors (None: absent input)."""
-    present = [(i, u) for i, u in enumerate(updates) if u is not None]
-    if not present:
-        return None
-    if variant == "a":
-        B = torch.cat([u.B.float() for _, u in present], dim=1)
-        A = torch.cat([u.A.float() for _, u in present], dim=0)
-        owners = tuple(i for i, u in present for _ in range(u.A.shape[0]))
-        return Directions(B, A, 1, owners)
-    if variant != "b":
-        raise ValueError(f"unknown TARA variant {variant!r}")
-    stacked = svd(
-        Factored(
-            torch.cat([u.B.float() for _, u in present], dim=1),
-            torch.block_diag(*(u.A.float() for _, u in present)),
-        )
+class TaraMethod(LoraMergeMethod):
+    """TARA-Merging: per-direction coefficients learned from unlabeled text.
+
+    ``prepare`` learns phi for every module (training/learners.py); each
+    module's merge is then dW(phi*) from the same directions
+    (mergekit_tada/directions.py), truncated to ``rank`` if one is given.
+    """
+
+    plot_files = (TARA_PLOT,)
+    spec = MethodSpec(
+        name="tara",
+        pretty_name="TARA-Merging (learned per-direction coefficients)",
+        parameters=(
+            *COMMON_PARAMETERS,
+            Param("data", str | None, NON_BASE, None, "unlabeled text"),
+            Param("preference", float, NON_BASE, 1.0, "rho (normalized)"),
+            Param("variant", str, SHARED, "b", "a | b"),
+            Param("objective", str, SHARED, "stch", "stch | linear"),
+            Param("alpha", float, SHARED, 1.0, "STCH smoothing"),
+            Param("steps", int, SHARED, 500),
+            Param("lr", float, SHARED, 1e-3),
+            Param("batch_size", int, SHARED, 16),
+            Param("max_length", int, SHARED, 256),
+            Param("data_samples", int, SHARED, 256, "rows read per input"),
+            Param("init_lambda", float | None, SHARED, None, "phi_0 = l/T"),
+            Param("training_mode", str, SHARED, "auto", "auto | memory | streamed"),
+            Param("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
+        ),
     )
-    n = present[0][1].A.shape[1]
-    V = stacked.V  # (T * n) x R: rows of input t's block are V_t
-    rank = V.shape[1]
-    A = torch.cat([V[t * n : (t + 1) * n].T for t in range(len(present))], dim=0)
-    owners = tuple(i for i, _ in present for _ in range(rank))
-    return Directions(stacked.U * stacked.S, A.contiguous(), len(present), owners)
+    SETTINGS = (
+        "variant",
+        "objective",
+        "alpha",
+        "steps",
+        "lr",
+        "batch_size",
+        "max_length",
+        "data_samples",
+        "init_lambda",
+        "training_mode",
+        "cache_dir",
+    )
 
+    def check(self, tensor: str, params: dict, inputs: dict[str, dict]) -> None:
+        super().check(tensor, params, inputs)
+        self.check_choices(
+            tensor,
+            params,
+            (
+                ("variant", VARIANTS),
+                ("objective", OBJECTIVES),
+                ("training_mode", TRAINING_MODES),
+            ),
+        )
+        if params["pico"]:
+            raise TadaError(
+                "tara: pico is not supported (phi is learned on the raw updates)"
+            )
+        self.check_bounds(
+            tensor,
+            params,
+            (
+                *(
+                    (key, 1, None)
+                    for key in ("steps", "batch_size", "max_length", "data_samples")
+                ),
+                ("lr", 0, None, True),
+                ("alpha", 0, None, True),
+            ),
+        )
+        if params["init_lambda"] is not None and params["init_lambda"] < 0:
+            raise TadaError(f"tara: init_lambda must be >= 0 for {tensor}")
+        for label, p in inputs.items():
+            if not p.get("data"):
+                raise TadaError(
+                    f"tara: model {label} needs parameters: {{data: path}}, its "
+                    "unlabeled text (.txt, .jsonl with a 'text' field, or a saved dataset)"
+                )
+            if not p["preference"] > 0:
+                raise TadaError(
+                    f"tara: preference of {label} must be > 0 (got {p['preference']})"
+                )
 
-def initial_coefficients(
-    d: Directions, init_lambda: float, inputs: int
-) -> torch.Tensor:
-    """phi_0 = lambda / T for every coefficient (T: the number of inputs)."""
-    return torch.full((d.size,), init_lambda / inputs)
+    def output_rank(self, params: dict, default: int, source_ranks: list[int]) -> int:
+        return params["rank"] or sum(source_ranks)  # the natural rank: nothing cut
+
+    def data_paths(self, plans: list) -> dict[str, str]:
+        return {
+            f"data of {label}": p["data"]
+            for label, p in plans[0].inputs.items()
+            if p.get("data")
+        }
+
+    def prepare(self, stats: Any, plans: list, run: RunInputs) -> Any:
+        shared, per_input = same_for_every_tensor(
+            [
+                (
+                    {k: p.params[k] for k in self.SETTINGS},
+                    {
+                        label: (i["data"], i["preference"])
+                        for label, i in p.inputs.items()
+                    },
+                )
+                for p in plans
+            ],
+            "tara: its settings, data and preferences must be the same for every "
+            "tensor: give them as plain values (no gradients or filters)",
+        )
+        labels = list(run.adapters)
+        return learn_tara(
+            run,
+            plans,
+            shared,
+            data={label: per_input[label][0] for label in labels},
+            preference={label: per_input[label][1] for label in labels},
+        )
+
+    def combine(self, job, updates):
+        learned = job.context
+        module = next(m for m in job.sources.values() if m)
+        phi = learned.result.phi[module]
+        merged = svd(learned.directions[module].merged(phi))
+        return merged, {"variant": learned.variant, "phi": phi.tolist()}
+
+    def run_report(self, context: Any) -> dict | None:
+        return context.report()
+
+    def card_lines(
+        self, records: dict[str, dict], calibration: dict | None, context: Any = None
+    ) -> list:
+        result = context.result
+        gaps = [
+            f"{label}: {before - z:+.4f} -> {after - z:+.4f}"
+            for label, z, before, after in zip(
+                context.labels, result.z, result.h_before, result.h_after, strict=True
+            )
+        ]
+        return [
+            f"TARA-{context.variant.upper()}: {sum(len(r['phi']) for r in records.values())} "
+            f"coefficients learned over {context.settings['steps']} steps "
+            f"({context.settings['objective']} objective, preference "
+            f"{[round(p, 4) for p in context.preference]})",
+            "entropy gap H_i - z_i, before -> after: " + "; ".join(gaps),
+        ]
+
+    def plots(self, records: dict[str, dict], context: Any) -> list[Plot]:
+        if not context.result.history:
+            return []
+        return [Plot(TARA_PLOT, "loss_plot", "training", context.plot_data())]

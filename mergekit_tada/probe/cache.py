@@ -1,13 +1,37 @@
-"""Calibration statistics in the content cache (``stats-<key>.json`` entries)."""
+"""The calibration passes of a merge, read from the content cache or run and stored.
+
+Entries are ``stats-<key>.json``; a key covers what a pass depends on: the
+adapters' and the base's file hashes, the prompts and their token ids, the
+pass settings (``PASS_KEYS``) and the device type, so gate-only settings
+never recalibrate.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from pathlib import Path
 
-from mergekit_tada.cache import DEFAULT_CACHE_DIR, ContentCache
-from mergekit_tada.probe.calibration import ModuleStats, Stats
+import torch
 
-__all__ = ["DEFAULT_CACHE_DIR", "StatsCache"]
+from mergekit_tada.cache import ContentCache
+from mergekit_tada.probe.calibration import (
+    PASS_KEYS,
+    ModuleStats,
+    Stats,
+    check_statistics,
+    read_prompts,
+    run_calibration,
+)
+from mergekit_tada.streaming import (
+    batches_digest,
+    make_batches,
+    token_count,
+    tokenizer_for,
+)
+
+LOG = logging.getLogger(__name__)
 
 
 class StatsCache(ContentCache):
@@ -38,3 +62,71 @@ class StatsCache(ContentCache):
             for label, modules in sorted(stats.items())
         }
         return self.store(key, payload, "stats")
+
+
+def calibrate(
+    settings: dict,
+    base_path: str,
+    base_files: list[str],
+    adapters: dict,
+    device: torch.device,
+    quiet: bool,
+) -> tuple[dict[str, Stats], dict]:
+    """Every pass in ``settings["passes"]`` (prompt set -> prompts file), each
+    from the cache or computed and stored: (prompt set -> statistics, what the
+    report says of the calibration)."""
+    tokenizer = tokenizer_for(base_path)
+    cache = StatsCache(settings["cache_dir"])
+    # what every pass depends on besides its own prompts (gate-only
+    # settings would only miss)
+    common = {
+        "adapters": {label: a.hashes for label, a in adapters.items()},
+        "settings": {k: settings[k] for k in PASS_KEYS},
+        "base": cache.file_hashes(base_files),
+        "device": device.type,
+    }
+    stats, infos = {}, []
+    for prompts, path in settings["passes"].items():
+        texts = read_prompts(path, settings["calibration_samples"])
+        batches = make_batches(
+            tokenizer,
+            texts,
+            settings["calibration_max_length"],
+            settings["calibration_batch_size"],
+        )
+        key = cache.key(
+            common
+            | {
+                "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
+                "tokens": batches_digest(batches),
+            }
+        )
+        found = cache.load_stats(key)
+        hit = found is not None
+        if not hit:
+            found = run_calibration(
+                base_path, batches, adapters, device=device, quiet=quiet
+            )
+            check_statistics(found, base_path)
+            cache.store_stats(key, found)
+            LOG.info("calibration statistics computed (cache key %s)", key[:12])
+        else:  # said once: the calibration pass was skipped, and why
+            LOG.warning(
+                "calibration statistics from cache entry %s (no calibration pass)",
+                cache.entry_path(key),
+            )
+        stats[prompts] = found
+        infos.append(
+            {
+                "path": path,
+                "prompts": len(texts),
+                "tokens": token_count(batches),
+                "max_length": settings["calibration_max_length"],
+                "cache_key": key,
+                "cache_hit": hit,
+            }
+        )
+    info = infos[0]
+    if len(infos) > 1:
+        info["task_prompts"] = infos[1]
+    return stats, info

@@ -1,28 +1,23 @@
-"""Block-streamed calibration pass: probe statistics without loading the model.
+"""The calibration pass: probe statistics without loading the model.
 
-The base model is built on the meta device (no memory). Only its *stem* (the
-embeddings, final norm, pooler: everything outside the block list) is loaded.
-Then, for each chunk of calibration prompts, one forward pass of the real
-transformers base model runs with every block replaced by a recorder that
-passes the hidden states through and keeps the exact keyword arguments the
-model hands that block (masks, rotary embeddings, positions). Blocks are then
-streamed: block i is loaded from the base's safetensors, run on every chunk
-with hooks on its LoRA-target linears, and freed. A last forward with the
-recorders returning the streamed final states runs the stem's tail (final
-norm, pooler) so modules outside the blocks (``lm_head``, ``pooler.dense``) get
-their statistics too. Peak memory: the stem, one block, and the activations.
+The base streams block by block (mergekit_tada/streaming.py): each block is
+read from the base's safetensors, run on every chunk of calibration prompts
+with hooks on its LoRA-target linears, and freed. A last forward of the
+stem's tail on the streamed final states (final norm, pooler) gives modules
+outside the blocks (``lm_head``, ``pooler.dense``) their statistics too.
+Peak memory: the stem, one block, and the activations.
 
 Per target module m and adapter a the pass accumulates, over valid tokens x,
     sum ||dW_a x||^2 = sum_x z^T (s_a^2 B_a^T B_a) z,  z = A_a x  (r numbers),
     sum ||x||^2, sum ||W x||^2 (the module's own output) and the token count,
-which is all the probes need (mergekit_tada/probe/gates.py).
+which is all the probes need (mergekit_tada/probe/gates.py). :func:`calibrate`
+runs the passes a merge asks for, or reads them from the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import math
 import re
@@ -34,13 +29,17 @@ from torch import nn
 
 from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.errors import TadaError
-from mergekit_tada.loading import HeaderIndex
 from mergekit_tada.lowrank import frobenius_sq, single_thread
+from mergekit_tada.streaming import (
+    Batch,
+    StreamedModel,
+)
 from mergekit_tada.texts import read_texts
 
 LOG = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "bert")
+PASS_KEYS = ("calibration_samples", "calibration_max_length", "calibration_batch_size")
+"""What a calibration pass's statistics depend on besides data, adapters, base."""
 
 
 @dataclass
@@ -118,167 +117,6 @@ def large_allocations_unmapped() -> Iterator[None]:
     finally:
         mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP_THRESHOLD)
         mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM_THRESHOLD)
-
-
-class _Recorder(nn.Module):
-    """Stands in for block i: keeps the block's kwargs, passes hidden states on."""
-
-    def __init__(
-        self, index: int, sink: dict, final: torch.Tensor | None = None
-    ) -> None:
-        super().__init__()
-        self.index = index
-        self.sink = sink
-        self.final = final
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.sink[self.index] = (hidden_states, args, kwargs)
-        return hidden_states if self.final is None else self.final
-
-
-def _block_list(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return name, module
-    raise TadaError(
-        f"calibration: no block list of {n_layers} layers found in {type(model).__name__}"
-    )
-
-
-class StreamedModel:
-    """The base model as a stem in memory and blocks read on demand.
-
-    ``self.model`` is the transformers base model (the decoder or encoder);
-    with ``causal_lm`` the stem also holds the LM head (``self.root`` is then
-    the ``...ForCausalLM``; TARA's streamed training uses it). Single use for
-    :func:`run_calibration`, which frees the input embedding once it has
-    recorded the blocks' inputs.
-    """
-
-    def __init__(
-        self,
-        base_path: str,
-        device: torch.device,
-        dtype: torch.dtype,
-        causal_lm: bool = False,
-    ) -> None:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-        self.device = device
-        self.dtype = dtype
-        self.headers = HeaderIndex(base_path)
-        config = AutoConfig.from_pretrained(base_path)
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise TadaError(
-                f"calibration: architecture {config.model_type!r} "
-                f"({', '.join(config.architectures or [])}) is not supported by the "
-                f"streamed calibration pass; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
-                "Use gates: uniform or fixed."
-            )
-        auto = AutoModelForCausalLM if causal_lm else AutoModel
-        with init_empty_weights(include_buffers=False):
-            self.root = auto.from_config(config)
-        self.root.eval()
-        self.model = self.root.get_decoder() if causal_lm else self.root
-        self.n_layers = config.num_hidden_layers
-        self.blocks_name, self.blocks = _block_list(self.root, self.n_layers)
-        self.real_blocks = list(self.blocks)
-        self.prefix = self._checkpoint_prefix()
-        stem = {
-            name: p
-            for name, p in self.root.named_parameters()
-            if not name.startswith(self.blocks_name + ".")
-        }
-        self._load(self.root, stem)
-        self.resident_blocks = 0  # for tests: never more than one at a time
-        self.max_resident_blocks = 0
-
-    def _checkpoint_prefix(self) -> str:
-        name = next(
-            n for n, _ in self.root.named_parameters() if n.startswith(self.blocks_name)
-        )
-        for prefix in ("", self.root.base_model_prefix + "."):
-            if prefix + name in self.headers.index.tensor_paths:
-                return prefix
-        raise TadaError(
-            f"calibration: {self.headers.path} has no weight named like {name}"
-        )
-
-    def lm_head_weight(self) -> torch.Tensor:
-        """The LM head's weight from the checkpoint (the input embedding's if tied)."""
-        key = "lm_head.weight"
-        if key not in self.headers.index.tensor_paths:
-            embedding = self.model.get_input_embeddings()
-            name = next(n for n, m in self.model.named_modules() if m is embedding)
-            key = self.checkpoint_name(f"{name}.weight")
-        return self.headers.read(key, self.dtype, self.device)
-
-    def checkpoint_name(self, module_name: str) -> str:
-        """Base-model module name -> name in the checkpoint (= the adapter's)."""
-        return self.prefix + module_name
-
-    def _load(
-        self, root: nn.Module, params: dict[str, nn.Parameter], prefix: str = ""
-    ) -> None:
-        state = {}
-        for name in params:
-            key = self.checkpoint_name(prefix + name)
-            if key not in self.headers.index.tensor_paths:
-                raise TadaError(f"calibration: {self.headers.path} lacks weight {key}")
-            state[name] = self.headers.read(key, self.dtype, self.device)
-        root.load_state_dict(state, strict=False, assign=True)
-
-    @contextlib.contextmanager
-    def block(self, index: int) -> Iterator[nn.Module]:
-        """Block ``index`` with real weights, freed (back to meta) afterwards."""
-        layer = self.real_blocks[index]
-        prefix = f"{self.blocks_name}.{index}."
-        self._load(layer, dict(layer.named_parameters()), prefix)
-        self.resident_blocks += 1
-        self.max_resident_blocks = max(self.max_resident_blocks, self.resident_blocks)
-        try:
-            yield layer
-        finally:
-            layer.to("meta")
-            self.resident_blocks -= 1
-
-    def linear_modules(
-        self, root: nn.Module, prefix: str
-    ) -> Iterator[tuple[str, nn.Linear]]:
-        for name, module in root.named_modules():
-            if isinstance(module, nn.Linear):
-                yield self.checkpoint_name(prefix + name), module
-
-    def block_inputs(self, batches: Sequence[Batch]) -> list[dict]:
-        """Per batch (on the model's device): every block's recorded inputs.
-
-        One stem forward per batch with the blocks swapped for recorders;
-        ``sink[i]`` is block i's (hidden states, args, kwargs). Runs in the
-        caller's grad mode.
-        """
-        records = []
-        for batch in batches:
-            sink: dict = {}
-            with self.recorders(sink):
-                self.model(**batch.forward_kwargs())
-            records.append(sink)
-        return records
-
-    @contextlib.contextmanager
-    def recorders(
-        self, sink: dict, final: torch.Tensor | None = None
-    ) -> Iterator[None]:
-        """Swap blocks for recorders (the last may return ``final``) for one forward."""
-        for i in range(self.n_layers):
-            self.blocks[i] = _Recorder(
-                i, sink, final if i == self.n_layers - 1 else None
-            )
-        try:
-            yield
-        finally:
-            for i, layer in enumerate(self.real_blocks):
-                self.blocks[i] = layer
 
 
 class _Accumulator:
@@ -364,67 +202,6 @@ class _Accumulator:
                 h.remove()
 
 
-@dataclass(frozen=True)
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    extra: dict
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            {k: v.to(device) for k, v in self.extra.items()},
-        )
-
-    def forward_kwargs(self) -> dict:
-        # use_cache=False: a KV cache would keep every streamed block's keys and
-        # values alive for the whole pass.
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "use_cache": False,
-            **self.extra,
-        }
-
-
-def make_batches(
-    tokenizer, texts: Sequence[str], max_length: int, batch_size: int
-) -> list[Batch]:
-    """Right-padded chunks (causal masks keep valid tokens blind to padding)."""
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    batches = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[i : i + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        )
-        extra = {
-            k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")
-        }
-        batches.append(Batch(enc["input_ids"], enc["attention_mask"], extra))
-    return batches
-
-
-def batches_digest(batches: Sequence[Batch]) -> str:
-    """sha256 of every token id and mask used: what cache keys cover."""
-    digest = hashlib.sha256()
-    for b in batches:
-        digest.update(b.input_ids.numpy().tobytes())
-        digest.update(b.attention_mask.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def token_count(batches: Sequence[Batch]) -> int:
-    """Valid (non-padding) tokens in the batches."""
-    return int(sum(int(b.attention_mask.sum()) for b in batches))
-
-
 def row_gram(weight: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """W^T W in float64, a block of rows at a time (no float64 copy of a vocab x
     hidden head), on one thread (its sums' bits must not depend on the count)."""
@@ -448,8 +225,6 @@ def run_calibration(
     streamed: StreamedModel | None = None,
 ) -> Stats:
     """Stream the base over the batches; statistics for every adapter module."""
-    from tqdm import tqdm
-
     device = torch.device(device)
     model = streamed or StreamedModel(base_path, device, torch.float32)
     stats: Stats = {label: {} for label in adapters}
@@ -464,16 +239,20 @@ def run_calibration(
         # returns the streamed states.
         model.model.get_input_embeddings().to("meta")
         # 2. stream the blocks
-        bar = tqdm(range(model.n_layers), desc="Calibration blocks", disable=quiet)
-        for i in bar:
-            with model.block(i) as layer:
-                prefix = f"{model.blocks_name}.{i}."
-                with acc.attached(model.linear_modules(layer, prefix)):
-                    for c, b in enumerate(on_device):
-                        acc.mask = b.attention_mask.bool()
-                        _, args, kwargs = records[c][i]
-                        out = layer(hidden[c], *args, **kwargs)
-                        hidden[c] = out[0] if isinstance(out, tuple) else out
+        model.progress, model.quiet = "Calibration blocks", quiet
+
+        def chunk_mask(c: int) -> None:
+            acc.mask = on_device[c].attention_mask.bool()
+
+        hidden = [
+            states[-1]
+            for states in model.forward_blocks(
+                records,
+                hidden,
+                lambda layer, prefix: acc.attached(model.linear_modules(layer, prefix)),
+                chunk_mask,
+            )
+        ]
         # 3. the stem's tail (final norm, pooler) and lm_head on the final states
         stem = [
             (n, m)
@@ -485,12 +264,8 @@ def run_calibration(
             lm_hook = acc.hook("lm_head", output_gram=row_gram(model.lm_head_weight()))
         with acc.attached(iter(stem)):
             for c, b in enumerate(on_device):
-                acc.mask = b.attention_mask.bool()
-                kwargs = b.forward_kwargs()
-                ids = kwargs.pop("input_ids")
-                zeros = torch.zeros(*ids.shape, hidden[c].shape[-1], device=device)
-                with model.recorders({}, final=hidden[c]):
-                    out = model.model(inputs_embeds=zeros, **kwargs)
+                chunk_mask(c)
+                out = model.tail(b, hidden[c])
                 if lm_hook:
                     lm_hook(None, (out.last_hidden_state,), None)
     missing = [
@@ -505,18 +280,6 @@ def run_calibration(
             f"(architecture {type(model.model).__name__})"
         )
     return stats
-
-
-def tokenizer_for(base_path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(base_path)
-    except Exception as error:
-        raise TadaError(
-            f"calibration: base model {base_path} has no usable tokenizer ({error}); "
-            "gates: probe tokenizes the calibration prompts with the base's tokenizer"
-        ) from None
 
 
 def read_prompts(path: str, samples: int) -> list[str]:

@@ -45,12 +45,15 @@ perturbation RMS||dW x|| / RMS||W x|| (see :attr:`ProbeTable.balance`).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from mergekit_tada.probe.calibration import ModuleStats
+from mergekit_tada.probe.calibration import ModuleStats, Stats
+
+LOG = logging.getLogger(__name__)
 
 PROBE_STATISTICS = ("normalized", "raw")
 GATE_GRANULARITIES = ("module", "layer")
@@ -58,6 +61,7 @@ GATE_NORMALIZATIONS = ("sum", "max")
 PROBE_CENTRINGS = ("global", "type")
 PROBE_BALANCES = ("none", "equalise")
 _LAYER = re.compile(r"^(.*\.(?:layers|layer|h|blocks)\.\d+)\.")
+_DEPTH = re.compile(r"\.(\d+)\.")  # a layer index anywhere in a module name
 
 
 def probe_value(stats: ModuleStats, statistic: str = "normalized") -> float | None:
@@ -187,6 +191,40 @@ class ProbeTable:
             },
         )
 
+    @classmethod
+    def for_roles(
+        cls, stats: dict[str, Stats], roles: dict[str, str], params: dict
+    ) -> ProbeTable:
+        """The table from each prompt set's statistics (``stats``: prompt set ->
+        input label -> module -> statistics; the first set is the probe's, a
+        second its contrast), inputs named by ``roles`` (label -> task|domain),
+        with a warning naming the modules whose probe is undefined."""
+        by_role = {
+            prompts: {role: found[label] for label, role in roles.items()}
+            for prompts, found in stats.items()
+        }
+        first, *contrast = by_role.values()
+        table = cls.from_stats(
+            first["task"],
+            first["domain"],
+            statistic=params["probe_statistic"],
+            granularity=params["gate_granularity"],
+            centring=params["probe_centring"],
+            against=(contrast[0]["task"], contrast[0]["domain"]) if contrast else None,
+        )
+        if table.undefined:
+            shared = len(table.undefined) + len(table.deltas)
+            LOG.warning(
+                "tada: the probe is undefined (a zero update, or inputs that "
+                "vanished or overflowed) for %d of %d modules both adapters touch; "
+                "they get neutral gates: %s",
+                len(table.undefined),
+                shared,
+                ", ".join(table.undefined[:8])
+                + (" ..." if len(table.undefined) > 8 else ""),
+            )
+        return table
+
     @cached_property
     def balance(self) -> tuple[float, float]:
         """(a, b), mean 1, with a * p_T = b * p_D: the global factors on the task
@@ -234,3 +272,53 @@ def gates_from_delta(
         top = max(w_task, w_domain)
         w_task, w_domain = w_task / top, w_domain / top
     return w_task * scale, w_domain * scale
+
+
+# ------------------------------------------------ the gates by depth
+
+
+def depth_series(
+    records: dict[str, dict],
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Gate lines by depth: label -> {"task"|"domain" -> [(depth, gate)]}.
+
+    A module inside a numbered layer is labelled by its path inside the layer
+    (``self_attn.q_proj``, ``attention.output.dense``: BERT has three
+    ``dense`` modules per layer); one outside the layers (a pooler,
+    ``lm_head``) by its full name, one step past the last layer.
+    """
+    points = []
+    for module, record in sorted(records.items()):
+        if "task_gate" not in record:
+            continue
+        match = _DEPTH.search(module)
+        depth = int(match.group(1)) if match else None
+        label = module[match.end() :] if match else module
+        points.append((label, depth, record))
+    past_last = max((d for _, d, _ in points if d is not None), default=-1) + 1
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for label, depth, record in points:
+        for role in ("task", "domain"):
+            series.setdefault(label, {}).setdefault(role, []).append(
+                (past_last if depth is None else depth, record[f"{role}_gate"])
+            )
+    return series
+
+
+def depth_summary(records: dict[str, dict]) -> str | None:
+    """Mean domain gate in the shallowest and deepest third of the layers."""
+    points = [
+        (int(m.group(1)), r["domain_gate"])
+        for name, r in records.items()
+        if (m := _DEPTH.search(name)) and "domain_gate" in r
+    ]
+    if not points:
+        return None
+    layers = sorted({p[0] for p in points})
+    third = max(1, len(layers) // 3)
+    shallow = [g for layer, g in points if layer in layers[:third]]
+    deep = [g for layer, g in points if layer in layers[-third:]]
+    return (
+        f"mean domain gate: {sum(shallow) / len(shallow):.3f} in the shallowest "
+        f"{third} layer(s), {sum(deep) / len(deep):.3f} in the deepest {third}"
+    )

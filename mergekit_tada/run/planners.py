@@ -19,36 +19,26 @@ import json
 import os
 import string
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mergekit_tada.loading import transformers_errors_only
+from mergekit_tada.run.plan import PlannedTensor
 
 if TYPE_CHECKING:
     from mergekit_tada.methods.params import MethodSpec, Param
-    from mergekit_tada.session import MergeSession
+    from mergekit_tada.run.plan import MergePlan
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    """One output tensor as a planner sees it, before LoRA modules are matched."""
-
-    name: str
-    base_names: list[str]  # the base's name for it and its aliases
-    input_names: dict[str, list[str]]  # input label -> its names, in config order
-    params: dict
-    inputs: dict[str, dict]  # input label -> per-input parameters
-
-
-def with_mergekit(session: MergeSession) -> list[PlannedTensor]:
-    """mergekit's planner on a copy of the config (run with the session active)."""
+def with_mergekit(plan: MergePlan) -> list[PlannedTensor]:
+    """mergekit's planner on a copy of the config (run with the plan active:
+    ``integration.mergekit_planner``)."""
     from mergekit.architecture import get_architecture_info
     from mergekit.io.tasks import LoaderCache
     from mergekit.merge import _model_out_config
     from mergekit.plan import MergePlanner
 
-    config = session.config.model_copy(deep=True)  # the planner rewrites it
-    options = session.options
+    config = plan.config.model_copy(deep=True)  # the planner rewrites it
+    options = plan.options
     LoaderCache().setup(options=options)
     arch = get_architecture_info(config, options)
     with transformers_errors_only():  # mergekit sets the deprecated torch_dtype

@@ -50,6 +50,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mergekit_tada.errors import TadaError
+from mergekit_tada.files import follow_umask
 
 LOG = logging.getLogger(__name__)
 
@@ -80,30 +81,6 @@ LEGACY_OUTPUTS = ("tada_report.json", "gates.png")
 CARD = "README.md"
 # The last names a commit moves in: the report is what readers trust.
 _LAST = (CARD, "tada_report.json", "merge_report.json", MANIFEST_NAME)
-
-
-def umask() -> int:
-    """The process umask (read without changing it where /proc allows)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    with _UMASK_LOCK:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-_UMASK_LOCK = threading.Lock()
-
-
-def follow_umask(path: str | os.PathLike) -> None:
-    """Give a file made by ``tempfile`` (0600/0700) the mode ``open`` would give."""
-    base = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, base & ~umask())
 
 
 def check_folder_name(value: object, key: str = "adapter_out") -> str:

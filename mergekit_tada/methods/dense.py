@@ -1,0 +1,110 @@
+"""The element-wise rules on one module's dense update: mergekit's own kernels.
+
+TIES, DARE and their relatives trim, elect signs and drop entries of the
+d_out x d_in update, so they need the dense matrix. It is formed one module at
+a time, handed to mergekit's kernel with a zero base (so the semantics are
+mergekit's by construction) and the result truncated by an exact or
+randomized SVD. Every element-wise method goes through :func:`dense_merge`;
+masks are seeded per module from ``--random-seed`` (:func:`module_seed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from mergekit_tada.lowrank import Factored, ThinSVD, significant
+
+# Above this size a dense SVD of a merged module is slow on CPUs; a randomized
+# range finder with generous oversampling and power iterations is used instead.
+EXACT_SVD_MAX_DIM = 1024
+RANDOMIZED_OVERSAMPLE = 32
+RANDOMIZED_POWER_ITERATIONS = 8
+
+
+def dense_svd(M: torch.Tensor, rank: int) -> ThinSVD:
+    """SVD of a dense merged module: exact when small, randomized (to rank) when large."""
+    M = M.to(torch.float32)
+    if min(M.shape) <= EXACT_SVD_MAX_DIM:
+        u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
+        keep = significant(s)
+        return ThinSVD(u[:, keep].float(), s[keep].float(), vh[keep].T.float())
+    q = min(rank + RANDOMIZED_OVERSAMPLE, min(M.shape))
+    with seeded(0):  # the range finder's test matrix: deterministic
+        u, s, v = torch.svd_lowrank(M, q=q, niter=RANDOMIZED_POWER_ITERATIONS)
+    keep = significant(s)
+    return ThinSVD(u[:, keep], s[keep], v[:, keep])
+
+
+_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global CPU generator seeded for this block, one block at a time.
+
+    Modules merge on worker threads (run/execute.py, adapter-only) and mergekit's
+    kernels draw from the global generator, so seeding and drawing must not
+    interleave with another thread's; the caller's generator state is restored.
+    """
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def module_seed(seed: int, module: str) -> int:
+    """A per-module seed: DARE's masks do not depend on the order modules run in."""
+    digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def mergekit_gta(
+    method_name: str,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    shared: dict,
+    seed: int,
+) -> torch.Tensor:
+    """mergekit's generalized task arithmetic kernel on deltas (zero base)."""
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    method = registry.get(method_name)
+    base = torch.zeros_like(deltas[0])
+    ids = ["base", *range(len(deltas))]
+    group = TensorGroup.from_tensors([base, *deltas], ids=ids, base_index=0)
+    params = {
+        "weight": dict(enumerate(weights)),
+        "density": dict(enumerate(densities)),
+        **{k: shared[k] for k in ("normalize", "rescale", "int8_mask", "lambda")},
+    }
+    with seeded(seed):
+        (out,) = method([group], parameters=params)
+    return out
+
+
+def dense_merge(
+    method_name: str,
+    updates: Sequence[Factored | None],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    shared: dict,
+    seed: int,
+    rank: int,
+) -> ThinSVD:
+    """mergekit's ``method_name`` on the dense per-module updates (a missing module is 0)."""
+    shape = next(u for u in updates if u is not None).shape
+    present = next(u for u in updates if u is not None).B
+    deltas = [
+        u.dense()
+        if u is not None
+        else torch.zeros(shape, dtype=present.dtype, device=present.device)
+        for u in updates
+    ]
+    merged = mergekit_gta(method_name, deltas, weights, densities, shared, seed)
+    return dense_svd(merged, rank)

@@ -1,0 +1,39 @@
+"""Every method of the package, by name: what mergekit's registry and our CLIs list.
+
+Adding a method: a file in this folder with its spec, checks and ``combine``
+(docs/design.md, "Adding a method"), and one line here.
+"""
+
+from __future__ import annotations
+
+from mergekit_tada.methods.base import LoraMergeMethod
+from mergekit_tada.methods.knots import LoraKnotsTies
+from mergekit_tada.methods.tada import TadaMethod
+from mergekit_tada.methods.tara import TaraMethod
+from mergekit_tada.methods.task_arithmetic import LoraTaskArithmetic
+from mergekit_tada.methods.ties import LoraTies
+from mergekit_tada.methods.tsv_m import LoraTsvM
+
+METHODS: tuple[LoraMergeMethod, ...] = (
+    TadaMethod(),
+    LoraTaskArithmetic(),
+    LoraTies(
+        "lora_ties", "ties", "TIES on LoRA updates", normalize=True, rescale=False
+    ),
+    LoraTies(
+        "lora_dare_ties",
+        "dare_ties",
+        "DARE-TIES on LoRA updates",
+        normalize=False,
+        rescale=True,
+    ),
+    LoraKnotsTies(),
+    LoraTsvM(),
+    TaraMethod(),
+)
+METHOD_NAMES = frozenset(m.spec.name for m in METHODS)
+
+
+def get(name: str) -> LoraMergeMethod | None:
+    """Our method of that name (None: not ours)."""
+    return next((m for m in METHODS if m.spec.name == name), None)

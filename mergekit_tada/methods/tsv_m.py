@@ -1,0 +1,52 @@
+"""TSV-M, task singular vectors merge, on LoRA factors (algorithms.md section 3).
+
+Per module: the SVD of each update (from its factors), its top
+floor(min(m, n) / T) triplets kept, U's and V's concatenated and orthogonalised
+by their polar factors, the singular values (times each input's weight) kept,
+times a global ``alpha``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergekit_tada.lowrank import Factored, ThinSVD, svd
+from mergekit_tada.methods.base import WEIGHT, FamilyMethod, family_spec
+from mergekit_tada.methods.params import SHARED, Param
+
+
+def tsv_m(
+    updates: Sequence[Factored | None], weights: Sequence[float], alpha: float
+) -> ThinSVD:
+    """Task singular vectors merge: concatenate per-task SVDs, orthogonalise U and V."""
+    pairs = [
+        (svd(u), w) for u, w in zip(updates, weights, strict=True) if u is not None
+    ]
+    m, n = pairs[0][0].U.shape[0], pairs[0][0].V.shape[0]
+    per_task = min(m, n) // len(pairs)
+    kept = [(s.head(per_task), w) for s, w in pairs]
+    U = torch.cat([s.U for s, _ in kept], dim=1)
+    V = torch.cat([s.V for s, _ in kept], dim=1)
+    sigma = torch.cat([s.S * w for s, w in kept])
+    return svd(Factored(_polar(U) * (alpha * sigma), _polar(V).T))
+
+
+def _polar(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormal polar factor P Q^T of a thin matrix X = P S Q^T."""
+    p, _, qh = torch.linalg.svd(X.double(), full_matrices=False)
+    return (p @ qh).float()
+
+
+class LoraTsvM(FamilyMethod):
+    spec = family_spec(
+        "lora_tsv_m",
+        "TSV-M (task singular vectors merge) on LoRA factors",
+        (WEIGHT, Param("alpha", float, SHARED, 1.0, "global scale")),
+    )
+
+    def combine(self, job, updates):
+        weights = self.per_input(job, updates, "weight")
+        merged = tsv_m(list(updates.values()), weights, job.params["alpha"])
+        return merged, {"weights": weights}

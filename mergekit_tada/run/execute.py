@@ -1,0 +1,207 @@
+"""Execution: every module merged and streamed out, then the report and pictures.
+
+An :class:`Execution` merges each planned LoRA target with the method
+(``merge_module``: factors in, rank-r factors out), streams the factors to the
+adapter writer, and returns ``W + B A`` where mergekit's executor asks for a
+tensor (through ``integration``); the adapter-only path iterates over the
+targets itself. Inside :meth:`writing` the body runs first (mergekit's
+executor, or :meth:`merge_adapter_only`); then the adapter config, report,
+plots and model-card section are written into the run's stage folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mergekit_tada.adapter_writer import StreamingAdapterWriter, lora_adapter_config
+from mergekit_tada.lowrank import Truncated, add_product, single_thread
+from mergekit_tada.methods.base import ModuleJob
+from mergekit_tada.run.folder import CARD
+from mergekit_tada.run.plan import MergePlan, TensorPlan
+from mergekit_tada.run.plots import draw, preload_plotting
+from mergekit_tada.run.prepare import Prepared
+from mergekit_tada.run.report import (
+    MergeFacts,
+    build_report,
+    card_section,
+    config_as_written,
+    describe_inputs,
+    dumps,
+    truncation_warning,
+)
+
+LOG = logging.getLogger(__name__)
+
+
+class Execution:
+    """One merge's execution into a stage folder, from its plan and preparation."""
+
+    def __init__(self, plan: MergePlan, prepared: Prepared) -> None:
+        self.plan = plan
+        self.method = plan.method
+        self.context = prepared.context
+        self.calibration = prepared.calibration
+        self.records: dict[str, dict] = {}
+        self.output_rank = 0
+        self._lock = threading.Lock()
+        self.writer: StreamingAdapterWriter | None = None
+
+    @contextlib.contextmanager
+    def writing(self, target: Path, model_card: bool = False) -> Iterator[None]:
+        """Run the body (the merge), then write adapter, card, report, plots.
+
+        ``target`` is a run's stage folder (run/main.py): nothing here needs
+        to be atomic on its own.
+        """
+        target = Path(target)
+        target.mkdir(parents=True, exist_ok=True)
+        self.writer = StreamingAdapterWriter(
+            target / self.plan.adapter_out, torch.float32, self._adapter_layout()
+        )
+        if self.calibration is not None:  # probe gates: a plot at the end
+            preload_plotting()
+        try:
+            yield
+            self.writer.finalize(self._adapter_config())
+        except BaseException:
+            self.writer.abort()
+            raise
+        facts = self.facts()
+        report = build_report(facts)
+        if warning := truncation_warning(report["summary"], self.output_rank):
+            LOG.warning(warning)
+        plots = draw(self.method.plots(self.records, self.context), target)
+        report.update(plots)
+        if model_card:
+            readme = target / CARD
+            text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+            readme.write_text(
+                text.rstrip("\n") + "\n\n" + card_section(facts, report, plots),
+                encoding="utf-8",
+            )
+        (target / self.method.report_name).write_text(dumps(report), encoding="utf-8")
+
+    def facts(self) -> MergeFacts:
+        """This merge as plain data for the report and the model card."""
+        plan, method, records = self.plan, self.method, self.records
+        return MergeFacts(
+            method=method.spec.name,
+            report_name=method.report_name,
+            config=config_as_written(plan.config, plan.source),
+            output_rank=self.output_rank,
+            adapter_out=plan.adapter_out,
+            inputs=describe_inputs(
+                str(plan.base.model), plan.base_path, plan.adapters, self.calibration
+            ),
+            records=records,
+            summary=method.summary(dict(sorted(records.items()))),
+            card_lines=method.card_lines(records, self.calibration, self.context),
+            training=method.run_report(self.context),
+        )
+
+    def merge_tensor(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """mergekit's per-tensor call: ``W + B A`` for LoRA targets, else ``W``."""
+        plan = self.plan.plans.get(name)
+        if plan is None or not plan.is_lora_target:
+            return W
+        lora = self._merge_plan(plan, W.device)
+        return add_product(W, lora.B, lora.A)
+
+    def merge_adapter_only(
+        self, device: str = "cpu", workers: int | None = None
+    ) -> None:
+        """Merge every LoRA'd module without mergekit's executor or base weights.
+
+        On the CPU, modules run on ``workers`` threads (default: torch's thread
+        count), each doing single-threaded small-matrix maths: torch releases
+        the GIL, and one thread per core beats one multi-threaded op at a time
+        for r x r work. Results do not depend on the order modules finish in.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
+        targets = self.plan.targets
+        dev = torch.device(device)
+        workers = workers or (
+            torch.get_num_threads() if dev.type == "cpu" else 1
+        )  # before 1-thread
+        with (
+            single_thread(dev),
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            tqdm(
+                total=len(targets),
+                desc="Merging modules",
+                disable=self.plan.options.quiet,
+            ) as bar,
+        ):
+            for _ in pool.map(lambda p: self._merge_plan(p, dev), targets):
+                bar.update()
+
+    def _merge_plan(self, plan: TensorPlan, device: torch.device) -> Truncated:
+        updates = {
+            label: self.plan.adapters[label].factors(module, device) if module else None
+            for label, module in plan.sources.items()
+        }
+        job = ModuleJob(
+            module=plan.module,
+            updates=updates,
+            params=plan.params,
+            inputs=plan.inputs,
+            sources=plan.sources,
+            rank=plan.rank,
+            seed=self.plan.options.random_seed or 0,
+            context=self.context,
+        )
+        with single_thread(device):
+            result = self.method.merge_module(job)
+        with self._lock:
+            self.writer.add(plan.module, result.lora.B, result.lora.A)
+            self.records[plan.module] = result.record
+        return result.lora
+
+    # ------------------------------------------------------------------ outputs
+
+    def _adapter_layout(self) -> dict[str, tuple[int, int, int]]:
+        """module -> (output rank, out_features, in_features) of every LoRA target."""
+        layout = {}
+        for plan in self.plan.plans.values():
+            sources = [(label, m) for label, m in plan.sources.items() if m]
+            if sources:
+                label, module = sources[0]
+                spec = self.plan.adapters[label].modules[module]
+                layout[plan.module] = (plan.rank, spec.out_features, spec.in_features)
+        return layout
+
+    def _adapter_config(self) -> dict:
+        ranks = self.writer.ranks
+        counts: dict[int, int] = {}
+        for r in ranks.values():
+            counts[r] = counts.get(r, 0) + 1
+        rank = max(sorted(counts), key=lambda r: counts[r])
+        self.output_rank = rank
+        first = next(iter(self.plan.adapters.values())).config
+        return lora_adapter_config(
+            rank=rank,
+            target_modules=self._target_modules(),
+            rank_pattern={m: r for m, r in sorted(ranks.items()) if r != rank},
+            base_model=str(self.plan.base.model),
+            task_type=first.get("task_type"),
+        )
+
+    def _target_modules(self) -> list[str]:
+        """Short leaf names when they select exactly the merged modules, else full names."""
+        written = set(self.writer.ranks)
+        leaves = {m.rsplit(".", 1)[-1] for m in written}
+        candidates = {
+            p.module
+            for p in self.plan.plans.values()
+            if p.module.rsplit(".", 1)[-1] in leaves and p.out_name.endswith(".weight")
+        }
+        return sorted(leaves) if candidates == written else sorted(written)

@@ -1,0 +1,321 @@
+"""Planning and validation: everything that can fail before any output exists.
+
+:class:`MergePlan` checks the config (parameter keys, roles, paths), reads
+every LoRA input's config and tensor layout (``adapters.LoraAdapter``), asks a
+planner (run/planners.py) for every output tensor and its resolved
+parameters, matches adapter modules to them, checks the method's parameters
+per tensor, shapes against the base's safetensors headers, and every factor
+for NaN/Inf. No tensor is read beyond headers and the adapters' factors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.errors import TadaError
+from mergekit_tada.loading import HeaderIndex
+from mergekit_tada.methods import registry
+from mergekit_tada.run.folder import CARD, MANIFEST_NAME, check_folder_name
+
+if TYPE_CHECKING:  # mergekit is imported only where its executor runs
+    from mergekit.common import ModelReference
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+LOG = logging.getLogger(__name__)
+# Gives every output tensor with its resolved parameters (run/planners.py).
+Planner = Callable[["MergePlan"], "list[PlannedTensor]"]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor as a planner sees it, before LoRA modules are matched."""
+
+    name: str
+    base_names: list[str]  # the base's name for it and its aliases
+    input_names: dict[str, list[str]]  # input label -> its names, in config order
+    params: dict
+    inputs: dict[str, dict]  # input label -> per-input parameters
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: where its LoRA factors are and its resolved parameters."""
+
+    out_name: str
+    module: str  # output module name (out_name without ".weight")
+    base_names: list[str]  # the base's name for this tensor and its aliases
+    sources: dict[str, str | None]  # input label -> adapter module (None: absent)
+    params: dict
+    inputs: dict[str, dict]  # input label -> per-model parameters
+    rank: int
+
+    @property
+    def is_lora_target(self) -> bool:
+        return any(m is not None for m in self.sources.values())
+
+
+def _parameter_blocks(
+    config: MergeConfiguration,
+) -> Iterator[tuple[str, ModelReference | None, dict]]:
+    """Every ``parameters:`` mapping in the config: where it sits, its model, keys."""
+    yield "parameters", None, config.parameters or {}
+    for i, m in enumerate(config.models or []):
+        yield f"models[{i}]", m.model, m.parameters or {}
+    slices = list(config.slices or [])
+    for name, module in (config.modules or {}).items():
+        yield f"modules.{name}", None, module.parameters or {}
+        slices += module.slices or []
+        for m in module.models or []:
+            yield f"modules.{name}", m.model, m.parameters or {}
+    for i, s in enumerate(slices):
+        yield f"slices[{i}]", None, s.parameters or {}
+        for src in s.sources:
+            yield f"slices[{i}]", src.model, src.parameters or {}
+
+
+def check_model_path(what: str, path: str) -> None:
+    """A model path must be a local folder, or a Hub id we may look up.
+
+    Checked before mergekit sees the path: it would ask the Hub about a
+    mistyped local path (a long traceback, or a 28 s wait offline).
+    """
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise TadaError(f"{what} {path}: not a folder")
+        return
+    hub_like = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not hub_like or "\\" in path:
+        raise TadaError(
+            f"{what} {path}: no such folder (relative paths are resolved from "
+            f"{os.getcwd()})"
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get(
+        "HF_HUB_OFFLINE", ""
+    ).lower() in ("1", "true", "yes", "on")
+    if offline and not isinstance(try_to_load_from_cache(path, "config.json"), str):
+        raise TadaError(
+            f"{what} {path}: no such local folder, and not in the Hugging Face "
+            f"cache while HF_HUB_OFFLINE is set (relative paths are resolved from "
+            f"{os.getcwd()})"
+        )
+
+
+class MergePlan:
+    def __init__(
+        self,
+        config: MergeConfiguration | Any,
+        options: MergeOptions | Any,
+        source: str | None,
+        planner: Planner,
+    ) -> None:
+        """Validate the merge; nothing is read beyond headers and factors.
+
+        ``config``/``options``: mergekit's, or for the adapter-only path their
+        plain stand-ins (:mod:`mergekit_tada.config`). ``planner``: mergekit's
+        own (``integration.mergekit_planner``) or mergekit's JSON definitions
+        read as data (``fastpath.definitions_planner``).
+        """
+        self.config = config
+        self.options = options
+        self.source = source
+        self.planner = planner
+        method = registry.get(config.merge_method)
+        if method is None:
+            raise TadaError(f"{config.merge_method} is not a mergekit-tada method")
+        self.method = method
+        self._check_config()
+        self.base = config.base_model
+        base_path = self.base.local_path(cache_dir=options.transformers_cache)
+        self.base_path = base_path
+        self.headers = HeaderIndex(base_path)
+        # in config order: the output must not depend on set iteration order
+        refs = dict.fromkeys(r for _, r, _ in _parameter_blocks(config) if r)
+        self.model_refs = list(dict.fromkeys([self.base, *refs]))
+        self.adapters = {
+            str(ref): LoraAdapter(ref.lora.path) for ref in refs if ref.lora is not None
+        }
+        self.default_rank = max(a.max_rank for a in self.adapters.values())
+        self.plans = self._plan()
+        self._validate_plans()
+        adapter_out = {p.params["adapter_out"] for p in self.plans.values()}
+        if len(adapter_out) != 1:
+            raise TadaError(f"adapter_out must be one folder name, got {adapter_out}")
+        self.adapter_out = check_folder_name(adapter_out.pop())
+        for adapter in self.adapters.values():
+            adapter.check_all_finite()
+
+    @property
+    def targets(self) -> list[TensorPlan]:
+        """The output tensors a LoRA updates, in plan order."""
+        return [p for p in self.plans.values() if p.is_lora_target]
+
+    def base_files(self) -> list[str]:
+        """The base's weight files and config.json: what a cache key covers."""
+        files = sorted(set(self.headers.index.tensor_paths.values()))
+        return [os.path.join(self.base_path, f) for f in [*files, "config.json"]]
+
+    def input_paths(self) -> dict[str, str]:
+        """What this merge reads: described -> path (guarded against the output)."""
+        paths = {f"base model {self.base}": self.base_path}
+        for label, adapter in self.adapters.items():
+            paths[f"adapter of {label}"] = adapter.path
+        paths.update(self.method.data_paths(self.targets))
+        return paths
+
+    def output_names(self) -> list[str]:
+        """Names this merge writes into the output folder."""
+        return [
+            self.adapter_out,
+            self.method.report_name,
+            *self.method.plot_files,
+            CARD,
+            MANIFEST_NAME,
+        ]
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_config(self) -> None:
+        config = self.config
+        name = config.merge_method
+        if config.base_model is None:
+            raise TadaError(
+                f"{name}: base_model is required (the model the LoRAs were trained on)"
+            )
+        if config.base_model.lora is not None:
+            raise TadaError(
+                f"{name}: base_model must be a plain model, got {config.base_model}"
+            )
+        check_model_path("base model", config.base_model.model.path)
+        known = {p.name for p in self.method.spec.parameters}
+        per_model = {p.name for p in self.method.spec.input_parameters}
+        for where, ref, block in _parameter_blocks(config):
+            unknown = sorted(set(block) - known)
+            if unknown:
+                raise TadaError(
+                    f"{name}: unknown parameter(s) {', '.join(unknown)} in {where}; "
+                    f"known: {', '.join(sorted(known))}"
+                )
+            misplaced = sorted(per_model & set(block))
+            if misplaced and ref is not None and ref.lora is None:
+                raise TadaError(
+                    f"{name}: {', '.join(misplaced)} given to the non-LoRA model "
+                    f"{ref} in {where}; set it under each LoRA input's parameters"
+                )
+        for ref in config.referenced_models():
+            if ref == config.base_model:
+                continue
+            if ref.lora is None:
+                raise TadaError(
+                    f"{name}: model {ref} is not a LoRA input; give adapters as "
+                    f"'{config.base_model}+path/to/adapter'"
+                )
+            if ref.model != config.base_model.model:
+                raise TadaError(
+                    f"{name}: LoRA input {ref} sits on {ref.model}, but base_model is "
+                    f"{config.base_model}; LoRA inputs must share the base model"
+                )
+            if not os.path.isdir(ref.lora.path):
+                raise TadaError(
+                    f"{name}: adapter {ref.lora.path} of {ref}: no such folder "
+                    f"(relative paths are resolved from {os.getcwd()})"
+                )
+        self.method.check_inputs(
+            [r for r in config.referenced_models() if r != config.base_model]
+        )
+
+    def _plan(self) -> dict[str, TensorPlan]:
+        planned = self.planner(self)
+        plans = {}
+        capped: list[tuple[str, int, int]] = []
+        for tensor in planned:
+            sources = {}
+            for label, names in tensor.input_names.items():
+                modules = self.adapters[label].modules
+                candidates = [
+                    n.removesuffix(".weight") for n in names if n.endswith(".weight")
+                ]
+                sources[label] = next((m for m in candidates if m in modules), None)
+            plans[tensor.name] = TensorPlan(
+                out_name=tensor.name,
+                module=tensor.name.removesuffix(".weight"),
+                base_names=tensor.base_names,
+                sources=sources,
+                params=tensor.params,
+                inputs=tensor.inputs,
+                rank=self._capped_rank(tensor.name, tensor.params, sources, capped),
+            )
+        # Modules with fewer inputs are capped quietly (their record says so);
+        # a rank no module can reach is a mistake worth one line.
+        targets = sum(p.is_lora_target for p in plans.values())
+        if capped and len(capped) == targets:
+            asked, largest = capped[0][1], max(limit for _, _, limit in capped)
+            LOG.warning(
+                "rank %d is more than the merged update can have in any module "
+                "(at most the sum of the input ranks and the shorter side of the "
+                "weight: %d here); each module is capped at its own limit",
+                asked,
+                largest,
+            )
+        return plans
+
+    def _capped_rank(
+        self,
+        weight: str,
+        params: dict,
+        sources: dict[str, str | None],
+        capped: list[tuple[str, int, int]],
+    ) -> int:
+        """The method's output rank, capped at what the merged update can have."""
+        specs = [self.adapters[label].modules[m] for label, m in sources.items() if m]
+        ranks = [spec.rank for spec in specs]
+        rank = self.method.output_rank(params, self.default_rank, ranks)
+        if specs:
+            shape = (specs[0].out_features, specs[0].in_features)
+            limit = self.method.rank_limit(ranks, shape)
+            if rank > limit:
+                capped.append((weight, rank, limit))
+                return limit
+        return rank
+
+    def _validate_plans(self) -> None:
+        used: set[tuple[str, str]] = set()
+        for plan in self.targets:
+            self.method.check(plan.out_name, plan.params, plan.inputs)
+            base_name = self.headers.resolve(plan.base_names)
+            base_shape = self.headers.meta(base_name)[0] if base_name else None
+            for label, module in plan.sources.items():
+                if module is None:
+                    continue
+                used.add((label, module))
+                spec = self.adapters[label].modules[module]
+                if base_shape != [spec.out_features, spec.in_features]:
+                    raise TadaError(
+                        f"{self.adapters[label].weights_path}: module {module} updates a "
+                        f"{spec.out_features}x{spec.in_features} weight, but "
+                        f"{plan.out_name} in {self.base_path} is {base_shape}: "
+                        "was the adapter trained on a different base model?"
+                    )
+        sliced = bool(self.config.slices) or any(
+            m.slices for m in (self.config.modules or {}).values()
+        )
+        for label, adapter in self.adapters.items():
+            for module in adapter.modules:
+                if (label, module) in used:
+                    continue
+                message = (
+                    f"{adapter.weights_path}: module {module} matches no weight of "
+                    f"base model {self.base_path}"
+                )
+                if not sliced:
+                    raise TadaError(
+                        message + ": was the adapter trained on a different base model?"
+                    )
+                LOG.warning(message + " in the selected slices; it is left out")

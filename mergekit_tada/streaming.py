@@ -1,0 +1,311 @@
+"""The base model streamed block by block, and the token batches it runs on.
+
+The base is built on the meta device (no memory). Only its *stem* (the
+embeddings, final norm, pooler, with ``causal_lm`` the LM head: everything
+outside the block list) is loaded. One forward of the real transformers model
+with every block replaced by a recorder keeps the exact arguments the model
+hands each block (masks, rotary embeddings, positions); blocks are then read
+from the base's safetensors one at a time (:meth:`StreamedModel.block`), run,
+and freed. Shared by the probe's calibration pass (probe/calibration.py) and
+the streamed training engine (training/engines.py), so models larger than
+memory work for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mergekit_tada.errors import TadaError
+from mergekit_tada.loading import HeaderIndex
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "bert")
+
+
+class _Recorder(nn.Module):
+    """Stands in for block i: keeps the block's kwargs, passes hidden states on."""
+
+    def __init__(
+        self, index: int, sink: dict, final: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.index = index
+        self.sink = sink
+        self.final = final
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.sink[self.index] = (hidden_states, args, kwargs)
+        return hidden_states if self.final is None else self.final
+
+
+def _block_list(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return name, module
+    raise TadaError(
+        f"calibration: no block list of {n_layers} layers found in {type(model).__name__}"
+    )
+
+
+class StreamedModel:
+    """The base model as a stem in memory and blocks read on demand.
+
+    ``self.model`` is the transformers base model (the decoder or encoder);
+    with ``causal_lm`` the stem also holds the LM head (``self.root`` is then
+    the ``...ForCausalLM``; TARA's streamed training uses it). Single use for
+    :func:`run_calibration`, which frees the input embedding once it has
+    recorded the blocks' inputs.
+    """
+
+    def __init__(
+        self,
+        base_path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        causal_lm: bool = False,
+        progress: str = "Streamed blocks",
+        quiet: bool = True,
+    ) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        self.device = device
+        self.dtype = dtype
+        self.progress, self.quiet = progress, quiet  # the blocks' progress bar
+        self.headers = HeaderIndex(base_path)
+        config = AutoConfig.from_pretrained(base_path)
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise TadaError(
+                f"calibration: architecture {config.model_type!r} "
+                f"({', '.join(config.architectures or [])}) is not supported by the "
+                f"streamed calibration pass; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
+                "Use gates: uniform or fixed."
+            )
+        auto = AutoModelForCausalLM if causal_lm else AutoModel
+        with init_empty_weights(include_buffers=False):
+            self.root = auto.from_config(config)
+        self.root.eval()
+        self.model = self.root.get_decoder() if causal_lm else self.root
+        self.n_layers = config.num_hidden_layers
+        self.blocks_name, self.blocks = _block_list(self.root, self.n_layers)
+        self.real_blocks = list(self.blocks)
+        self.prefix = self._checkpoint_prefix()
+        stem = {
+            name: p
+            for name, p in self.root.named_parameters()
+            if not name.startswith(self.blocks_name + ".")
+        }
+        self._load(self.root, stem)
+        self.resident_blocks = 0  # for tests: never more than one at a time
+        self.max_resident_blocks = 0
+
+    def _checkpoint_prefix(self) -> str:
+        name = next(
+            n for n, _ in self.root.named_parameters() if n.startswith(self.blocks_name)
+        )
+        for prefix in ("", self.root.base_model_prefix + "."):
+            if prefix + name in self.headers.index.tensor_paths:
+                return prefix
+        raise TadaError(
+            f"calibration: {self.headers.path} has no weight named like {name}"
+        )
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The LM head's weight from the checkpoint (the input embedding's if tied)."""
+        key = "lm_head.weight"
+        if key not in self.headers.index.tensor_paths:
+            embedding = self.model.get_input_embeddings()
+            name = next(n for n, m in self.model.named_modules() if m is embedding)
+            key = self.checkpoint_name(f"{name}.weight")
+        return self.headers.read(key, self.dtype, self.device)
+
+    def checkpoint_name(self, module_name: str) -> str:
+        """Base-model module name -> name in the checkpoint (= the adapter's)."""
+        return self.prefix + module_name
+
+    def _load(
+        self, root: nn.Module, params: dict[str, nn.Parameter], prefix: str = ""
+    ) -> None:
+        state = {}
+        for name in params:
+            key = self.checkpoint_name(prefix + name)
+            if key not in self.headers.index.tensor_paths:
+                raise TadaError(f"calibration: {self.headers.path} lacks weight {key}")
+            state[name] = self.headers.read(key, self.dtype, self.device)
+        root.load_state_dict(state, strict=False, assign=True)
+
+    @contextlib.contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` with real weights, freed (back to meta) afterwards."""
+        layer = self.real_blocks[index]
+        prefix = f"{self.blocks_name}.{index}."
+        self._load(layer, dict(layer.named_parameters()), prefix)
+        self.resident_blocks += 1
+        self.max_resident_blocks = max(self.max_resident_blocks, self.resident_blocks)
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+            self.resident_blocks -= 1
+
+    def linear_modules(
+        self, root: nn.Module, prefix: str
+    ) -> Iterator[tuple[str, nn.Linear]]:
+        for name, module in root.named_modules():
+            if isinstance(module, nn.Linear):
+                yield self.checkpoint_name(prefix + name), module
+
+    def block_inputs(self, batches: Sequence[Batch]) -> list[dict]:
+        """Per batch (on the model's device): every block's recorded inputs.
+
+        One stem forward per batch with the blocks swapped for recorders;
+        ``sink[i]`` is block i's (hidden states, args, kwargs). Runs in the
+        caller's grad mode.
+        """
+        records = []
+        for batch in batches:
+            sink: dict = {}
+            with self.recorders(sink):
+                self.model(**batch.forward_kwargs())
+            records.append(sink)
+        return records
+
+    def forward_blocks(
+        self,
+        records: list[dict],
+        states: list[torch.Tensor],
+        attach: Callable[[nn.Module, str], contextlib.AbstractContextManager]
+        | None = None,
+        before_chunk: Callable[[int], None] | None = None,
+        keep_all: bool = False,
+    ) -> list[list[torch.Tensor]]:
+        """Stream every block over every chunk from its recorded inputs.
+
+        ``states``: each chunk's input to block 0; returns each chunk's final
+        hidden states, and with ``keep_all`` those at every block boundary
+        (n_layers + 1; what gradient checkpointing recomputes from).
+        ``attach(layer, prefix)`` wraps a block's run (hooks on its linears);
+        ``before_chunk(c)`` runs before chunk c enters a block. Runs in the
+        caller's grad mode.
+        """
+        from tqdm import tqdm
+
+        boundaries = [[h] for h in states]
+        bar = tqdm(range(self.n_layers), desc=self.progress, disable=self.quiet)
+        for i in bar:
+            with self.block(i) as layer:
+                prefix = f"{self.blocks_name}.{i}."
+                with attach(layer, prefix) if attach else contextlib.nullcontext():
+                    for c, sink in enumerate(records):
+                        if before_chunk:
+                            before_chunk(c)
+                        _, args, kwargs = sink[i]
+                        out = layer(boundaries[c][-1], *args, **kwargs)
+                        out = out[0] if isinstance(out, tuple) else out
+                        if keep_all:
+                            boundaries[c].append(out)
+                        else:
+                            boundaries[c] = [out]
+        return boundaries
+
+    def tail(self, batch: Batch, final: torch.Tensor, head: bool = False):
+        """The stem after the blocks (final norm, pooler; with ``head`` the LM
+        head too) on the streamed final states of one chunk: the model's output."""
+        kwargs = batch.forward_kwargs()
+        ids = kwargs.pop("input_ids")
+        zeros = torch.zeros(*ids.shape, final.shape[-1], device=self.device)
+        with self.recorders({}, final=final):
+            return (self.root if head else self.model)(inputs_embeds=zeros, **kwargs)
+
+    @contextlib.contextmanager
+    def recorders(
+        self, sink: dict, final: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Swap blocks for recorders (the last may return ``final``) for one forward."""
+        for i in range(self.n_layers):
+            self.blocks[i] = _Recorder(
+                i, sink, final if i == self.n_layers - 1 else None
+            )
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(self.real_blocks):
+                self.blocks[i] = layer
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    extra: dict
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            {k: v.to(device) for k, v in self.extra.items()},
+        )
+
+    def forward_kwargs(self) -> dict:
+        # use_cache=False: a KV cache would keep every streamed block's keys and
+        # values alive for the whole pass.
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "use_cache": False,
+            **self.extra,
+        }
+
+
+def make_batches(
+    tokenizer, texts: Sequence[str], max_length: int, batch_size: int
+) -> list[Batch]:
+    """Right-padded chunks (causal masks keep valid tokens blind to padding)."""
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[i : i + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        )
+        extra = {
+            k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")
+        }
+        batches.append(Batch(enc["input_ids"], enc["attention_mask"], extra))
+    return batches
+
+
+def batches_digest(batches: Sequence[Batch]) -> str:
+    """sha256 of every token id and mask used: what cache keys cover."""
+    digest = hashlib.sha256()
+    for b in batches:
+        digest.update(b.input_ids.numpy().tobytes())
+        digest.update(b.attention_mask.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def token_count(batches: Sequence[Batch]) -> int:
+    """Valid (non-padding) tokens in the batches."""
+    return int(sum(int(b.attention_mask.sum()) for b in batches))
+
+
+def tokenizer_for(base_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base_path)
+    except Exception as error:
+        raise TadaError(
+            f"calibration: base model {base_path} has no usable tokenizer ({error}); "
+            "gates: probe tokenizes the calibration prompts with the base's tokenizer"
+        ) from None
