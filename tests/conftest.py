@@ -26,10 +26,8 @@ TASK_TARGETS = LLAMA_TARGETS
 DOMAIN_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory) -> Path:
+def build_toy(root: Path) -> None:
     """base (3 layers), lora-task (r=4, all projections), lora-domain (r=6, four)."""
-    root = tmp_path_factory.mktemp("toy")
     build_llama(root / "base", layers=3, seed=0)
     build_lora(
         root / "base", root / "lora-task", r=4, alpha=8, seed=1, targets=TASK_TARGETS
@@ -42,6 +40,13 @@ def toy(tmp_path_factory) -> Path:
         seed=2,
         targets=DOMAIN_TARGETS,
     )
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Path:
+    """The toy models of :func:`build_toy`, built once per session."""
+    root = tmp_path_factory.mktemp("toy")
+    build_toy(root)
     return root
 
 

@@ -117,20 +117,9 @@ CASES: dict[str, tuple[dict, str]] = {
 
 def build_inputs(root: Path) -> None:
     """The toy base and adapters of tests/conftest.py, and two text files."""
-    from mergekit_tada.toy import LLAMA_TARGETS, build_llama, build_lora
+    from conftest import build_toy
 
-    build_llama(root / "base", layers=3, seed=0)
-    build_lora(
-        root / "base", root / "lora-task", r=4, alpha=8, seed=1, targets=LLAMA_TARGETS
-    )
-    build_lora(
-        root / "base",
-        root / "lora-domain",
-        r=6,
-        alpha=12,
-        seed=2,
-        targets=("q_proj", "v_proj", "up_proj", "down_proj"),
-    )
+    build_toy(root)
     for adapter in ("lora-task", "lora-domain"):  # no temporary path in the bytes
         path = root / adapter / "adapter_config.json"
         config = json.loads(path.read_text())
