@@ -1,10 +1,12 @@
 """KnOTS-TIES on LoRA factors (Stoica et al., 2024).
 
 The stacked updates [dW_1 | ... | dW_T] = U S [V_1; ...; V_T]^T share one
-basis U; task t is represented by its coefficients in it. The SVD comes from
-the factors B_cat and blockdiag(A_t) (never the d_out x T*d_in matrix); TIES
-(mergekit's kernel) merges the per-task coefficient blocks; the merged update
-is U times the merged coefficients.
+basis U; task t is represented by its coefficients in it, dW_t = U (S V_t^T).
+The SVD comes from the factors B_cat and blockdiag(A_t) (never the
+d_out x T*d_in matrix); TIES (mergekit's kernel: trim to ``density`` by
+magnitude, elect signs by summed magnitude, disjoint mean) merges the
+coefficient blocks S V_t^T, so trimming sees each direction's strength sigma;
+the merged update is U times the merged coefficients.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def knots_ties(
     shared: dict,
     seed: int,
 ) -> ThinSVD:
-    """KnOTS: shared basis of the stacked updates from factors, TIES on V blocks."""
+    """KnOTS: shared basis of the stacked updates from factors, TIES on the
+    per-task coefficient blocks S V_t^T (Stoica et al., 2024)."""
     present = [u for u in updates if u is not None]
     keep = [i for i, u in enumerate(updates) if u is not None]
     # [dW_1 | ... | dW_T] = B_cat blockdiag(A_1, ..., A_T): a product of thin
@@ -37,8 +40,11 @@ def knots_ties(
         )
     )
     d_in = present[0].A.shape[1]  # V_t: the rows of V for task t (d_in x k)
-    blocks = [stacked.V[t * d_in : (t + 1) * d_in] for t in range(len(present))]
-    V_merged = mergekit_gta(
+    # task t's coefficients (S V_t^T)^T = V_t S: TIES trims by their magnitude
+    blocks = [
+        stacked.V[t * d_in : (t + 1) * d_in] * stacked.S for t in range(len(present))
+    ]
+    merged = mergekit_gta(
         "ties",
         blocks,
         [weights[i] for i in keep],
@@ -46,7 +52,7 @@ def knots_ties(
         shared,
         seed,
     )
-    return svd(Factored(stacked.U * stacked.S, V_merged.T))
+    return svd(Factored(stacked.U, merged.T))
 
 
 class LoraKnotsTies(FamilyMethod):
