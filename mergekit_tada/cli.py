@@ -249,7 +249,9 @@ def route_command(
     "--method",
     default="lora_task_arithmetic",
     show_default=True,
-    help="lora_task_arithmetic | lora_ties | lora_dare_ties | lora_knots_ties | lora_tsv_m",
+    help="a multi-adapter method: lora_task_arithmetic, lora_ties, lora_dare_ties, "
+    "lora_dare_linear, lora_breadcrumbs, lora_breadcrumbs_ties, lora_della, "
+    "lora_della_linear, lora_magnitude_prune, lora_knots_ties, lora_tsv_m",
 )
 @click.option(
     "--adapter-only", is_flag=True, help="Write the adapter, not the full model."

@@ -79,9 +79,11 @@ def mergekit_kernel(kernel, deltas, weights, densities, seed=0, **shared):
     group = TensorGroup.from_tensors(
         [base, *deltas], ids=["b", 0, 1, 2][: len(deltas) + 1], base_index=0
     )
+    per_input = shared.pop("per_input", {})
     params = {
         "weight": dict(enumerate(weights)),
         "density": dict(enumerate(densities)),
+        **{k: dict(enumerate(v)) for k, v in per_input.items()},
         **shared,
     }
     with torch.random.fork_rng(devices=[]):
@@ -167,6 +169,151 @@ def test_lora_dare_ties_is_mergekit_dare_seeded_per_module(three):
     a = (out / "adapter/adapter_model.safetensors").read_bytes()
     assert (again / "adapter/adapter_model.safetensors").read_bytes() == a
     assert (other / "adapter/adapter_model.safetensors").read_bytes() != a
+
+
+# mergekit's rules beyond TIES/DARE-TIES: (ours, kernel, mergekit's defaults, extra)
+GTA_RULES = [
+    ("lora_dare_linear", "dare_linear", False, True, {}),
+    ("lora_breadcrumbs", "breadcrumbs", False, False, {"gamma": (0.05, 0.02, 0.1)}),
+    (
+        "lora_breadcrumbs_ties",
+        "breadcrumbs_ties",
+        False,
+        False,
+        {"gamma": (0.05, 0.0, 0.1)},
+    ),
+    ("lora_della", "della", True, True, {"epsilon": (0.2, 0.1, 0.15)}),
+    ("lora_della_linear", "della_linear", False, True, {"epsilon": (0.1, 0.2, 0.3)}),
+]
+
+
+@pytest.mark.parametrize("method,kernel,normalize,rescale,extra", GTA_RULES)
+def test_gta_rules_are_mergekits_kernels_seeded_per_module(
+    three, method, kernel, normalize, rescale, extra
+):
+    """Each is mergekit's own kernel on the module's dense update, with mergekit's
+    defaults (normalize, rescale), per-input gamma/epsilon, and masks seeded
+    per module from --random-seed."""
+    config = family_config(method, rank=64)
+    for key, values in extra.items():
+        for m, v in zip(config["models"], values, strict=True):
+            m["parameters"][key] = v
+    out = run(config, random_seed=5)
+    report = json.loads((out / "merge_report.json").read_text())
+    for name, delta in adapter_delta(out / "adapter").items():
+        expected = mergekit_kernel(
+            kernel,
+            stacked(three, name),
+            WEIGHTS,
+            DENSITIES,
+            seed=module_seed(5, name.removesuffix(".weight")),
+            normalize=normalize,
+            rescale=rescale,
+            int8_mask=False,
+            per_input={k: list(v) for k, v in extra.items()},
+            **{"lambda": 1.0},
+        )
+        assert rel_err(delta, expected) < 1e-5, name
+        record = report["modules"][name.removesuffix(".weight")]
+        for key, values in extra.items():
+            assert record[f"{key}s"] == list(values)
+
+
+def test_lora_breadcrumbs_equals_stock_mergekit_over_base_plus_lora(three, tmp_path):
+    """Deterministic rules also equal mergekit's own method over base+lora inputs."""
+    stock = {
+        "merge_method": "breadcrumbs_ties",
+        "base_model": "./base",
+        "models": [
+            {
+                "model": f"./base+./{n}",
+                "parameters": {"weight": w, "density": d, "gamma": 0.05},
+            }
+            for n, w, d in zip(INPUTS, WEIGHTS, DENSITIES, strict=True)
+        ],
+        "dtype": "float32",
+    }
+    stock_out = run(stock, "stock", lora_merge_cache=str(tmp_path / "lora-cache"))
+    config = family_config("lora_breadcrumbs_ties", rank=64)
+    for m in config["models"]:
+        m["parameters"]["gamma"] = 0.05
+    ours = adapter_delta(run(config) / "adapter")
+    base, dense = load_weights("base"), load_weights(stock_out)
+    assert len(ours) == 21
+    for name, delta in ours.items():
+        assert rel_err(delta, dense[name] - base[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_lora_magnitude_prune_is_peft_magnitude_prune_on_dense_updates(three, density):
+    from peft.utils.merge_utils import magnitude_prune
+
+    config = family_config("lora_magnitude_prune", rank=64)
+    for m in config["models"]:
+        m["parameters"]["density"] = density
+    out = run(config)
+    for name, delta in adapter_delta(out / "adapter").items():
+        expected = magnitude_prune(
+            [d.float() for d in stacked(three, name)], torch.tensor(WEIGHTS), density
+        )
+        assert rel_err(delta, expected) < 1e-5, name
+
+
+@pytest.mark.parametrize(
+    "method,key,value,message",
+    [
+        (
+            "lora_dare_linear",
+            "density",
+            1.5,
+            r"lora_dare_linear: density must be in \(0, 1\] \(got 1.5\)",
+        ),
+        (
+            "lora_magnitude_prune",
+            "density",
+            0.0,
+            r"density must be in \(0, 1\] \(got 0.0\)",
+        ),
+        (
+            "lora_breadcrumbs",
+            "gamma",
+            1.0,
+            r"lora_breadcrumbs: gamma must be in \[0, 1\) \(got 1.0\)",
+        ),
+        (
+            "lora_breadcrumbs_ties",
+            "gamma",
+            -0.1,
+            r"gamma must be in \[0, 1\) \(got -0.1\)",
+        ),
+        (
+            "lora_della",
+            "epsilon",
+            0.6,
+            r"lora_della: epsilon must keep density - epsilon and density \+ epsilon in \(0, 1\) \(got density 0.5, epsilon 0.6\)",
+        ),
+        (
+            "lora_della_linear",
+            "epsilon",
+            float("nan"),
+            r"lora_della_linear: epsilon must be a finite number \(got nan\)",
+        ),
+        (
+            "lora_dare_linear",
+            "weight",
+            float("inf"),
+            r"weight must be a finite number \(got inf\)",
+        ),
+    ],
+)
+def test_fusion_rules_refuse_bad_values_in_one_line(three, method, key, value, message):
+    from mergekit_tada.errors import TadaError
+
+    config = family_config(method)
+    config["models"][0]["parameters"][key] = value
+    with pytest.raises(TadaError, match=message):
+        run(config)
+    assert not Path("out").exists()
 
 
 def test_dare_masks_do_not_race_across_worker_threads(three):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -62,15 +62,22 @@ def module_seed(seed: int, module: str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+# mergekit's shared generalized-task-arithmetic parameters
+GTA_SHARED = ("normalize", "rescale", "int8_mask", "lambda")
+
+
 def mergekit_gta(
     method_name: str,
     deltas: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
+    per_input: dict[str, Sequence[float]],
     shared: dict,
     seed: int,
 ) -> torch.Tensor:
-    """mergekit's generalized task arithmetic kernel on deltas (zero base)."""
+    """mergekit's generalized task arithmetic kernel on deltas (zero base).
+
+    ``per_input``: parameter -> one value per delta (weight, density, gamma,
+    epsilon); ``shared``: the shared parameters (``GTA_SHARED``).
+    """
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import TensorGroup
 
@@ -78,26 +85,20 @@ def mergekit_gta(
     base = torch.zeros_like(deltas[0])
     ids = ["base", *range(len(deltas))]
     group = TensorGroup.from_tensors([base, *deltas], ids=ids, base_index=0)
-    params = {
-        "weight": dict(enumerate(weights)),
-        "density": dict(enumerate(densities)),
-        **{k: shared[k] for k in ("normalize", "rescale", "int8_mask", "lambda")},
-    }
+    params = {k: dict(enumerate(v)) for k, v in per_input.items()}
+    params |= {k: shared[k] for k in GTA_SHARED}
     with seeded(seed):
         (out,) = method([group], parameters=params)
     return out
 
 
 def dense_merge(
-    method_name: str,
+    kernel: Callable[[list[torch.Tensor]], torch.Tensor],
     updates: Sequence[Factored | None],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    shared: dict,
-    seed: int,
     rank: int,
 ) -> ThinSVD:
-    """mergekit's ``method_name`` on the dense per-module updates (a missing module is 0)."""
+    """``kernel`` on the dense per-module updates (a missing module is 0),
+    as a thin SVD (exact, or randomized to ``rank`` when large)."""
     shape = next(u for u in updates if u is not None).shape
     present = next(u for u in updates if u is not None).B
     deltas = [
@@ -106,5 +107,4 @@ def dense_merge(
         else torch.zeros(shape, dtype=present.dtype, device=present.device)
         for u in updates
     ]
-    merged = mergekit_gta(method_name, deltas, weights, densities, shared, seed)
-    return dense_svd(merged, rank)
+    return dense_svd(kernel(deltas), rank)

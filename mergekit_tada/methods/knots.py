@@ -44,14 +44,11 @@ def knots_ties(
     blocks = [
         stacked.V[t * d_in : (t + 1) * d_in] * stacked.S for t in range(len(present))
     ]
-    merged = mergekit_gta(
-        "ties",
-        blocks,
-        [weights[i] for i in keep],
-        [densities[i] for i in keep],
-        shared,
-        seed,
-    )
+    per_input = {
+        "weight": [weights[i] for i in keep],
+        "density": [densities[i] for i in keep],
+    }
+    merged = mergekit_gta("ties", blocks, per_input, shared, seed)
     return svd(Factored(stacked.U, merged.T))
 
 

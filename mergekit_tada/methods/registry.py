@@ -6,27 +6,20 @@ Adding a method: a file in this folder with its spec, checks and ``combine``
 
 from __future__ import annotations
 
+from mergekit_tada.methods import gta
 from mergekit_tada.methods.base import LoraMergeMethod
 from mergekit_tada.methods.knots import LoraKnotsTies
+from mergekit_tada.methods.magnitude_prune import LoraMagnitudePrune
 from mergekit_tada.methods.tada import TadaMethod
 from mergekit_tada.methods.tara import TaraMethod
 from mergekit_tada.methods.task_arithmetic import LoraTaskArithmetic
-from mergekit_tada.methods.ties import LoraTies
 from mergekit_tada.methods.tsv_m import LoraTsvM
 
 METHODS: tuple[LoraMergeMethod, ...] = (
     TadaMethod(),
     LoraTaskArithmetic(),
-    LoraTies(
-        "lora_ties", "ties", "TIES on LoRA updates", normalize=True, rescale=False
-    ),
-    LoraTies(
-        "lora_dare_ties",
-        "dare_ties",
-        "DARE-TIES on LoRA updates",
-        normalize=False,
-        rescale=True,
-    ),
+    *gta.METHODS,  # lora_ties, lora_dare_ties, lora_dare_linear, breadcrumbs, della
+    LoraMagnitudePrune(),
     LoraKnotsTies(),
     LoraTsvM(),
     TaraMethod(),

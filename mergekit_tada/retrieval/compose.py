@@ -27,6 +27,12 @@ COMPOSE_METHODS = (
     "lora_task_arithmetic",
     "lora_ties",
     "lora_dare_ties",
+    "lora_dare_linear",
+    "lora_breadcrumbs",
+    "lora_breadcrumbs_ties",
+    "lora_della",
+    "lora_della_linear",
+    "lora_magnitude_prune",
     "lora_knots_ties",
     "lora_tsv_m",
 )

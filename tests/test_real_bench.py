@@ -1,0 +1,121 @@
+"""bench/real's data builders and evaluator on tiny inputs (no Debian files, no SmolLM)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "real"))
+
+import data  # noqa: E402
+from conftest import peft_delta  # noqa: E402
+
+WORDNET = (
+    "  1 This software and database is being provided\n"
+    "02084071 05 n 02 dog 0 domestic_dog 0 001 @ 02083346 n 0000 | a member of "
+    "the genus Canis; has been domesticated\n"
+    "07705931 13 n 01 apple 0 000 | fruit with red or yellow skin\n"
+    "bad line without gloss\n"
+)
+PACKAGES = (
+    "Package: vim\nSource: vim\nSection: editors\nDescription: Vi IMproved\n"
+    " Vim is an almost compatible version of the UNIX editor Vi.\n\n"
+    "Package: vim-tiny\nSource: vim (2:9.0)\nSection: editors\nDescription: "
+    "Vi IMproved - compact\n\n"
+    "Package: audacity\nSection: contrib/sound\nDescription: fast audio editor\n"
+)
+FOLDOC = (
+    "Ada\n\n   <language> A {Pascal}-descended language.\n\n   (1999-01-01)\n\n"
+    "Intel\n\n   <company, hardware> A maker of {processors} and chips.\n\n"
+    "stray text without a tag\n"
+)
+
+
+def test_parsers_read_each_format():
+    rows = list(data.parse_wordnet(WORDNET))
+    assert rows == [
+        ("dog: a member of the genus Canis", "05"),
+        ("apple: fruit with red or yellow skin", "13"),
+    ]
+    assert list(
+        data.parse_fortunes("A stitch in time saves nine.\n%\nshort\n%\n", "food")
+    ) == [("A stitch in time saves nine.", "food")]
+    packages = list(data.parse_packages(PACKAGES))  # one row per source package
+    assert [(s, src) for _, s, src in packages] == [
+        ("editors", "vim"),
+        ("sound", "audacity"),
+    ]
+    assert packages[0][0].startswith("Vi IMproved Vim is an almost compatible")
+    assert list(data.parse_foldoc(FOLDOC)) == [
+        ("Ada: A Pascal-descended language.", "language"),
+        ("Intel: A maker of processors and chips.", "company"),
+    ]
+
+
+def test_balanced_splits_keep_groups_apart_and_are_deterministic():
+    task = data.Task("t", "?", {"a": "x", "b": "y"}, "test")
+    rows = [(f"text {i}", "ab"[i % 2], f"group {i // 4}") for i in range(80)]
+    sizes = {"train": 10, "val": 4, "test": 6}
+    splits = data.balanced_splits(rows, task, sizes, seed=3)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 20, "val": 8, "test": 12}
+    for split in splits.values():
+        assert sorted(r["label"] for r in split).count("x") == len(split) // 2
+    groups = {
+        name: {int(r["text"].split()[1]) // 4 for r in split}
+        for name, split in splits.items()
+    }
+    assert not groups["train"] & groups["test"] and not groups["val"] & groups["test"]
+    assert splits == data.balanced_splits(rows, task, sizes, seed=3)
+    with pytest.raises(ValueError, match="class a has 40 rows, 41 needed"):
+        data.balanced_splits(rows, task, {"train": 41}, seed=0)
+
+
+def test_evaluator_scores_the_adapter_as_peft_does(work, monkeypatch):
+    """Rank classification with an adapter's update applied in place equals the
+    argmax over the label words of PEFT's merged model; the base is restored."""
+    import evaluate
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    toy = data.Task(
+        "toy", "the answer is", {"p": "protein", "g": "gene", "c": "cell"}, ""
+    )
+    monkeypatch.setitem(data.TASKS, "toy", toy)
+    texts = ["the dose of the trial", "a tumor enzyme", "binding with the receptor"] * 3
+    rows = {
+        "toy": [
+            {"text": t, "label": w}
+            for t, w in zip(texts, ["protein", "gene", "cell"] * 3, strict=True)
+        ]
+    }
+    ev = evaluate.Evaluator("base", batch_size=4)
+    before = {k: v.clone() for k, v in ev.model.state_dict().items()}
+    updates = evaluate.adapter_updates("lora-task")
+    reference = peft_delta("base", "lora-task")
+    assert updates.keys() == reference.keys()
+    for name, delta in updates.items():
+        assert torch.allclose(delta, reference[name], atol=1e-6), name
+    ours = ev.correct(rows, "lora-task", scale=1.0)["toy"]
+    for k, v in ev.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    tokenizer = AutoTokenizer.from_pretrained("base")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained("base", dtype=torch.float32), "lora-task"
+    ).merge_and_unload()
+    ids = [
+        tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]
+        for w in toy.classes.values()
+    ]
+    expected = []
+    for row in rows["toy"]:
+        enc = tokenizer(data.prompt(toy, row["text"]), return_tensors="pt")
+        logits = model(**enc).logits[0, -1, ids]
+        expected.append(
+            int(list(toy.classes.values())[int(logits.argmax())] == row["label"])
+        )
+    assert ours == expected
+    zero = ev.correct(rows, "lora-task", scale=0.0)["toy"]
+    assert zero == ev.correct(rows)["toy"]  # scale 0 is the base
