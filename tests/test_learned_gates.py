@@ -94,3 +94,28 @@ def test_learned_gates_need_both_prompt_sets(gate_work):
         mergekit_tada.merge(
             tada_config(gates="uniform", gate_granularity="global"), "out", quiet=True
         )
+
+
+def test_learned_gates_train_streamed_as_in_memory(gate_work):
+    """training_mode: streamed (chosen by auto on a base larger than half the
+    memory) learns the same gates as in memory: the tie from the gates to every
+    direction's phi survives the streamed engine's backward pass per block."""
+    learned = {}
+    for mode in ("memory", "streamed"):
+        out = Path(
+            mergekit_tada.merge(
+                learned_config(
+                    gate_granularity="layer", training_mode=mode, cache_dir=mode
+                ),
+                mode,
+                adapter_only=True,
+                quiet=True,
+            )
+        )
+        training = json.loads((out / "tada_report.json").read_text())["training"]
+        learned[mode] = training["learned"]
+        assert len(training["loss_history"]) == 8
+    assert learned["memory"].keys() == learned["streamed"].keys()
+    for group, gates in learned["memory"].items():
+        assert gates != [1.0, 1.0]  # trained
+        assert gates == pytest.approx(learned["streamed"][group], rel=1e-4), group

@@ -107,11 +107,23 @@ def train_coefficients(
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         batches = [task.batches[step % len(task.batches)] for task in tasks]
-        psi, gaps = engine.step(expand(free), batches, baseline, rho, objective, alpha)
+        # The engine differentiates Psi by every module's phi as leaves; the
+        # tie from the free parameters to phi (expand) is backpropagated once
+        # here. An engine may run several backward passes per step (the
+        # streamed one: one per block), which a shared expand graph would not
+        # survive.
+        phi = expand(free)
+        leaves = {m: p.detach().requires_grad_(True) for m, p in phi.items()}
+        psi, gaps = engine.step(leaves, batches, baseline, rho, objective, alpha)
         if not torch.isfinite(psi):
             raise TadaError(
                 f"{what}: the objective became {float(psi)} at step {step} "
                 f"({_first_bad(free) or 'coefficients still finite'})"
+            )
+        used = [m for m, leaf in leaves.items() if leaf.grad is not None]
+        if used:
+            torch.autograd.backward(
+                [phi[m] for m in used], [leaves[m].grad for m in used]
             )
         optimizer.step()
         if bad := _first_bad(free):
