@@ -276,8 +276,9 @@ def compose_command(
     **routing,
 ):
     """Route a new task's inputs and merge the selected adapters into OUT."""
-    from mergekit_tada.retrieval.compose import compose
+    from mergekit_tada.retrieval.compose import check_method, compose
 
+    check_method(method)  # before the seconds of embedding and routing
     merge_options.apply_global_options()
     result = _routing(
         _store(db, chroma_host, chroma_port, collection),

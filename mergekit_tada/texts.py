@@ -2,8 +2,9 @@
 
 Calibration prompts (``tada``), each adapter's unlabeled text (``tara``,
 learned gates) and a library's samples (retrieval) come in the same forms:
-``.txt`` (one text per line), ``.jsonl`` (one JSON object per line) or a folder
-written by ``datasets``' ``save_to_disk``. Rows are built from ``fields``
+``.txt`` (one text per line), ``.jsonl`` (one JSON object per line), ``.json``
+(a JSON list of objects or of strings) or a folder written by ``datasets``'
+``save_to_disk``; extensions in any case. Rows are built from ``fields``
 (joined by ``separator``); empty rows are skipped. Every error names the
 file, the line where there is one, and what the data is for.
 """
@@ -65,19 +66,39 @@ def read_texts(
             raise TadaError(f"{what}: {path}: cannot read ({error.strerror})") from None
         if "\0" in content:
             raise TadaError(f"{what}: {path} is binary, not text")
-        if path.endswith(".jsonl"):
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix == ".jsonl":
+            rows = []
             for n, line in enumerate(content.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise TadaError(
                         f"{what}: {path}:{n}: invalid JSON ({error})"
                     ) from None
-                texts.append(_row_text(row, fields, separator))
+        elif suffix == ".json":
+            try:
+                rows = json.loads(content)
+            except json.JSONDecodeError as error:
+                raise TadaError(f"{what}: {path}: invalid JSON ({error})") from None
+            if not isinstance(rows, list):
+                raise TadaError(
+                    f"{what}: {path}: expected a JSON list of objects or strings, "
+                    f"got a {type(rows).__name__}"
+                )
         else:
-            texts = content.splitlines()
+            rows = content.splitlines()
+        texts = [
+            r if isinstance(r, str) else _row_text(r, fields, separator) for r in rows
+        ]
+        if suffix in (".json", ".jsonl") and not any(texts):
+            found = sorted({k for r in rows if isinstance(r, dict) for k in r})
+            raise TadaError(
+                f"{what}: {path} contains no usable text (fields: "
+                f"{', '.join(fields)}; the file's fields: {', '.join(found) or 'none'})"
+            )
     usable = [t for t in (t.strip() for t in texts if t) if t]
     if not usable:
         raise TadaError(

@@ -23,10 +23,12 @@ def ties(
     deltas: Sequence[torch.Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
+    normalize: bool = True,
 ) -> torch.Tensor:
     """TIES-merging (Yadav et al., 2023): trim, elect the sign of the weighted
     sum (the 'sum' election; 0 counts as +), disjoint mean of the agreeing
-    weighted entries (the mean over the weights of the entries that agree)."""
+    weighted entries (the mean over the weights of the entries that agree;
+    without ``normalize``, their sum)."""
     trimmed = torch.stack(
         [
             w * trim(d.double(), rho)
@@ -36,9 +38,33 @@ def ties(
     elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).double()
     agree = trimmed.sign() == elected
     w = torch.tensor(list(weights), dtype=torch.float64).view(-1, *[1] * elected.dim())
-    divisor = (w * agree).sum(0)
+    divisor = (w * agree).sum(0) if normalize else torch.ones_like(elected)
     divisor[divisor == 0] = 1
     return (trimmed * agree).sum(0) / divisor
+
+
+def dare_masks(
+    deltas: Sequence[torch.Tensor], densities: Sequence[float], seed: int
+) -> list[torch.Tensor]:
+    """DARE's random drop (Yu et al., 2024): keep each entry with probability
+    density, drawn in input order from torch's generator seeded with ``seed``
+    (float32 Bernoulli draws, as on the CPU)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [
+            torch.bernoulli(torch.full(d.shape, rho, dtype=torch.float32)).double()
+            if rho < 1
+            else torch.ones(d.shape, dtype=torch.float64)
+            for d, rho in zip(deltas, densities, strict=True)
+        ]
+
+
+def l1_rescaled(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The kept entries scaled so the L1 norm is unchanged (mergekit's rescale;
+    the DARE paper divides by the density, equal in expectation)."""
+    kept = delta * mask
+    total = kept.abs().sum()
+    return kept * (delta.abs().sum() / total) if total > 0 else kept
 
 
 def knots_ties(

@@ -79,7 +79,11 @@ def test_non_lora_input(work):
     config["models"][1] = {"model": "./other"}
     expect_error(config, r"model ./other is not a LoRA input")
     config["models"][1]["parameters"] = {"role": "domain"}
-    expect_error(config, r"role given to the non-LoRA model ./other")
+    expect_error(
+        config,
+        r"model ./other in models\[1\] is not a LoRA input: LoRA inputs are written "
+        r"base\+adapter",
+    )
 
 
 @pytest.mark.parametrize("rank", [0, -3])
@@ -372,3 +376,222 @@ def test_mergekit_validation_errors_are_one_line(work):
     Path("bad.yml").write_text("merge_method: [tada\n")
     with pytest.raises(TadaError, match=r"bad.yml: not valid YAML"):
         mergekit_tada.merge("bad.yml", "out", quiet=True)
+
+
+# ------------------------------------------------ hardening, round 3 (issue 22)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tokenizer.json",
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "gates.png",
+        "tada_report.json",
+    ],
+)
+def test_adapter_out_naming_another_output_is_refused_before_work(work, name):
+    expect_error(
+        tada_config(adapter_out=name),
+        rf"adapter_out: '{name}' is the name of another output of this merge",
+    )
+
+
+def test_float16_overflow_is_refused_naming_the_module(work):
+    """Factors x1000 overflow a float16 W + dW: refused, nothing committed."""
+    from safetensors.torch import load_file
+
+    copy_adapter("lora-task", "lora-big")
+    tensors = load_file("lora-big/adapter_model.safetensors")
+    factors = {}
+    for key, A in tensors.items():
+        if ".lora_A." in key:
+            module = key.removeprefix("base_model.model.").removesuffix(
+                ".lora_A.weight"
+            )
+            factors[module] = (
+                A * 1000,
+                tensors[key.replace("lora_A", "lora_B")] * 1000,
+            )
+    rewrite_factors("lora-big", factors)
+    config = tada_config()
+    config["models"][0]["model"] = "./base+./lora-big"
+    config["dtype"] = "float16"
+    expect_error(
+        config,
+        r"model\.layers\.\d+\.\S+: the merged weight overflows torch.float16 .*bfloat16 or float32",
+    )
+    config["dtype"] = "float32"
+    mergekit_tada.merge(config, "out32", quiet=True)  # fine in float32
+
+
+def test_mixed_task_types_warn_and_take_the_first_inputs(work, caplog):
+    """A documented rule (config order) and a warning naming every input's type."""
+    copy_adapter("lora-domain", "lora-enc")
+    path = Path("lora-enc/adapter_config.json")
+    cfg = json.loads(path.read_text())
+    cfg["task_type"] = "FEATURE_EXTRACTION"
+    path.write_text(json.dumps(cfg))
+    out = Path(mergekit_tada.merge(with_domain("lora-enc"), "out", quiet=True))
+    assert (
+        "tada: the LoRA inputs have different PEFT task types (./base+./lora-task: "
+        "CAUSAL_LM, ./base+./lora-enc: FEATURE_EXTRACTION); the output adapter takes "
+        "the first input's (config order)"
+    ) in caplog.text
+    written = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert written["task_type"] == "CAUSAL_LM"
+
+
+def test_cuda_without_cuda_is_one_line(work):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    expect_error(
+        tada_config(), r"device cuda: this torch has no CUDA device", device="cuda"
+    )
+
+
+def test_tara_huge_preferences_normalise_safely(work):
+    from mergekit_tada.training.learners import learn_tara  # noqa: F401  (imported path)
+
+    Path("a.txt").write_text(
+        "\n".join(f"the answer {i} is then explained" for i in range(8))
+    )
+    Path("b.txt").write_text(
+        "\n".join(f"the protein {i} binding the cell" for i in range(8))
+    )
+    config = {
+        "merge_method": "tara",
+        "base_model": "./base",
+        "models": [
+            {
+                "model": "./base+./lora-task",
+                "parameters": {"data": "a.txt", "preference": 1e308},
+            },
+            {
+                "model": "./base+./lora-domain",
+                "parameters": {"data": "b.txt", "preference": 1e308},
+            },
+        ],
+        "parameters": {"steps": 2, "batch_size": 8, "cache_dir": "cache"},
+        "dtype": "float32",
+    }
+    out = Path(mergekit_tada.merge(config, "out", adapter_only=True, quiet=True))
+    training = json.loads((out / "merge_report.json").read_text())["training"]
+    assert training["preference"] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        (
+            "prompts.json",
+            json.dumps([{"text": "the protein binding"}, {"text": "a gene"}]),
+        ),
+        ("prompts.json", json.dumps(["the protein binding", "a gene"])),
+        ("PROMPTS.JSONL", '{"text": "the protein binding"}\n{"text": "a gene"}\n'),
+    ],
+)
+def test_json_and_capitalised_jsonl_data_are_read_as_records(work, name, content):
+    from mergekit_tada.texts import read_texts
+
+    Path(name).write_text(content)
+    assert read_texts(name, "calibration") == ["the protein binding", "a gene"]
+
+
+def test_json_data_errors_name_the_fields(work):
+    from mergekit_tada.texts import read_texts
+
+    Path("rows.jsonl").write_text('{"prompt": "x", "label": 1}\n')
+    with pytest.raises(
+        TadaError,
+        match=r"rows.jsonl contains no usable text \(fields: text; the file's fields: label, prompt\)",
+    ):
+        read_texts("rows.jsonl", "calibration")
+    Path("bad.json").write_text('{"text": "not a list"}')
+    with pytest.raises(TadaError, match=r"bad.json: expected a JSON list"):
+        read_texts("bad.json", "calibration")
+
+
+def test_disk_full_is_one_line_and_keeps_earlier_outputs(work):
+    """A file-size limit hit while writing: one line naming the folder and the
+    free space; the earlier merge is untouched (run in a child: RLIMIT_FSIZE)."""
+    import subprocess
+    import sys
+
+    mergekit_tada.merge(tada_config(), "out", quiet=True)
+    before = {p: p.read_bytes() for p in sorted(Path("out").rglob("*")) if p.is_file()}
+    Path("c.json").write_text(json.dumps(tada_config()))
+    code = (
+        "import json, resource, signal, sys, mergekit_tada\n"
+        "from mergekit_tada.errors import TadaError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))\n"
+        "try:\n"
+        "    mergekit_tada.merge(json.load(open('c.json')), 'out', quiet=True)\n"
+        "except TadaError as e:\n"
+        "    print(e); sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "output folder out: no space left or file too large" in done.stdout
+    assert "GB free there" in done.stdout
+    after = {p: p.read_bytes() for p in sorted(Path("out").rglob("*")) if p.is_file()}
+    after.pop(Path("out/.mergekit-tada.lock"), None)
+    before.pop(Path("out/.mergekit-tada.lock"), None)
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("rank", "twelve", r"parameters.rank: expected an integer, got 'twelve'"),
+        ("rank", 4.5, r"parameters.rank: expected an integer, got 4.5"),
+        ("tau", "1,0", r"parameters.tau: expected a number, got '1,0'"),
+        ("gates", 3, r"parameters.gates: expected a string, got 3"),
+        ("conflict_elimination", "maybe", r"expected true or false, got 'maybe'"),
+        ("rank", [4, 7], r"a parameter gradient or filter gives 5.5 at some tensor"),
+    ],
+)
+@pytest.mark.parametrize("path", ["mergekit", "fast"])
+def test_wrongly_typed_values_name_the_key(work, key, value, message, path):
+    """One line under both paths (the fast path: mergekit-tada --adapter-only)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tada_config()
+    config["parameters"][key] = value
+    if path == "mergekit":
+        expect_error(config, message)
+        return
+    Path("c.yml").write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from mergekit_tada.fastpath import main; main()",
+            "c.yml",
+            "out",
+            "--adapter-only",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    assert __import__("re").search(message, lines[0])
+
+
+def test_a_lora_input_without_base_plus_shows_the_form(work):
+    config = tada_config()
+    config["models"][0]["model"] = "./lora-task"
+    expect_error(
+        config,
+        r"model ./lora-task in models\[0\] is not a LoRA input: LoRA inputs are written "
+        r"base\+adapter, e.g. model: ./base\+./lora-task",
+    )

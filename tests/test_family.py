@@ -316,6 +316,30 @@ def test_fusion_rules_refuse_bad_values_in_one_line(three, method, key, value, m
     assert not Path("out").exists()
 
 
+def test_lora_ties_and_dare_ties_equal_the_papers_steps(three):
+    """TIES (trim, sum election, disjoint mean) and DARE-TIES (seeded masks,
+    L1-preserving rescale, sum election, no normalisation) in dense float64
+    from tests/oracles.py, on the inputs' exact updates."""
+    exact = {n: adapter_delta(n) for n in INPUTS}
+    ties_out = adapter_delta(run(family_config("lora_ties", rank=64)) / "adapter")
+    dare_out = adapter_delta(
+        run(family_config("lora_dare_ties", rank=64), "dare", random_seed=11)
+        / "adapter"
+    )
+    zero = {name: torch.zeros_like(d) for n in INPUTS for name, d in exact[n].items()}
+    for name in ties_out:
+        deltas = [exact[n].get(name, zero[name]) for n in INPUTS]
+        expected = oracles.ties(deltas, WEIGHTS, DENSITIES)
+        assert rel_err(ties_out[name], expected) < 1e-5, name
+        masks = oracles.dare_masks(deltas, DENSITIES, module_seed(11, name[:-7]))
+        dropped = [
+            oracles.l1_rescaled(d.double(), m)
+            for d, m in zip(deltas, masks, strict=True)
+        ]
+        expected = oracles.ties(dropped, WEIGHTS, [1.0] * 3, normalize=False)
+        assert rel_err(dare_out[name], expected) < 1e-4, name
+
+
 def test_dare_masks_do_not_race_across_worker_threads(three):
     """Adapter-only merges run modules on threads; DARE's seeded RNG must not be shared."""
     from mergekit.options import MergeOptions

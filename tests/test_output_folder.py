@@ -319,3 +319,41 @@ def test_outputs_follow_the_umask(work):
     assert oct(os.stat("out/adapter").st_mode & 0o777) == "0o755"
     for name in os.listdir("out/adapter"):
         assert oct(os.stat(Path("out/adapter", name)).st_mode & 0o777) == "0o644"
+
+
+def test_an_empty_journal_does_not_block_the_folder(work):
+    """A kill while an older version wrote commit.json left it empty: the next
+    run treats the stage as unfinished, removes it and merges."""
+    from mergekit_tada.run.folder import JOURNAL_NAME
+
+    mergekit_tada.merge(tada_config(), "out", quiet=True)
+    stage = Path("out") / f"{STAGE_PREFIX}99999999-abc"
+    stage.mkdir()
+    (stage / JOURNAL_NAME).write_text("")
+    mergekit_tada.merge(tada_config(), "out", quiet=True)
+    assert not stage.exists()
+    assert Path("out/tada_report.json").exists()
+
+
+def test_a_live_runs_stage_is_never_removed(work):
+    """Its lock file deleted, a second run finds a stage whose owner is alive."""
+    import subprocess
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        Path("out").mkdir()
+        stage = Path("out") / f"{STAGE_PREFIX}{sleeper.pid}-abc"
+        stage.mkdir()
+        (stage / "partial").write_text("x")
+        mergekit_tada.merge(tada_config(), "out", quiet=True)
+        assert (stage / "partial").exists()
+    finally:
+        sleeper.kill()
+
+
+def test_refused_input_folder_is_left_as_found(work):
+    """Output = an input folder: refused, and no lock file left in the input."""
+    before = sorted(os.listdir("lora-task/"))
+    with pytest.raises(TadaError, match=r"output folder lora-task is the adapter of"):
+        mergekit_tada.merge(tada_config(), "lora-task", quiet=True)
+    assert sorted(os.listdir("lora-task/")) == before

@@ -415,3 +415,104 @@ def test_command_line(library):
     )
     assert Path("out/adapter/adapter_model.safetensors").exists()
     assert Path("out/compose.yml").exists() and Path("out/retrieval.json").exists()
+
+
+# ------------------------------------------------ an index run is a unit
+
+
+def test_a_killed_index_leaves_a_library_route_and_compose_refuse(
+    library, embedder, monkeypatch
+):
+    """A run that dies after some rows leaves the library marked incomplete:
+    route and compose refuse it naming the adapters; the next index repairs it."""
+    import chromadb.api.models.Collection as collection_module
+
+    store = Store(db="db")
+    index_library(library, store, embedder, quiet=True)
+    routing = route(["Where would you put a racket?"], store, embedder, k=10)
+    assert "questions" in routing.weights
+    build_lora("base", "lora-questions", r=4, seed=99, targets=("q_proj", "v_proj"))
+    real_add, calls = collection_module.Collection.add, []
+
+    def dying_add(self, *args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt  # killed mid-run
+
+    monkeypatch.setattr(collection_module.Collection, "add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        index_library(library, store, embedder, quiet=True)
+    monkeypatch.setattr(collection_module.Collection, "add", real_add)
+    assert calls
+    with pytest.raises(
+        TadaError,
+        match=r"last index run did not complete \(adapters being indexed: questions\)",
+    ):
+        route(["I loved it"], store, embedder, k=10)
+    # the routing made before the change: compose checks the adapter's content
+    with pytest.raises(
+        TadaError, match=r"adapter questions .* changed since it was indexed"
+    ):
+        compose(routing, "out", adapter_only=True, quiet=True)
+    assert not Path("out").exists()
+    summary = index_library(library, store, embedder, quiet=True)
+    assert summary.indexed == ["questions"] and summary.rows == 30
+    assert route(["I loved it"], store, embedder, k=10).weights
+
+
+def test_concurrent_index_runs_on_one_store_are_refused(library, embedder):
+    """A second run waits for nothing: it says the library is being indexed."""
+    import fcntl
+
+    from mergekit_tada.retrieval.index import INDEX_LOCK
+
+    store = Store(db="db")
+    index_library(library, store, embedder, quiet=True)
+    with open(Path("db") / INDEX_LOCK, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(TadaError, match=r"db is being indexed by another run"):
+            index_library(library, store, embedder, quiet=True)
+    assert index_library(library, store, embedder, quiet=True).skipped
+
+
+def test_moved_adapters_and_base_keep_their_rows(library, embedder):
+    """Identified by content: a moved adapter or base is updated, not re-embedded."""
+    store = Store(db="db")
+    index_library(library, store, embedder, quiet=True)
+    shutil.move("lora-clinical", "moved-clinical")
+    shutil.copytree("base", "base-moved", symlinks=False)
+    data = yaml.safe_load(library.read_text())
+    data["base_model"] = "./base-moved"
+    for entry in data["adapters"]:
+        if entry["name"] == "clinical":
+            entry["path"] = "./moved-clinical"
+    library.write_text(yaml.safe_dump(data))
+    summary = index_library(library, store, embedder, quiet=True)
+    assert summary.indexed == [] and sorted(summary.skipped) == sorted(KINDS)
+    routing = route(["chest pain and blood pressure"], store, embedder, k=10)
+    assert routing.adapters["clinical"].endswith("moved-clinical")
+    assert routing.base_model.endswith("base-moved")
+    compose(routing, "out", adapter_only=True, quiet=True)
+    assert Path("out/adapter/adapter_model.safetensors").exists()
+
+
+def test_bad_library_inputs_in_one_line(library, embedder, tmp_path):
+    store = Store(db="db")
+    index_library(library, store, embedder, quiet=True)
+    with pytest.raises(TadaError, match=r"route: query 2 is empty \(2 empty of 3\)"):
+        route(["I loved it", "  ", ""], store, embedder)
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    with pytest.raises(TadaError, match=r"empty-dir: no Chroma store there"):
+        route(["I loved it"], Store(db=str(empty)), embedder)
+    assert os.listdir(empty) == []  # reading never creates a store
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "chroma.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(TadaError, match=r"corrupt is not a readable Chroma store"):
+        route(["I loved it"], Store(db=str(corrupt)), embedder)
+    shutil.copytree("lora-sentiment", "lora+v2")
+    data = yaml.safe_load(library.read_text())
+    data["adapters"][0]["path"] = "./lora+v2"
+    library.write_text(yaml.safe_dump(data))
+    with pytest.raises(TadaError, match=r"adapter path .*lora\+v2 contains '\+'"):
+        index_library(library, store, embedder, quiet=True)

@@ -6,6 +6,7 @@ differences.
 """
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -422,6 +423,7 @@ def test_streamed_mode_is_chosen_when_the_base_does_not_fit(
 ):
     import mergekit_tada.training.engines as engines
 
+    caplog.set_level(logging.INFO)  # the choice is an info line
     memory = Path(
         mergekit_tada.merge(
             tara_config(training_mode="memory", cache_dir="c1"),

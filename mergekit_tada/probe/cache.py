@@ -111,7 +111,7 @@ def calibrate(
             cache.store_stats(key, found)
             LOG.info("calibration statistics computed (cache key %s)", key[:12])
         else:  # said once: the calibration pass was skipped, and why
-            LOG.warning(
+            LOG.info(
                 "calibration statistics from cache entry %s (no calibration pass)",
                 cache.entry_path(key),
             )

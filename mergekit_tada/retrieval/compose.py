@@ -20,7 +20,9 @@ from dataclasses import asdict
 
 import yaml
 
+from mergekit_tada.adapters import WEIGHTS_NAME
 from mergekit_tada.errors import TadaError
+from mergekit_tada.files import sha256_file
 from mergekit_tada.retrieval.route import Routing
 
 COMPOSE_METHODS = (
@@ -38,6 +40,13 @@ COMPOSE_METHODS = (
 )
 
 
+def check_method(method: str) -> None:
+    if method not in COMPOSE_METHODS:
+        raise TadaError(
+            f"compose: method must be one of {', '.join(COMPOSE_METHODS)} (got {method!r})"
+        )
+
+
 def compose_config(
     routing: Routing,
     method: str = "lora_task_arithmetic",
@@ -45,10 +54,7 @@ def compose_config(
     dtype: str | None = None,
 ) -> str:
     """The mergekit YAML of the composed merge."""
-    if method not in COMPOSE_METHODS:
-        raise TadaError(
-            f"compose: method must be one of {', '.join(COMPOSE_METHODS)} (got {method!r})"
-        )
+    check_method(method)
     chosen = list(routing.weights.items())
     if len(chosen) == 1:
         runner_up = next(
@@ -68,7 +74,14 @@ def compose_config(
         path = routing.adapters.get(name)
         if not path or not os.path.isdir(path):
             raise TadaError(
-                f"compose: adapter {name} of the library ({path}) is gone; index again"
+                f"compose: adapter {name} of the library is not at {path}; update "
+                "its path in the library file and run index again (the rows are kept)"
+            )
+        indexed = routing.adapter_hashes.get(name)
+        if indexed and indexed != sha256_file(os.path.join(path, WEIGHTS_NAME)):
+            raise TadaError(
+                f"compose: adapter {name} ({path}) changed since it was indexed: "
+                "run index again"
             )
         models.append(
             {"model": f"{base}+{path}", "parameters": {"weight": round(weight, 10)}}

@@ -1,24 +1,32 @@
 """Index a library: each adapter's sample rows, embedded, into the Chroma collection.
 
-Idempotent and safe to interrupt. An adapter's fingerprint covers its files'
-content hashes, the row texts and how they were built; an adapter whose
-fingerprint and row count match the collection's record is skipped. A changed
-one has its record dropped first, its rows deleted, the new rows inserted in
-batches under Chroma's maximum batch size, and only then its record written:
-a run killed in between leaves no record, so the next run redoes that adapter
-whole. Adapters no longer in the library are deleted. Row ids are
-deterministic (``name:row``).
+An index run is a unit. It holds an exclusive lock on an embedded store (a
+server's concurrent runs are told apart by the run id on every row), marks the
+collection ``indexing`` until it finishes (route and compose refuse a marked
+library, naming the adapters), and checks at the end that each adapter it
+wrote has exactly its own rows. An adapter's fingerprint covers its files'
+content hashes, the row texts and how they were built; one whose fingerprint,
+row count and rows' run match the record is skipped (its path updated: a moved
+adapter is the same adapter). A changed one has its record dropped first, its
+rows deleted and the new rows inserted in batches under Chroma's maximum batch
+size. Adapters no longer in the library are deleted. The base is known by its
+content (config.json and tensor headers), so a moved base keeps its library.
+Row ids are deterministic (``name:row``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.adapters import WEIGHTS_NAME, LoraAdapter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 from mergekit_tada.retrieval.library import Library, LibraryEntry, load_library
@@ -26,6 +34,7 @@ from mergekit_tada.retrieval.store import Embedder, Store, library_state, save_s
 from mergekit_tada.texts import read_texts
 
 LOG = logging.getLogger(__name__)
+INDEX_LOCK = ".mergekit-tada-index.lock"
 
 
 @dataclass
@@ -50,6 +59,11 @@ def entry_texts(entry: LibraryEntry, max_rows: int) -> list[str]:
 
 def check_entry(entry: LibraryEntry, base: HeaderIndex, base_path: str) -> LoraAdapter:
     """The entry's adapter, checked to sit on the library's base (shapes)."""
+    if "+" in entry.path:
+        raise TadaError(
+            f"library entry {entry.name}: adapter path {entry.path} contains '+', "
+            "which mergekit reads as base+adapter when composing; rename the folder"
+        )
     if not os.path.isdir(entry.path):
         raise TadaError(
             f"library entry {entry.name}: adapter {entry.path}: no such folder"
@@ -73,6 +87,42 @@ def fingerprint(adapter: LoraAdapter, entry: LibraryEntry, texts: list[str]) -> 
     return digest.hexdigest()
 
 
+def base_identity(base: HeaderIndex, base_path: str) -> str:
+    """The base by content: its config.json and every tensor's name, shape and
+    dtype (a moved base is the same base; a retrained one is not)."""
+    digest = hashlib.sha256()
+    with open(os.path.join(base_path, "config.json"), "rb") as fh:
+        digest.update(fh.read())
+    for name in sorted(base.index.tensor_paths):
+        digest.update(json.dumps([name, *base.meta(name)[:2]], default=str).encode())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive(store: Store) -> Iterator[None]:
+    """One index run at a time on an embedded store (a lock file beside it); a
+    server's runs are told apart by the run id every row carries."""
+    if store.host:
+        yield
+        return
+    os.makedirs(store.db, exist_ok=True)
+    fd = os.open(os.path.join(store.db, INDEX_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise TadaError(
+                f"adapter library {store.where} is being indexed by another run "
+                f"(pid {holder or 'unknown'}); wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def index_library(
     library: str | os.PathLike | Library,
     store: Store,
@@ -80,8 +130,6 @@ def index_library(
     quiet: bool = False,
 ) -> IndexSummary:
     """Embed every adapter's samples into the store's collection (see module doc)."""
-    from tqdm import tqdm
-
     if not isinstance(library, Library):
         library = load_library(library)
     embedder = embedder or Embedder(quiet=quiet)
@@ -93,37 +141,70 @@ def index_library(
         adapter = check_entry(entry, base, library.base_model)
         texts = entry_texts(entry, library.max_rows)
         prepared.append((entry, adapter, texts, fingerprint(adapter, entry, texts)))
-    client, collection = store.open(embedder, create=True)
-    recorded_base = (collection.metadata or {}).get("base_model")
+    identity = base_identity(base, library.base_model)
+    with exclusive(store):
+        client, collection = store.open(embedder, create=True)
+        try:
+            return _index(
+                library, store, embedder, client, collection, prepared, identity, quiet
+            )
+        except TadaError:
+            raise
+        except Exception as error:  # a server gone mid-run, a store turned unreadable
+            raise store.unreadable(error) from None
+
+
+def _index(library, store, embedder, client, collection, prepared, identity, quiet):
+    """The run itself: marked incomplete until every adapter's rows are its own."""
+    from tqdm import tqdm
+
+    metadata = collection.metadata or {}
+    recorded_base = metadata.get("base_model")
     if recorded_base not in (None, library.base_model):
-        raise TadaError(
-            f"adapter library {store.where} holds adapters on {recorded_base}, not "
-            f"{library.base_model}: use another --db or --collection"
-        )
+        if metadata.get("base_identity") != identity:
+            raise TadaError(
+                f"adapter library {store.where} holds adapters on {recorded_base}, "
+                f"not {library.base_model}: use another --db or --collection"
+            )
+        LOG.info("base model moved: %s -> %s", recorded_base, library.base_model)
+    base_meta = {"base_model": library.base_model, "base_identity": identity}
     state = library_state(collection)
     wanted = {entry.name for entry, *_ in prepared}
     present = {m["adapter"] for m in collection.get(include=["metadatas"])["metadatas"]}
     removed = sorted((set(state) | present) - wanted)
-    for name in removed:
-        state.pop(name, None)
-        save_state(collection, state, base_model=library.base_model)
-        collection.delete(where={"adapter": name})
-    batch = client.get_max_batch_size()
-    indexed, skipped = [], []
+    todo, skipped = [], []
     for entry, adapter, texts, fp in prepared:
         record = state.get(entry.name)
-        rows = len(collection.get(where={"adapter": entry.name}, include=[])["ids"])
+        runs = [
+            m.get("run")
+            for m in collection.get(
+                where={"adapter": entry.name}, include=["metadatas"]
+            )["metadatas"]
+        ]
         if (
             record
             and record["fingerprint"] == fp
-            and record["rows"] == rows == len(texts)
+            and record["rows"] == len(runs) == len(texts)
+            and set(runs) == {record.get("run")}
         ):
+            record["path"] = entry.path  # moved adapters: same content, new place
             skipped.append(entry.name)
-            continue
-        state.pop(entry.name, None)  # not trusted until its rows are complete
-        save_state(collection, state, base_model=library.base_model)
+        else:
+            todo.append((entry, adapter, texts, fp))
+    run = uuid.uuid4().hex
+    marker = json.dumps(
+        {"run": run, "pid": os.getpid(), "adapters": [e.name for e, *_ in todo]}
+    )
+    for name in [*removed, *(e.name for e, *_ in todo)]:
+        state.pop(name, None)  # not trusted until its rows are complete
+    save_state(collection, state, indexing=marker, **base_meta)
+    for name in removed:
+        collection.delete(where={"adapter": name})
+    batch = client.get_max_batch_size()
+    for entry, adapter, texts, fp in todo:
         collection.delete(where={"adapter": entry.name})
         vectors = embedder.encode(texts)
+        sha = adapter.hashes[WEIGHTS_NAME]
         bar = tqdm(
             total=len(texts), desc=f"Indexing {entry.name}", disable=quiet, unit="row"
         )
@@ -136,16 +217,36 @@ def index_library(
                 metadatas=[
                     {
                         "adapter": entry.name,
-                        "adapter_sha256": adapter.hashes["adapter_model.safetensors"],
+                        "adapter_sha256": sha,
                         "source": entry.samples,
                         "row": i,
+                        "run": run,
                     }
                     for i in range(start, stop)
                 ],
             )
             bar.update(stop - start)
         bar.close()
-        state[entry.name] = {"fingerprint": fp, "rows": len(texts), "path": entry.path}
-        save_state(collection, state, base_model=library.base_model)
-        indexed.append(entry.name)
-    return IndexSummary(indexed, skipped, removed, collection.count())
+        state[entry.name] = {
+            "fingerprint": fp,
+            "rows": len(texts),
+            "path": entry.path,
+            "sha256": sha,
+            "run": run,
+        }
+    for entry, _, texts, _ in todo:  # rows of one adapter come from this run only
+        runs = [
+            m.get("run")
+            for m in collection.get(
+                where={"adapter": entry.name}, include=["metadatas"]
+            )["metadatas"]
+        ]
+        if len(runs) != len(texts) or set(runs) != {run}:
+            raise TadaError(
+                f"adapter library {store.where}: another index run changed adapter "
+                f"{entry.name} while this one ran; run index again"
+            )
+    save_state(collection, state, indexing="", **base_meta)
+    return IndexSummary(
+        [e.name for e, *_ in todo], skipped, removed, collection.count()
+    )

@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mergekit_tada.errors import TadaError
-from mergekit_tada.retrieval.store import Embedder, Store, library_state
+from mergekit_tada.retrieval.store import (
+    Embedder,
+    Store,
+    check_complete,
+    library_state,
+)
 
 WEIGHTINGS = ("sum", "count")
 
@@ -28,6 +33,8 @@ class Routing:
     distribution: dict[str, float]  # mean over queries, before the nucleus
     queries: list[dict] = field(default_factory=list)  # per query details
     adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter path
+    # name -> sha256 of adapter_model.safetensors when indexed (compose checks it)
+    adapter_hashes: dict[str, str] = field(default_factory=dict)
     base_model: str = ""
     settings: dict = field(default_factory=dict)
 
@@ -75,6 +82,12 @@ def route(
     """Adapter weights for the queries (see the module docstring)."""
     if not queries:
         raise TadaError("route: no queries given")
+    empty = [i for i, q in enumerate(queries, 1) if not q.strip()]
+    if empty:
+        raise TadaError(
+            f"route: query {empty[0]} is empty ({len(empty)} empty of {len(queries)}); "
+            "give the new task's inputs as text"
+        )
     if weighting not in WEIGHTINGS:
         raise TadaError(f"route: weighting must be one of {', '.join(WEIGHTINGS)}")
     if not 0 < p <= 1:
@@ -83,6 +96,7 @@ def route(
         raise TadaError("route: k and max_adapters must be >= 1")
     embedder = embedder or Embedder(quiet=True)
     _, collection = store.open(embedder)
+    check_complete(collection, store)
     count = collection.count()
     if count == 0:
         raise TadaError(
@@ -124,6 +138,9 @@ def route(
         distribution=mean,
         queries=per_query,
         adapters={n: s["path"] for n, s in sorted(state.items())},
+        adapter_hashes={
+            n: s["sha256"] for n, s in sorted(state.items()) if s.get("sha256")
+        },
         base_model=(collection.metadata or {}).get("base_model", ""),
         settings={
             "k": k,

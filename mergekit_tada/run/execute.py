@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mergekit_tada.adapter_writer import StreamingAdapterWriter, lora_adapter_config
+from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
 from mergekit_tada.methods.base import ModuleJob
 from mergekit_tada.run.folder import CARD
@@ -111,7 +112,13 @@ class Execution:
         if plan is None or not plan.is_lora_target:
             return W
         lora = self._merge_plan(plan, W.device)
-        return add_product(W, lora.B, lora.A)
+        merged = add_product(W, lora.B, lora.A)
+        if not torch.isfinite(merged).all():
+            raise TadaError(
+                f"{plan.module}: the merged weight overflows {W.dtype} (inf or NaN "
+                "in W + dW); set dtype: bfloat16 or float32"
+            )
+        return merged
 
     def merge_adapter_only(
         self, device: str = "cpu", workers: int | None = None
@@ -192,7 +199,7 @@ class Execution:
             target_modules=self._target_modules(),
             rank_pattern={m: r for m, r in sorted(ranks.items()) if r != rank},
             base_model=str(self.plan.base.model),
-            task_type=first.get("task_type"),
+            task_type=first.get("task_type"),  # the first input's (plan.py warns)
         )
 
     def _target_modules(self) -> list[str]:

@@ -135,6 +135,8 @@ class OutputFolder:
         self.path = Path(path)
         self.stage: Path | None = None
         self._lock_fd: int | None = None
+        self._made_lock = False  # this run created the lock file
+        self._refused = False  # the folder is one of the run's inputs
 
     # ------------------------------------------------------------- the lock
 
@@ -149,6 +151,8 @@ class OutputFolder:
         if self.path.exists() and not self.path.is_dir():
             raise TadaError(f"output folder {self.path} is an existing file")
         created = not self.path.exists()
+        if not created and not os.access(self.path, os.W_OK | os.X_OK):
+            raise TadaError(f"output folder {self.path} is not writable")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -171,7 +175,14 @@ class OutputFolder:
 
     def _lock(self) -> None:
         lock_path = self.path / LOCK_NAME
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        self._made_lock = not lock_path.exists()
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            raise TadaError(
+                f"output folder {self.path}: cannot open its lock file {LOCK_NAME} "
+                "(owned by another user?); choose another output folder"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -191,6 +202,9 @@ class OutputFolder:
     def _unlock(self, remove_folder: bool) -> None:
         if self._lock_fd is None:
             return
+        if self._refused and self._made_lock:
+            # the "output folder" is one of the run's inputs: leave it as found
+            os.unlink(self.path / LOCK_NAME)
         if remove_folder and os.listdir(self.path) == [LOCK_NAME]:
             # The run created the folder and left nothing: remove it (still
             # holding the lock, so no other run is inside).
@@ -208,12 +222,22 @@ class OutputFolder:
             if not entry.startswith(STAGE_PREFIX):
                 continue
             stage = self.path / entry
-            journal = stage / JOURNAL_NAME
-            if journal.exists():
+            journal = _read_journal(stage)
+            if journal is not None:
                 LOG.warning("finishing the interrupted commit of %s", stage)
-                self._apply(stage, json.loads(journal.read_text(encoding="utf-8")))
+                self._apply(stage, journal)
             else:
                 owner = entry[len(STAGE_PREFIX) :].split("-", 1)[0]
+                if (
+                    owner.isdigit()
+                    and int(owner) != os.getpid()
+                    and _pid_alive(int(owner))
+                ):
+                    # its lock file was deleted under it: never touch a live run
+                    LOG.warning(
+                        "leaving %s alone: its run (pid %s) is alive", stage, owner
+                    )
+                    continue
                 LOG.warning(
                     "removing %s, left by an unfinished run (pid %s)", stage, owner
                 )
@@ -255,9 +279,10 @@ class OutputFolder:
         for what, path in inputs.items():
             target = Path(path).resolve()
             if target == out:
+                self._refused = True
                 raise TadaError(
-                    f"output folder {self.path} is the {what} {path}: choose "
-                    "another output folder"
+                    f"output folder {self.path} is the {what}: choose another "
+                    "output folder"
                 )
             if not target.is_relative_to(out):
                 continue
@@ -296,11 +321,13 @@ class OutputFolder:
         old = sorted(self.earlier_outputs() - set(new))
         journal = {"produced": produced.name, "new": new, "old": old}
         _settle_tree(produced)
-        path = self.stage / JOURNAL_NAME
-        with open(path, "w", encoding="utf-8") as fh:
+        # written whole or not at all: a journal is what makes a stage a commit
+        tmp = self.stage / (JOURNAL_NAME + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(journal, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.rename(tmp, self.stage / JOURNAL_NAME)
         _fsync_dir(self.stage)
         if old:
             LOG.warning(
@@ -314,6 +341,14 @@ class OutputFolder:
         produced = stage / journal["produced"]
         replaced = stage / _REPLACED
         replaced.mkdir(exist_ok=True)
+        # the earlier report and card go first and the new ones come last: a
+        # folder caught mid-commit has no report beside outputs it does not
+        # describe
+        for name in _LAST:
+            final = self.path / name
+            if (produced / name).exists() and final.exists():
+                _remove(replaced / name)
+                os.rename(final, replaced / name)
         for name in journal["new"]:
             source = produced / name
             if not (source.exists() or source.is_symlink()):
@@ -337,11 +372,26 @@ class OutputFolder:
         """Delete this run's stage; finish its commit if the journal was written."""
         if self.stage is None:
             return
-        journal = self.stage / JOURNAL_NAME
-        if journal.exists():
-            self._apply(self.stage, json.loads(journal.read_text(encoding="utf-8")))
+        journal = _read_journal(self.stage)
+        if journal is not None:
+            self._apply(self.stage, journal)
         shutil.rmtree(self.stage, ignore_errors=True)
         self.stage = None
+
+
+def _read_journal(stage: Path) -> dict | None:
+    """A stage's commit journal; None where there is none or it is unreadable
+    (a kill while an older version wrote it): the run did not commit."""
+    try:
+        journal = json.loads((stage / JOURNAL_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = ("produced", "new", "old")
+    return (
+        journal
+        if isinstance(journal, dict) and all(k in journal for k in keys)
+        else None
+    )
 
 
 def _terminate(signum: int, _frame) -> None:

@@ -13,15 +13,44 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mergekit_tada.errors import TadaError
 from mergekit_tada.run.execute import Execution
 from mergekit_tada.run.folder import OutputFolder, check_folder_name
 from mergekit_tada.run.plan import MergePlan, Planner
 from mergekit_tada.run.prepare import prepare
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _disk_errors(folder: Path) -> Iterator[None]:
+    """A full disk or a file-size limit as one line naming the folder (the
+    earlier outputs are kept: the stage is discarded, nothing committed)."""
+    try:
+        yield
+    except Exception as error:
+        full = isinstance(error, OSError) and error.errno in _DISK_FULL
+        if (
+            not full
+            and "os error 28" not in str(error)
+            and "os error 27" not in str(error)
+        ):
+            raise
+        free = shutil.disk_usage(folder).free / 1e9
+        raise TadaError(
+            f"output folder {folder}: no space left or file too large ({error}); "
+            f"{free:.2f} GB free there: free at least the size of the merged model "
+            "and its adapter, or choose another folder; the earlier outputs are kept"
+        ) from None
+
 
 # Runs mergekit's executor into the stage folder with this execution active.
 Executor = Callable[[Execution, Path], None]
@@ -43,7 +72,7 @@ def run(
     (committed with the rest).
     """
     folder = OutputFolder(out_path)
-    with folder.locked():
+    with folder.locked(), _disk_errors(folder.path):
         plan = MergePlan(config, options, source, planner)
         folder.guard_inputs(
             plan.input_paths(), [*plan.output_names(), *(extra_files or {})]

@@ -10,6 +10,7 @@ for NaN/Inf. No tensor is read beyond headers and the adapters' factors.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -20,7 +21,14 @@ from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 from mergekit_tada.methods import registry
-from mergekit_tada.run.folder import CARD, MANIFEST_NAME, check_folder_name
+from mergekit_tada.run.folder import (
+    CARD,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    MERGEKIT_OUTPUTS,
+    STAGE_PREFIX,
+    check_folder_name,
+)
 
 if TYPE_CHECKING:  # mergekit is imported only where its executor runs
     from mergekit.common import ModelReference
@@ -108,6 +116,41 @@ def check_model_path(what: str, path: str) -> None:
         )
 
 
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+}
+
+
+def _check_type(spec: Any, where: str, key: str, value: Any) -> None:
+    """A parameter's value (or every value of its gradient or filter list) has
+    the parameter's type: one line naming the key, not pydantic's traceback."""
+    import pydantic
+
+    param = next(p for p in spec.parameters if p.name == key)
+    if isinstance(value, list | tuple):
+        for item in value:
+            inner = (
+                item.get("value")
+                if isinstance(item, dict)
+                else getattr(item, "value", item)
+            )
+            _check_type(spec, where, key, inner)
+        return
+    if isinstance(value, dict) or hasattr(value, "filter"):
+        inner = value.get("value") if isinstance(value, dict) else value.value
+        _check_type(spec, where, key, inner)
+        return
+    try:
+        param.validate(value)
+    except pydantic.ValidationError as error:
+        kind = error.errors()[0]["type"].split("_")[0]
+        expected = _EXPECTED.get(kind, error.errors()[0]["msg"].lower())
+        raise TadaError(f"{where}: expected {expected}, got {value!r}") from None
+
+
 class MergePlan:
     def __init__(
         self,
@@ -149,6 +192,7 @@ class MergePlan:
         if len(adapter_out) != 1:
             raise TadaError(f"adapter_out must be one folder name, got {adapter_out}")
         self.adapter_out = check_folder_name(adapter_out.pop())
+        self._check_outputs()
         for adapter in self.adapters.values():
             adapter.check_all_finite()
 
@@ -182,6 +226,37 @@ class MergePlan:
 
     # ------------------------------------------------------------------ checks
 
+    def _check_outputs(self) -> None:
+        """adapter_out names no other output of the run; one task type; a device
+        that exists. Before any work: these would fail after the whole merge."""
+        others = self.output_names()[1:]  # every output but the adapter
+        taken = [*others, *MERGEKIT_OUTPUTS, LOCK_NAME, f"{STAGE_PREFIX}*"]
+        if any(fnmatch.fnmatch(self.adapter_out, p) for p in taken):
+            raise TadaError(
+                f"adapter_out: {self.adapter_out!r} is the name of another output "
+                "of this merge; choose a folder name such as 'adapter'"
+            )
+        task_types = {
+            label: a.config.get("task_type") for label, a in self.adapters.items()
+        }
+        if len(set(task_types.values()) - {None}) > 1:
+            listed = ", ".join(f"{label}: {t}" for label, t in task_types.items())
+            LOG.warning(
+                "%s: the LoRA inputs have different PEFT task types (%s); the "
+                "output adapter takes the first input's (config order)",
+                self.method.spec.name,
+                listed,
+            )
+        device = str(self.options.device or "cpu")
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise TadaError(
+                    f"device {device}: this torch has no CUDA device "
+                    f"(torch {torch.__version__}); use --device cpu"
+                )
+
     def _check_config(self) -> None:
         config = self.config
         name = config.merge_method
@@ -205,10 +280,18 @@ class MergePlan:
                 )
             misplaced = sorted(per_model & set(block))
             if misplaced and ref is not None and ref.lora is None:
+                if ref != config.base_model:
+                    raise TadaError(
+                        f"{name}: model {ref} in {where} is not a LoRA input: LoRA "
+                        f"inputs are written base+adapter, e.g. model: "
+                        f"{config.base_model}+{ref}"
+                    )
                 raise TadaError(
                     f"{name}: {', '.join(misplaced)} given to the non-LoRA model "
                     f"{ref} in {where}; set it under each LoRA input's parameters"
                 )
+            for key, value in block.items():
+                _check_type(self.method.spec, f"{where}.{key}", key, value)
         for ref in config.referenced_models():
             if ref == config.base_model:
                 continue
@@ -232,7 +315,17 @@ class MergePlan:
         )
 
     def _plan(self) -> dict[str, TensorPlan]:
-        planned = self.planner(self)
+        import pydantic
+
+        try:
+            planned = self.planner(self)
+        except pydantic.ValidationError as error:  # a gradient between valid values
+            problem = error.errors()[0]
+            raise TadaError(
+                f"{self.method.spec.name}: a parameter gradient or filter gives "
+                f"{problem['input']!r} at some tensor, which its type refuses "
+                f"({problem['msg']}); integer settings need whole numbers at every layer"
+            ) from None
         plans = {}
         capped: list[tuple[str, int, int]] = []
         for tensor in planned:

@@ -249,7 +249,7 @@ def choose_mode(
     else:
         mode = "memory" if available is None or need <= 0.5 * available else "streamed"
     known = f"{available / 1e9:.1f} GB available" if available else "memory unknown"
-    LOG.warning(
+    LOG.info(
         "%s: training %s (float32 base %.2f GB, %s)",
         what,
         "in memory" if mode == "memory" else "block-streamed",

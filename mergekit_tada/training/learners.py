@@ -114,8 +114,10 @@ def learn_tara(
     """
     labels = list(run.adapters)
     check_causal_lm(run.base_path)
-    total = sum(preference.values())
-    rho = [preference[label] / total for label in labels]
+    # over the largest first: 1e308 + 1e308 would overflow to inf (rho 0)
+    largest = max(preference.values())
+    rho = [preference[label] / largest for label in labels]
+    rho = [r / sum(rho) for r in rho]
     tasks, described, tokens = read_tasks(
         run.base_path,
         [
