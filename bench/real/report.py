@@ -1,0 +1,167 @@
+"""Tables and a picture of the real-weights benchmark (results.json -> Markdown, PNG)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from run import accuracy, bootstrap, harmonic
+
+
+def _ms(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def regime_table(per_seed: dict) -> tuple[list[str], dict]:
+    seeds = sorted(per_seed)
+    methods = list(per_seed[seeds[0]])
+    summary = {}
+    lines = [
+        "| method | combined | control | H | c* | combined (tuned) | control (tuned) | H (tuned) | 95 % CI of H (tuned) | merge s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def h(results, _i=0):
+        return harmonic(
+            accuracy(results["topic_foldoc"]), accuracy(results["topic_debian"])
+        )
+
+    for m in methods:
+        rows = [per_seed[s][m] for s in seeds]
+        cells = []
+        for which in ("default", "tuned"):
+            comb = [accuracy(r[which]["topic_foldoc"]) for r in rows]
+            ctrl = [accuracy(r[which]["topic_debian"]) for r in rows]
+            hs = [h(r[which]) for r in rows]
+            cells.append((comb, ctrl, hs))
+            summary.setdefault(m, {})[which] = statistics.mean(hs)
+        low, high = bootstrap([r["tuned"] for r in rows], h)
+        scales = "/".join(f"{r['scale']:g}" for r in rows)
+        seconds = statistics.mean(r["seconds"] for r in rows)
+        (c0, k0, h0), (c1, k1, h1) = cells
+        lines.append(
+            f"| {m} | {_ms(c0)} | {_ms(k0)} | {_ms(h0)} | {scales} | {_ms(c1)} | "
+            f"{_ms(k1)} | **{_ms(h1)}** | {100 * low:.1f} – {100 * high:.1f} | {seconds:.1f} |"
+        )
+    return lines, summary
+
+
+def multitask_table(per_seed: dict) -> tuple[list[str], dict]:
+    seeds = sorted(per_seed)
+    methods = [m for m in per_seed[seeds[0]] if m != "adapter alone (own task)"]
+    tasks = list(per_seed[seeds[0]]["adapter alone (own task)"]["default"])
+    alone = [
+        {
+            t: accuracy(per_seed[s]["adapter alone (own task)"]["default"][t])
+            for t in tasks
+        }
+        for s in seeds
+    ]
+
+    def normalised(results, i):
+        return statistics.mean(
+            accuracy(results[t]) / max(alone[i][t], 1e-9) for t in tasks
+        )
+
+    lines = [
+        "| method | "
+        + " | ".join(tasks)
+        + " | normalised (c = 1) | c* | normalised (tuned) | 95 % CI | merge s |",
+        "|---|" + "---|" * len(tasks) + "---|---|---|---|---|",
+    ]
+    lines.append(
+        "| adapter alone (own task) | "
+        + " | ".join(_ms([a[t] for a in alone]) for t in tasks)
+        + " | 100 | | 100 | | |"
+    )
+    summary = {}
+    for m in methods:
+        rows = [per_seed[s][m] for s in seeds]
+        per_task = [_ms([accuracy(r["tuned"][t]) for r in rows]) for t in tasks]
+        default = [normalised(r["default"], i) for i, r in enumerate(rows)]
+        tuned = [normalised(r["tuned"], i) for i, r in enumerate(rows)]
+        low, high = bootstrap([r["tuned"] for r in rows], normalised)
+        summary[m] = {
+            "default": statistics.mean(default),
+            "tuned": statistics.mean(tuned),
+        }
+        lines.append(
+            f"| {m} | "
+            + " | ".join(per_task)
+            + f" | {_ms(default)} | "
+            + "/".join(f"{r['scale']:g}" for r in rows)
+            + f" | **{_ms(tuned)}** | {100 * low:.1f} – {100 * high:.1f} | "
+            f"{statistics.mean(r['seconds'] for r in rows):.1f} |"
+        )
+    return lines, summary
+
+
+def plot(summaries: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    panels = [(k, v) for k, v in summaries.items() if v]
+    fig = Figure(figsize=(12, 1.2 + 0.32 * max(len(v) for _, v in panels)))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, summary) in zip(axes, panels, strict=True):
+        names = list(summary)[::-1]
+        y = range(len(names))
+        ax.barh(
+            [i + 0.2 for i in y],
+            [100 * summary[n]["tuned"] for n in names],
+            0.4,
+            label="scale tuned",
+        )
+        ax.barh(
+            [i - 0.2 for i in y],
+            [100 * summary[n]["default"] for n in names],
+            0.4,
+            label="c = 1",
+        )
+        ax.set_yticks(list(y), names, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.subplots_adjust(left=0.2, right=0.98, wspace=0.55, top=0.92, bottom=0.08)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+
+
+def write_report(results: dict, folder: Path, quick: bool = False) -> Path:
+    lines, summaries = [], {}
+    if results.get("regime"):
+        table, summaries["TaDA regime: H of combined and control (%)"] = regime_table(
+            results["regime"]
+        )
+        lines += [
+            f"### TaDA's regime ({len(results['regime'])} seed(s))",
+            "",
+            *table,
+            "",
+        ]
+    if results.get("multitask"):
+        table, summaries["five tasks at once: mean normalised accuracy (%)"] = (
+            multitask_table(results["multitask"])
+        )
+        lines += [
+            f"### Multi-task ({len(results['multitask'])} seed(s))",
+            "",
+            *table,
+            "",
+        ]
+    if results.get("lmeval"):
+        lines += [
+            "### lm-eval-harness agreement",
+            "",
+            "```",
+            json.dumps(results["lmeval"], indent=1),
+            "```",
+            "",
+        ]
+    out = folder / "tables.md"
+    out.write_text("\n".join(lines) + "\n")
+    if summaries:
+        plot(summaries, folder / "accuracy.png")
+    print("\n".join(lines))
+    return out

@@ -1,0 +1,444 @@
+"""The merge benchmark on real weights: SmolLM2-135M, real Debian text, every method.
+
+    python bench/real/run.py [--quick] [--seeds 0 1 2] [--parts regime multitask lmeval]
+
+Two protocols (bench/real/README.md, docs/quality-real.md):
+* ``regime``: TaDA's setting. A task adapter learns a skill (topic, six
+  classes) from labelled package descriptions; a domain adapter learns
+  computing-dictionary text, unlabelled; the merge is asked the skill on
+  dictionary entries (combined) and on descriptions (task control); H is
+  their harmonic mean. Every method, TaDA's ablations, and the jointly
+  trained adapter as the reference.
+* ``multitask``: one adapter per task (five tasks), all merged at once;
+  accuracy per task and normalised accuracy (merged / adapter alone).
+
+Every merge's global scale is tuned on the validation rows (a multiplier c
+on the merged update, which is mergekit's ``lambda``, TSV-M's ``alpha`` and
+TaDA's ``scale`` / 2, since each output is linear in it); tables give the
+default (c = 1) and tuned rows, mean +- sd over seeds and a bootstrap 95 %
+interval over test rows. Everything is cached under the work folder
+(adapters, merges, per-row results), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from data import MULTITASK, TASKS, prompt
+from evaluate import Evaluator
+from train import train_lora
+
+import mergekit_tada
+
+GRID = (0.25, 0.5, 1.0, 2.0)  # the scales tried on the validation rows
+ROOT = Path(__file__).resolve().parent
+
+
+def slug(name: str) -> str:
+    """A file name for a method's row."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def harmonic(a: float, b: float) -> float:
+    return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
+
+
+class Bench:
+    def __init__(self, work: Path, quick: bool) -> None:
+        self.work, self.quick = work, quick
+        self.base = work / "base"
+        self.rows = {
+            name: [json.loads(x) for x in (work / f"data/{name}.jsonl").open()]
+            for name in (*MULTITASK, "topic_debian", "topic_foldoc")
+        }
+        self._evaluator: Evaluator | None = None
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.base)
+        return self._evaluator
+
+    def split(self, task: str, split: str) -> list[dict]:
+        rows = [r for r in self.rows[task] if r["split"] == split]
+        if self.quick:  # a few rows per class
+            keep = {"train": 24, "val": 2, "test": 6}[split]
+            seen: dict[str, int] = {}
+            rows = [
+                r
+                for r in rows
+                if seen.__setitem__(r["label"], seen.get(r["label"], 0) + 1)
+                or seen[r["label"]] <= keep
+            ]
+        return rows
+
+    def prompts_file(self, task: str, split: str, path: Path, text_task=None) -> str:
+        """Unlabelled prompts (no answers) as a .jsonl with a 'text' field."""
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as fh:
+                for r in self.split(task, split):
+                    fh.write(
+                        json.dumps(
+                            {"text": prompt(TASKS[text_task or task], r["text"])}
+                        )
+                        + "\n"
+                    )
+        return str(path)
+
+    # ---------------------------------------------------------------- scoring
+
+    def score(self, key: Path, adapter: Path | None, evals: dict) -> dict:
+        """Per-row results of ``adapter`` at every scale on val, cached in ``key``."""
+        cached = json.loads(key.read_text()) if key.exists() else {}
+        for split, rows in evals.items():
+            for c in GRID if split == "val" else (1.0,):
+                tag = f"{split}@{c}"
+                if tag not in cached:
+                    cached[tag] = self.evaluator.correct(rows, adapter, scale=c)
+                    key.parent.mkdir(parents=True, exist_ok=True)
+                    key.write_text(json.dumps(cached))
+        return cached
+
+    def score_test(self, key: Path, adapter: Path | None, rows: dict, c: float) -> dict:
+        cached = json.loads(key.read_text()) if key.exists() else {}
+        tag = f"test@{c}"
+        if tag not in cached:
+            cached[tag] = self.evaluator.correct(rows, adapter, scale=c)
+            key.parent.mkdir(parents=True, exist_ok=True)
+            key.write_text(json.dumps(cached))
+        return cached[tag]
+
+
+def merge(config: dict, out: Path) -> tuple[Path, float]:
+    """One of our merges (adapter only: the evaluator adds it to the base)."""
+    adapter = out / "adapter"
+    stamp = out / "wall.json"
+    if not stamp.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        mergekit_tada.merge(config, out, adapter_only=True, quiet=True)
+        stamp.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return adapter, json.loads(stamp.read_text())["seconds"]
+
+
+def peft_merge(
+    base: Path, adapters: list[Path], kind: str, out: Path
+) -> tuple[Path, float]:
+    """PEFT's own ``add_weighted_adapter`` (weights 1, density 0.5 where used)."""
+    stamp = out / "wall.json"
+    if not stamp.exists():
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+        for i, a in enumerate(adapters[1:], 1):
+            model.load_adapter(str(a), adapter_name=f"a{i}")
+        names = [f"a{i}" for i in range(len(adapters))]
+        extra = (
+            {"density": 0.5} if kind in ("ties", "dare_ties", "magnitude_prune") else {}
+        )
+        if kind == "svd":
+            extra = {"svd_rank": 8 * len(adapters)}
+        model.add_weighted_adapter(
+            names, [1.0] * len(names), "merged", combination_type=kind, **extra
+        )
+        for n in names:
+            model.delete_adapter(n)
+        model.save_pretrained(out / "tmp", selected_adapters=["merged"])
+        (out / "tmp" / "merged").rename(out / "adapter")
+        shutil.rmtree(out / "tmp")
+        stamp.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return out / "adapter", json.loads(stamp.read_text())["seconds"]
+
+
+def lora_inputs(adapters: dict[str, Path], params: dict | None = None) -> list[dict]:
+    return [
+        {"model": f"{{base}}+{path}", "parameters": dict((params or {}).get(name, {}))}
+        for name, path in adapters.items()
+    ]
+
+
+def config(bench: Bench, method: str, models: list[dict], **parameters) -> dict:
+    for m in models:
+        m["model"] = m["model"].replace("{base}", str(bench.base))
+        if not m["parameters"]:
+            del m["parameters"]
+    return {
+        "merge_method": method,
+        "base_model": str(bench.base),
+        "models": models,
+        "parameters": parameters,
+        "dtype": "float32",
+    }
+
+
+# ------------------------------------------------------------------ protocols
+
+
+def evaluate_method(bench, key, adapter, evals, tests, objective, tune=True) -> dict:
+    """Default (c = 1) and tuned (c chosen on val by ``objective``) test results."""
+    cached = bench.score(key, adapter, {"val": evals} if tune else {})
+    best = (
+        max(GRID, key=lambda c: (objective(cached[f"val@{c}"]), -abs(math.log(c))))
+        if tune
+        else 1.0
+    )
+    result = {"scale": best, "default": bench.score_test(key, adapter, tests, 1.0)}
+    result["tuned"] = bench.score_test(key, adapter, tests, best)
+    return result
+
+
+def regime_methods(bench, pair: dict, calib: str, task_calib: str) -> dict:
+    """name -> merge config of TaDA's regime (task = pair['task'], domain = pair['domain'])."""
+    roles = {"task": {"role": "task"}, "domain": {"role": "domain"}}
+    unit = {
+        "task": {"weight": 1.0, "density": 0.5},
+        "domain": {"weight": 1.0, "density": 0.5},
+    }
+    half = {"task": {"weight": 0.5}, "domain": {"weight": 0.5}}
+    ones = {"task": {"weight": 1.0}, "domain": {"weight": 1.0}}
+    tada = {"calibration": calib, "cache_dir": str(bench.work / "cache")}
+
+    def c(method, params, **kw):
+        return config(bench, method, lora_inputs(pair, params), **kw)
+
+    return {
+        "task arithmetic 1/1": c("lora_task_arithmetic", ones, rank=16),
+        "task arithmetic 1/2": c("lora_task_arithmetic", half, rank=16),
+        "lora_ties": c("lora_ties", unit, rank=16),
+        "lora_dare_ties": c("lora_dare_ties", unit, rank=16),
+        "lora_knots_ties": c("lora_knots_ties", unit, rank=16),
+        "lora_tsv_m": c("lora_tsv_m", ones, rank=16),
+        "tada (defaults, r 8)": c("tada", roles, **tada),
+        "tada r 16": c("tada", roles, rank=16, **tada),
+        "tada uniform gates": c("tada", roles, rank=16, gates="uniform", **tada),
+        "tada scale 1": c("tada", roles, rank=16, scale=1.0, **tada),
+        "tada no conflict elimination": c(
+            "tada", roles, rank=16, conflict_elimination=False, **tada
+        ),
+        "tada probe_balance equalise": c(
+            "tada", roles, rank=16, probe_balance="equalise", **tada
+        ),
+        "tada learned gates": c(
+            "tada",
+            roles,
+            rank=16,
+            gates="learned",
+            task_calibration=task_calib,
+            learned_steps=3 if bench.quick else 20,
+            **tada,
+        ),
+    }
+
+
+def run_regime(bench: Bench, seed: int) -> dict:
+    root = bench.work / ("quick" if bench.quick else "full") / f"regime/seed{seed}"
+    task_rows = bench.split("topic_debian", "train")
+    # the domain's unlabelled text: dictionary entries (none of the test rows)
+    domain_rows = (
+        bench.split("topic_foldoc", "train") + bench.split("foldoc", "train")[:240]
+    )
+    epochs = 1
+    adapters = {
+        "task": train_lora(
+            bench.base, root / "lora-task", {"task": task_rows}, seed, epochs
+        ),
+        "domain": train_lora(
+            bench.base, root / "lora-domain", {"domain": domain_rows}, seed, epochs
+        ),
+        "joint": train_lora(
+            bench.base,
+            root / "lora-joint",
+            {"task": task_rows, "domain": domain_rows},
+            seed,
+            epochs,
+        ),
+    }
+    evals = {
+        "topic_foldoc": bench.split("topic_foldoc", "val"),
+        "topic_debian": bench.split("topic_debian", "val"),
+    }
+    tests = {
+        "topic_foldoc": bench.split("topic_foldoc", "test"),
+        "topic_debian": bench.split("topic_debian", "test"),
+    }
+
+    def h(results: dict) -> float:
+        acc = {t: sum(v) / len(v) for t, v in results.items()}
+        return harmonic(acc["topic_foldoc"], acc["topic_debian"])
+
+    calib = bench.prompts_file("topic_foldoc", "train", root / "calibration.jsonl")
+    task_calib = bench.prompts_file(
+        "topic_debian", "train", root / "task-calibration.jsonl"
+    )
+    out: dict = {}
+    for name, adapter in (
+        ("base", None),
+        ("task adapter alone", adapters["task"]),
+        ("domain adapter alone", adapters["domain"]),
+        ("jointly trained (reference)", adapters["joint"]),
+    ):
+        out[name] = evaluate_method(
+            bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, h, tune=False
+        )
+        out[name]["seconds"] = 0.0
+    pair = {"task": adapters["task"], "domain": adapters["domain"]}
+    for name, cfg in regime_methods(bench, pair, calib, task_calib).items():
+        adapter, seconds = merge(
+            cfg, root / "merges" / slug(name)
+        )
+        out[name] = evaluate_method(
+            bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, h
+        )
+        out[name]["seconds"] = seconds
+    return out
+
+
+def multitask_methods(bench, adapters: dict, data: dict) -> dict:
+    rank = 8 * len(adapters)
+    unit = {t: {"weight": 1.0, "density": 0.5} for t in adapters}
+    ones = {t: {"weight": 1.0} for t in adapters}
+    mean = {t: {"weight": 1.0 / len(adapters)} for t in adapters}
+
+    def c(method, params, **kw):
+        return config(bench, method, lora_inputs(adapters, params), **kw)
+
+    tara = {
+        "steps": 3 if bench.quick else 20,
+        "batch_size": 4,
+        "data_samples": 32,
+        "lr": 0.01,
+        "max_length": 96,
+        "cache_dir": str(bench.work / "cache"),
+    }
+    with_data = {t: {"data": data[t]} for t in adapters}
+    return {
+        "task arithmetic (sum)": c("lora_task_arithmetic", ones, rank=rank),
+        "task arithmetic (mean)": c("lora_task_arithmetic", mean, rank=rank),
+        "lora_ties": c("lora_ties", unit, rank=rank),
+        "lora_dare_ties": c("lora_dare_ties", unit, rank=rank),
+        "lora_knots_ties": c("lora_knots_ties", unit, rank=rank),
+        "lora_tsv_m": c("lora_tsv_m", ones, rank=rank),
+        "pico + task arithmetic": c("lora_task_arithmetic", ones, rank=rank, pico=True),
+        "pico + lora_knots_ties": c("lora_knots_ties", unit, rank=rank, pico=True),
+        "tara A": c("tara", with_data, variant="a", **tara),
+        "tara B": c("tara", with_data, variant="b", **tara),
+    }
+
+
+def run_multitask(bench: Bench, seed: int) -> dict:
+    root = bench.work / ("quick" if bench.quick else "full") / f"multitask/seed{seed}"
+    tasks = MULTITASK[:3] if bench.quick else MULTITASK
+    adapters = {
+        t: train_lora(
+            bench.base, root / f"lora-{t}", {"task": bench.split(t, "train")}, seed, 1
+        )
+        for t in tasks
+    }
+    evals = {t: bench.split(t, "val") for t in tasks}
+    tests = {t: bench.split(t, "test") for t in tasks}
+
+    def mean_acc(results: dict) -> float:
+        return statistics.mean(sum(v) / len(v) for v in results.values())
+
+    out: dict = {
+        "base": evaluate_method(
+            bench, root / "scores/base.json", None, evals, tests, mean_acc, tune=False
+        )
+    }
+    alone = {}
+    for t, path in adapters.items():
+        alone[t] = bench.evaluator.correct({t: tests[t]}, path)[t]
+    out["adapter alone (own task)"] = {
+        "scale": 1.0,
+        "default": alone,
+        "tuned": alone,
+        "seconds": 0.0,
+    }
+    data = {t: bench.prompts_file(t, "train", root / f"data-{t}.jsonl") for t in tasks}
+    for name, cfg in multitask_methods(bench, adapters, data).items():
+        adapter, seconds = merge(cfg, root / "merges" / slug(name))
+        out[name] = evaluate_method(
+            bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, mean_acc
+        )
+        out[name]["seconds"] = seconds
+    for kind in ("svd", "ties", "magnitude_prune"):
+        adapter, seconds = peft_merge(
+            bench.base, list(adapters.values()), kind, root / f"merges/peft_{kind}"
+        )
+        name = f"PEFT add_weighted_adapter {kind}"
+        out[name] = evaluate_method(
+            bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, mean_acc
+        )
+        out[name]["seconds"] = seconds
+    return out
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def accuracy(rows: list[int]) -> float:
+    return sum(rows) / len(rows)
+
+
+def bootstrap(per_seed: list[dict], metric, reps: int = 1000) -> tuple[float, float]:
+    """95 % interval of ``metric`` (a function of {task: rows} per seed, averaged
+    over seeds) resampling the test rows of every (seed, task)."""
+    rng = random.Random(0)
+    values = []
+    for _ in range(reps):
+        sampled = []
+        for results in per_seed:
+            sampled.append(
+                {
+                    t: [rows[rng.randrange(len(rows))] for _ in rows]
+                    for t, rows in results.items()
+                }
+            )
+        values.append(statistics.mean(metric(s, i) for i, s in enumerate(sampled)))
+    values.sort()
+    return values[int(0.025 * reps)], values[int(0.975 * reps) - 1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="bench/work/real")
+    ap.add_argument("--quick", action="store_true", help="1 seed, few rows: minutes")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--parts", nargs="+", default=["regime", "multitask", "lmeval"])
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bench = Bench(Path(args.work), args.quick)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    results_path = bench.work / ("quick" if args.quick else "full") / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for part in args.parts:
+        if part == "lmeval":
+            from lmeval import agreement
+
+            results["lmeval"] = agreement(bench, results_path.parent)
+        else:
+            runner = run_regime if part == "regime" else run_multitask
+            for seed in seeds:
+                results.setdefault(part, {})[str(seed)] = runner(bench, seed)
+                results_path.write_text(json.dumps(results))
+    from report import write_report
+
+    write_report(results, results_path.parent, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
