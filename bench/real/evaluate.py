@@ -12,30 +12,22 @@ restored from a copy afterwards.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from data import TASKS, prompt
-from safetensors.torch import load_file
 
 
 def adapter_updates(folder: str | Path) -> dict[str, torch.Tensor]:
-    """module weight name -> dense s * B @ A of a PEFT LoRA folder."""
-    folder = Path(folder)
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    tensors = load_file(folder / "adapter_model.safetensors")
+    """module weight name -> dense s * B @ A of a PEFT LoRA folder (float64)."""
+    from mergekit_tada.adapters import LoraAdapter
+
+    adapter = LoraAdapter(str(folder))
     out = {}
-    for key, A in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        module = key.removeprefix("base_model.model.").rsplit(".lora_A.", 1)[0]
-        B = tensors[key.replace(".lora_A.", ".lora_B.")]
-        r = (cfg.get("rank_pattern") or {}).get(module, cfg["r"])
-        alpha = (cfg.get("alpha_pattern") or {}).get(module, cfg["lora_alpha"])
-        s = alpha / (r**0.5 if cfg.get("use_rslora") else r)
-        out[module + ".weight"] = s * (B.double() @ A.double())
+    for module in adapter.modules:
+        f = adapter.factors(module)  # scaling folded into B
+        out[f"{module}.weight"] = f.B.double() @ f.A.double()
     return out
 
 

@@ -244,7 +244,7 @@ def regime_methods(bench, pair: dict, calib: str, task_calib: str) -> dict:
     }
 
 
-def run_regime(bench: Bench, seed: int) -> dict:
+def run_regime(bench: Bench, seed: int, save=lambda out: None) -> dict:
     root = bench.work / ("quick" if bench.quick else "full") / f"regime/seed{seed}"
     task_rows = bench.split("topic_debian", "train")
     # the domain's unlabelled text: dictionary entries (none of the test rows)
@@ -292,18 +292,23 @@ def run_regime(bench: Bench, seed: int) -> dict:
         ("jointly trained (reference)", adapters["joint"]),
     ):
         out[name] = evaluate_method(
-            bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, h, tune=False
+            bench,
+            root / f"scores/{slug(name)}.json",
+            adapter,
+            evals,
+            tests,
+            h,
+            tune=False,
         )
         out[name]["seconds"] = 0.0
     pair = {"task": adapters["task"], "domain": adapters["domain"]}
     for name, cfg in regime_methods(bench, pair, calib, task_calib).items():
-        adapter, seconds = merge(
-            cfg, root / "merges" / slug(name)
-        )
+        adapter, seconds = merge(cfg, root / "merges" / slug(name))
         out[name] = evaluate_method(
             bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, h
         )
         out[name]["seconds"] = seconds
+        save(out)
     return out
 
 
@@ -336,10 +341,14 @@ def multitask_methods(bench, adapters: dict, data: dict) -> dict:
         "pico + lora_knots_ties": c("lora_knots_ties", unit, rank=rank, pico=True),
         "tara A": c("tara", with_data, variant="a", **tara),
         "tara B": c("tara", with_data, variant="b", **tara),
+        "lora_dare_linear": c("lora_dare_linear", unit, rank=rank),
+        "lora_breadcrumbs_ties": c("lora_breadcrumbs_ties", unit, rank=rank),
+        "lora_della": c("lora_della", unit, rank=rank),
+        "lora_magnitude_prune": c("lora_magnitude_prune", unit, rank=rank),
     }
 
 
-def run_multitask(bench: Bench, seed: int) -> dict:
+def run_multitask(bench: Bench, seed: int, save=lambda out: None) -> dict:
     root = bench.work / ("quick" if bench.quick else "full") / f"multitask/seed{seed}"
     tasks = MULTITASK[:3] if bench.quick else MULTITASK
     adapters = {
@@ -369,21 +378,31 @@ def run_multitask(bench: Bench, seed: int) -> dict:
         "seconds": 0.0,
     }
     data = {t: bench.prompts_file(t, "train", root / f"data-{t}.jsonl") for t in tasks}
-    for name, cfg in multitask_methods(bench, adapters, data).items():
-        adapter, seconds = merge(cfg, root / "merges" / slug(name))
-        out[name] = evaluate_method(
-            bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, mean_acc
-        )
-        out[name]["seconds"] = seconds
+    ours = multitask_methods(bench, adapters, data)
+    makers = {
+        name: (lambda cfg=cfg, name=name: merge(cfg, root / "merges" / slug(name)))
+        for name, cfg in ours.items()
+    }
     for kind in ("svd", "ties", "magnitude_prune"):
-        adapter, seconds = peft_merge(
+        makers[f"PEFT add_weighted_adapter {kind}"] = lambda kind=kind: peft_merge(
             bench.base, list(adapters.values()), kind, root / f"merges/peft_{kind}"
         )
-        name = f"PEFT add_weighted_adapter {kind}"
+    # the cheap rows first (TARA trains; the later fusion rules are extra rows)
+    order = [
+        n
+        for n in makers
+        if not n.startswith(
+            ("tara", "lora_dare_linear", "lora_b", "lora_della", "lora_magnitude")
+        )
+    ]
+    order += [n for n in makers if n not in order]
+    for name in order:
+        adapter, seconds = makers[name]()
         out[name] = evaluate_method(
             bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, mean_acc
         )
         out[name]["seconds"] = seconds
+        save(out)
     return out
 
 
@@ -433,8 +452,14 @@ def main() -> None:
         else:
             runner = run_regime if part == "regime" else run_multitask
             for seed in seeds:
-                results.setdefault(part, {})[str(seed)] = runner(bench, seed)
-                results_path.write_text(json.dumps(results))
+
+                def save(out: dict, part=part, seed=seed) -> None:
+                    # after every method: an interrupted run still reports
+                    results.setdefault(part, {})[str(seed)] = out
+                    results_path.parent.mkdir(parents=True, exist_ok=True)
+                    results_path.write_text(json.dumps(results))
+
+                save(runner(bench, seed, save))
     from report import write_report
 
     write_report(results, results_path.parent, quick=args.quick)
