@@ -224,6 +224,17 @@ def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
             {n: {"weight": 1.0, "density": 0.5} for n in names},
         ),
         ("lora_tsv_m", "lora_tsv_m", rank, None),
+        *(
+            (method, method, rank, {n: {"weight": 1.0, "density": 0.5} for n in names})
+            for method in (
+                "lora_dare_linear",
+                "lora_breadcrumbs",
+                "lora_breadcrumbs_ties",
+                "lora_della",
+                "lora_della_linear",
+                "lora_magnitude_prune",
+            )
+        ),
         (
             "lora_knots_ties",
             "lora_knots_ties",

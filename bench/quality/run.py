@@ -250,6 +250,17 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
         )
         for pico in (False, True)
     },
+    **{  # the rest of mergekit's and PEFT's fusion family, exact in dW
+        method: ("baseline", ours(method, task=TIES, domain=TIES))
+        for method in (
+            "lora_dare_linear",
+            "lora_breadcrumbs",
+            "lora_breadcrumbs_ties",
+            "lora_della",
+            "lora_della_linear",
+            "lora_magnitude_prune",
+        )
+    },
     "tada (probe gates)": ("tada", ours("tada")),
     **{
         f"tada (learned gates, {granularity})": (
