@@ -211,3 +211,19 @@ def output_files(folder: Path, relative_to: Path | None = None) -> dict[str, byt
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != ".mergekit-tada.lock"
     }
+
+
+@pytest.fixture()
+def three(work):
+    """A third LoRA beside the toy two; every input's dense update by PEFT."""
+    from family import INPUTS
+
+    build_lora(
+        "base",
+        "lora-third",
+        r=5,
+        alpha=5,
+        seed=9,
+        targets=("q_proj", "o_proj", "up_proj"),
+    )
+    return {name: peft_delta("base", name) for name in INPUTS}
