@@ -414,60 +414,56 @@ class TadaMethod(LoraMergeMethod):
         params = job.params
         mode = params["gates"]
         extra: dict = {"gate_mode": mode}
-        uniform = uniform_gate(params)  # also what `fixed` uses where unset
+        uniform = uniform_gate(params)
         if mode == "uniform":
             return uniform, uniform, extra
-        w_task, w_domain = params["task_weight"], params["domain_weight"]
         if mode == "learned":
             module = next(m for m in job.sources.values() if m)
-            l_task, l_domain = job.context.gates[module]
-            if w_task is not None or w_domain is not None:
-                extra["gate_override"] = True
-            return (
-                l_task if w_task is None else float(w_task),
-                l_domain if w_domain is None else float(w_domain),
-                extra,
-            )
-        if mode == "probe":
-            probes: ProbeTable = job.context
-            role_source = {
-                job.inputs[label]["role"]: m for label, m in job.sources.items()
-            }
-            task_m, domain_m = role_source["task"], role_source["domain"]
-            delta = probes.delta(task_m, domain_m)
-            p_task, p_domain = gates_from_delta(
-                delta,
-                probes.median_delta,
-                tau=params["tau"],
-                gate_min=params["gate_min"],
-                gate_max=params["gate_max"],
-                scale=params["scale"],
-                normalization=params["gate_normalization"],
-            )
-            extra.update(
-                probe_task=probes.task.get(task_m) if task_m else None,
-                probe_domain=probes.domain.get(domain_m) if domain_m else None,
-                delta=delta,
-                perturbation_task=probes.perturbations.get("task", {}).get(task_m),
-                perturbation_domain=probes.perturbations.get("domain", {}).get(
-                    domain_m
-                ),
-            )
-            if params["probe_balance"] == "equalise":
-                a, b = probes.balance
-                p_task, p_domain = p_task * a, p_domain * b
-                extra["balance"] = [a, b]
-            # user weights (scalars, gradients, filters) override per tensor
-            if w_task is not None or w_domain is not None:
-                extra["gate_override"] = True
-            w_task = p_task if w_task is None else w_task
-            w_domain = p_domain if w_domain is None else w_domain
-            return float(w_task), float(w_domain), extra
+            task_gate, domain_gate = job.context.gates[module]
+        elif mode == "probe":
+            task_gate, domain_gate = TadaMethod.probe_gates(job, extra)
+        else:  # fixed: the uniform gate where a weight is unset
+            task_gate = domain_gate = uniform
+        # user weights (scalars, gradients, filters) override per tensor
+        w_task, w_domain = params["task_weight"], params["domain_weight"]
+        if mode != "fixed" and (w_task is not None or w_domain is not None):
+            extra["gate_override"] = True
         return (
-            uniform if w_task is None else float(w_task),
-            uniform if w_domain is None else float(w_domain),
+            task_gate if w_task is None else float(w_task),
+            domain_gate if w_domain is None else float(w_domain),
             extra,
         )
+
+    @staticmethod
+    def probe_gates(job: ModuleJob, extra: dict) -> tuple[float, float]:
+        """Step 3: the gates from the module's probe delta (and the global
+        balance with ``probe_balance: equalise``); the probe's values go to
+        ``extra``."""
+        params, probes = job.params, job.context
+        role_source = {job.inputs[label]["role"]: m for label, m in job.sources.items()}
+        task_m, domain_m = role_source["task"], role_source["domain"]
+        delta = probes.delta(task_m, domain_m)
+        task_gate, domain_gate = gates_from_delta(
+            delta,
+            probes.median_delta,
+            tau=params["tau"],
+            gate_min=params["gate_min"],
+            gate_max=params["gate_max"],
+            scale=params["scale"],
+            normalization=params["gate_normalization"],
+        )
+        extra.update(
+            probe_task=probes.task.get(task_m) if task_m else None,
+            probe_domain=probes.domain.get(domain_m) if domain_m else None,
+            delta=delta,
+            perturbation_task=probes.perturbations.get("task", {}).get(task_m),
+            perturbation_domain=probes.perturbations.get("domain", {}).get(domain_m),
+        )
+        if params["probe_balance"] == "equalise":
+            a, b = probes.balance
+            task_gate, domain_gate = task_gate * a, domain_gate * b
+            extra["balance"] = [a, b]
+        return float(task_gate), float(domain_gate)
 
     def combine(
         self, job: ModuleJob, updates: dict[str, Factored | None]
