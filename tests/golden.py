@@ -66,11 +66,15 @@ CASES: dict[str, tuple[dict, str]] = {
         ),
         "full",
     ),
-    "tada_probe": (_config("tada", PAIR, calibration="b.txt", rank=6), "full"),
+    "tada_probe": (
+        _config("tada", PAIR, gates="probe", calibration="b.txt", rank=6),
+        "full",
+    ),
     "tada_probe_equalise_contrast": (
         _config(
             "tada",
             PAIR,
+            gates="probe",
             calibration="b.txt",
             task_calibration="a.txt",
             probe_prompts="contrast",
@@ -80,7 +84,7 @@ CASES: dict[str, tuple[dict, str]] = {
         "adapter-only",
     ),
     "tada_probe_fastpath": (
-        _config("tada", PAIR, calibration="b.txt", rank=6),
+        _config("tada", PAIR, gates="probe", calibration="b.txt", rank=6),
         "fastpath",
     ),
     "tada_learned": (

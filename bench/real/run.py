@@ -449,6 +449,7 @@ def main() -> None:
             from lmeval import agreement
 
             results["lmeval"] = agreement(bench, results_path.parent)
+            results_path.write_text(json.dumps(results))
         else:
             runner = run_regime if part == "regime" else run_multitask
             for seed in seeds:

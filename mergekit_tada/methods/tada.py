@@ -222,7 +222,8 @@ class TadaMethod(LoraMergeMethod):
         parameters=(
             Param("role", str | None, NON_BASE, None, "task | domain"),
             *COMMON_PARAMETERS,
-            Param("gates", str, SHARED, "probe", "probe | uniform | fixed"),
+            # uniform: the probe did not beat it on real weights (docs/quality-real.md)
+            Param("gates", str, SHARED, "uniform", "uniform | probe | fixed | learned"),
             Param("gate_granularity", str, SHARED, "module", "module | layer"),
             Param("gate_normalization", str, SHARED, "sum", "sum | max"),
             Param("probe_statistic", str, SHARED, "normalized", "normalized | raw"),
@@ -310,7 +311,7 @@ class TadaMethod(LoraMergeMethod):
             and not params["calibration"]
         ):
             raise TadaError(
-                "tada: gates: probe (the default) needs calibration: a .txt (one "
+                "tada: gates: probe needs calibration: a .txt (one "
                 "prompt per line), .jsonl (a 'text' field) or saved dataset of "
                 f"domain prompts; or set gates: uniform | fixed (for {tensor})"
             )
@@ -347,6 +348,14 @@ class TadaMethod(LoraMergeMethod):
         return paths
 
     def prepare(self, stats: Any, plans: list, run: RunInputs) -> Any:
+        if plans[0].params["gates"] in ("uniform", "fixed") and (
+            plans[0].params["calibration"] or plans[0].params["task_calibration"]
+        ):
+            LOG.warning(
+                "tada: calibration data is given but gates: %s does not read it "
+                "(set gates: probe or learned to use it)",
+                plans[0].params["gates"],
+            )
         if any(p.params["gates"] == "learned" for p in plans):
             roles = {label: p["role"] for label, p in plans[0].inputs.items()}
             return learn_gates(run, plans, roles, uniform_gate(plans[0].params))
