@@ -210,7 +210,12 @@ def regime_methods(bench, pair: dict, calib: str, task_calib: str) -> dict:
     }
     half = {"task": {"weight": 0.5}, "domain": {"weight": 0.5}}
     ones = {"task": {"weight": 1.0}, "domain": {"weight": 1.0}}
-    tada = {"calibration": calib, "cache_dir": str(bench.work / "cache")}
+    # probe gates named: the default is uniform since this benchmark
+    tada = {
+        "gates": "probe",
+        "calibration": calib,
+        "cache_dir": str(bench.work / "cache"),
+    }
 
     def c(method, params, **kw):
         return config(bench, method, lora_inputs(pair, params), **kw)
@@ -222,9 +227,11 @@ def regime_methods(bench, pair: dict, calib: str, task_calib: str) -> dict:
         "lora_dare_ties": c("lora_dare_ties", unit, rank=16),
         "lora_knots_ties": c("lora_knots_ties", unit, rank=16),
         "lora_tsv_m": c("lora_tsv_m", ones, rank=16),
-        "tada (defaults, r 8)": c("tada", roles, **tada),
+        "tada probe gates, r 8": c("tada", roles, **tada),
         "tada r 16": c("tada", roles, rank=16, **tada),
-        "tada uniform gates": c("tada", roles, rank=16, gates="uniform", **tada),
+        "tada uniform gates (the default)": c(
+            "tada", roles, rank=16, **(tada | {"gates": "uniform"})
+        ),
         "tada scale 1": c("tada", roles, rank=16, scale=1.0, **tada),
         "tada no conflict elimination": c(
             "tada", roles, rank=16, conflict_elimination=False, **tada
@@ -236,10 +243,9 @@ def regime_methods(bench, pair: dict, calib: str, task_calib: str) -> dict:
             "tada",
             roles,
             rank=16,
-            gates="learned",
             task_calibration=task_calib,
             learned_steps=3 if bench.quick else 20,
-            **tada,
+            **(tada | {"gates": "learned"}),
         ),
     }
 
