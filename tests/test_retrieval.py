@@ -516,3 +516,33 @@ def test_bad_library_inputs_in_one_line(library, embedder, tmp_path):
     library.write_text(yaml.safe_dump(data))
     with pytest.raises(TadaError, match=r"adapter path .*lora\+v2 contains '\+'"):
         index_library(library, store, embedder, quiet=True)
+
+
+def test_a_server_gone_mid_index_is_one_line_and_marks_the_library(
+    library, embedder, chroma_server, monkeypatch
+):
+    """The server stops answering while rows go in: one line naming host:port,
+    and the library is marked incomplete until an index run finishes."""
+    import chromadb.api.models.Collection as collection_module
+    import httpx
+
+    store = Store(host="127.0.0.1", port=chroma_server)
+    index_library(library, store, embedder, quiet=True)
+    build_lora("base", "lora-questions", r=4, seed=98, targets=("q_proj", "v_proj"))
+    real_add = collection_module.Collection.add
+
+    def gone(self, *args, **kwargs):
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(collection_module.Collection, "add", gone)
+    with pytest.raises(
+        TadaError,
+        match=rf"Chroma server 127.0.0.1:{chroma_server} failed \(ConnectError",
+    ):
+        index_library(library, store, embedder, quiet=True)
+    monkeypatch.setattr(collection_module.Collection, "add", real_add)
+    with pytest.raises(
+        TadaError, match=r"did not complete \(adapters being indexed: questions\)"
+    ):
+        route(["I loved it"], store, embedder)
+    assert index_library(library, store, embedder, quiet=True).indexed == ["questions"]

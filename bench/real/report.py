@@ -44,7 +44,7 @@ def regime_table(per_seed: dict) -> tuple[list[str], dict]:
         (c0, k0, h0), (c1, k1, h1) = cells
         lines.append(
             f"| {m} | {_ms(c0)} | {_ms(k0)} | {_ms(h0)} | {scales} | {_ms(c1)} | "
-            f"{_ms(k1)} | **{_ms(h1)}** | {100 * low:.1f} – {100 * high:.1f} | {seconds:.1f} |"
+            f"{_ms(k1)} | {_ms(h1)} | {100 * low:.1f} – {100 * high:.1f} | {seconds:.1f} |"
         )
     return lines, summary
 
@@ -93,7 +93,7 @@ def multitask_table(per_seed: dict) -> tuple[list[str], dict]:
             + " | ".join(per_task)
             + f" | {_ms(default)} | "
             + "/".join(f"{r['scale']:g}" for r in rows)
-            + f" | **{_ms(tuned)}** | {100 * low:.1f} – {100 * high:.1f} | "
+            + f" | {_ms(tuned)} | {100 * low:.1f} – {100 * high:.1f} | "
             f"{statistics.mean(r['seconds'] for r in rows):.1f} |"
         )
     return lines, summary
