@@ -94,7 +94,7 @@ def multitask_table(per_seed: dict) -> tuple[list[str], dict]:
             + f" | {_ms(default)} | "
             + "/".join(f"{r['scale']:g}" for r in rows)
             + f" | {_ms(tuned)} | {100 * low:.1f} – {100 * high:.1f} | "
-            f"{statistics.mean(r['seconds'] for r in rows):.1f} |"
+            f"{statistics.mean(r.get('seconds', 0.0) for r in rows):.1f} |"
         )
     return lines, summary
 
