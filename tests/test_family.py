@@ -12,23 +12,10 @@ from family import (
     run,
 )
 
+from mergekit_tada.methods.registry import FAMILY
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        "lora_task_arithmetic",
-        "lora_ties",
-        "lora_dare_ties",
-        "lora_knots_ties",
-        "lora_tsv_m",
-        "lora_dare_linear",
-        "lora_breadcrumbs",
-        "lora_breadcrumbs_ties",
-        "lora_della",
-        "lora_della_linear",
-        "lora_magnitude_prune",
-    ],
-)
+
+@pytest.mark.parametrize("method", FAMILY)
 def test_merged_model_agrees_with_adapter(three, method):
     out = run(family_config(method, rank=6, pico=method == "lora_tsv_m"), random_seed=3)
     assert_adapter_matches_model(out)

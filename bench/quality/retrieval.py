@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from mergekit_tada.methods.registry import FAMILY
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from run import score  # noqa: E402
@@ -224,16 +226,12 @@ def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
             {n: {"weight": 1.0, "density": 0.5} for n in names},
         ),
         ("lora_tsv_m", "lora_tsv_m", rank, None),
-        *(
+        *(  # the rest of the fusion family
             (method, method, rank, {n: {"weight": 1.0, "density": 0.5} for n in names})
-            for method in (
-                "lora_dare_linear",
-                "lora_breadcrumbs",
-                "lora_breadcrumbs_ties",
-                "lora_della",
-                "lora_della_linear",
-                "lora_magnitude_prune",
-            )
+            for method in FAMILY
+            if method
+            not in ("lora_task_arithmetic", "lora_ties", "lora_dare_ties")
+            + ("lora_knots_ties", "lora_tsv_m")
         ),
         (
             "lora_knots_ties",

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from mergekit_tada.methods.registry import FAMILY
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from world import (  # noqa: E402
     WORLDS,
@@ -252,14 +254,10 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     },
     **{  # the rest of mergekit's and PEFT's fusion family, exact in dW
         method: ("baseline", ours(method, task=TIES, domain=TIES))
-        for method in (
-            "lora_dare_linear",
-            "lora_breadcrumbs",
-            "lora_breadcrumbs_ties",
-            "lora_della",
-            "lora_della_linear",
-            "lora_magnitude_prune",
-        )
+        for method in FAMILY
+        if method
+        not in ("lora_task_arithmetic", "lora_ties", "lora_dare_ties")
+        + ("lora_knots_ties", "lora_tsv_m")
     },
     "tada (probe gates)": ("tada", ours("tada")),
     **{

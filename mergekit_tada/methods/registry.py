@@ -7,7 +7,7 @@ Adding a method: a file in this folder with its spec, checks and ``combine``
 from __future__ import annotations
 
 from mergekit_tada.methods import gta
-from mergekit_tada.methods.base import LoraMergeMethod
+from mergekit_tada.methods.base import FamilyMethod, LoraMergeMethod
 from mergekit_tada.methods.knots import LoraKnotsTies
 from mergekit_tada.methods.magnitude_prune import LoraMagnitudePrune
 from mergekit_tada.methods.tada import TadaMethod
@@ -25,6 +25,8 @@ METHODS: tuple[LoraMergeMethod, ...] = (
     TaraMethod(),
 )
 METHOD_NAMES = frozenset(m.spec.name for m in METHODS)
+# the multi-adapter rules (weights per input; what retrieval composition offers)
+FAMILY = tuple(m.spec.name for m in METHODS if isinstance(m, FamilyMethod))
 
 
 def get(name: str) -> LoraMergeMethod | None:

@@ -25,25 +25,13 @@ from mergekit_tada.errors import TadaError
 from mergekit_tada.files import sha256_file
 from mergekit_tada.retrieval.route import Routing
 
-COMPOSE_METHODS = (
-    "lora_task_arithmetic",
-    "lora_ties",
-    "lora_dare_ties",
-    "lora_dare_linear",
-    "lora_breadcrumbs",
-    "lora_breadcrumbs_ties",
-    "lora_della",
-    "lora_della_linear",
-    "lora_magnitude_prune",
-    "lora_knots_ties",
-    "lora_tsv_m",
-)
-
 
 def check_method(method: str) -> None:
-    if method not in COMPOSE_METHODS:
+    from mergekit_tada.methods.registry import FAMILY
+
+    if method not in FAMILY:
         raise TadaError(
-            f"compose: method must be one of {', '.join(COMPOSE_METHODS)} (got {method!r})"
+            f"compose: method must be one of {', '.join(FAMILY)} (got {method!r})"
         )
 
 
