@@ -453,8 +453,6 @@ def test_cuda_without_cuda_is_one_line(work):
 
 
 def test_tara_huge_preferences_normalise_safely(work):
-    from mergekit_tada.training.learners import learn_tara  # noqa: F401  (imported path)
-
     Path("a.txt").write_text(
         "\n".join(f"the answer {i} is then explained" for i in range(8))
     )

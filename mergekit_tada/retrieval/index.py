@@ -154,6 +154,12 @@ def index_library(
             raise store.unreadable(error) from None
 
 
+def row_runs(collection, name: str) -> list:
+    """The run id of every row of one adapter (None for rows of older versions)."""
+    found = collection.get(where={"adapter": name}, include=["metadatas"])
+    return [m.get("run") for m in found["metadatas"]]
+
+
 def _index(library, store, embedder, client, collection, prepared, identity, quiet):
     """The run itself: marked incomplete until every adapter's rows are its own."""
     from tqdm import tqdm
@@ -175,12 +181,7 @@ def _index(library, store, embedder, client, collection, prepared, identity, qui
     todo, skipped = [], []
     for entry, adapter, texts, fp in prepared:
         record = state.get(entry.name)
-        runs = [
-            m.get("run")
-            for m in collection.get(
-                where={"adapter": entry.name}, include=["metadatas"]
-            )["metadatas"]
-        ]
+        runs = row_runs(collection, entry.name)
         if (
             record
             and record["fingerprint"] == fp
@@ -235,12 +236,7 @@ def _index(library, store, embedder, client, collection, prepared, identity, qui
             "run": run,
         }
     for entry, _, texts, _ in todo:  # rows of one adapter come from this run only
-        runs = [
-            m.get("run")
-            for m in collection.get(
-                where={"adapter": entry.name}, include=["metadatas"]
-            )["metadatas"]
-        ]
+        runs = row_runs(collection, entry.name)
         if len(runs) != len(texts) or set(runs) != {run}:
             raise TadaError(
                 f"adapter library {store.where}: another index run changed adapter "

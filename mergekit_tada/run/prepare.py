@@ -28,10 +28,11 @@ def prepare(plan: MergePlan) -> Prepared:
     """Run (or read from the cache) what the method needs before merging."""
     targets = plan.targets
     device = plan.options.device or "cpu"
-    stats, calibration = _calibrate(plan, targets, torch.device(device))
+    base_files = plan.base_files()  # listed once: cache keys of both phases
+    stats, calibration = _calibrate(plan, targets, torch.device(device), base_files)
     run = RunInputs(
         base_path=plan.base_path,
-        base_files=plan.base_files(),
+        base_files=base_files,
         adapters=plan.adapters,
         device=device,
         quiet=plan.options.quiet,
@@ -39,7 +40,9 @@ def prepare(plan: MergePlan) -> Prepared:
     return Prepared(plan.method.prepare(stats, targets, run), calibration)
 
 
-def _calibrate(plan: MergePlan, targets: list, device: torch.device):
+def _calibrate(
+    plan: MergePlan, targets: list, device: torch.device, base_files: list[str]
+):
     """The calibration passes the method asks for (None, None: none)."""
     wanted = {
         json.dumps(c, sort_keys=True)
@@ -59,7 +62,7 @@ def _calibrate(plan: MergePlan, targets: list, device: torch.device):
     return calibrate(
         json.loads(wanted.pop()),
         plan.base_path,
-        plan.base_files(),
+        base_files,
         plan.adapters,
         device,
         plan.options.quiet,
