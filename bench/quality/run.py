@@ -116,7 +116,8 @@ def ours(
                 p["data"] = str(ctx.root / f"{role}-data.txt")
             models.append({"model": f"{ctx.base}+{ctx.lora(adapter)}", "parameters": p})
         shared = {}
-        if method == "tada":
+        if method == "tada":  # probe gates named: the default is uniform
+            shared["gates"] = "probe"
             shared["calibration"] = str(ctx.root / "calibration.txt")
             shared["task_calibration"] = str(ctx.root / "task-calibration.txt")
         if method in ("tada", "tara"):

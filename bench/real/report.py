@@ -150,6 +150,16 @@ def write_report(results: dict, folder: Path, quick: bool = False) -> Path:
             *table,
             "",
         ]
+    if results.get("minilm"):
+        table, summaries["MiniLM, per-task heads: mean normalised accuracy (%)"] = (
+            multitask_table(results["minilm"])
+        )
+        lines += [
+            f"### Multi-task on MiniLM, a head per task ({len(results['minilm'])} seed(s))",
+            "",
+            *table,
+            "",
+        ]
     if results.get("lmeval"):
         lines += [
             "### lm-eval-harness agreement",

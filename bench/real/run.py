@@ -11,6 +11,7 @@ Two protocols (bench/real/README.md, docs/quality-real.md):
   trained adapter as the reference.
 * ``multitask``: one adapter per task (five tasks), all merged at once;
   accuracy per task and normalised accuracy (merged / adapter alone).
+* ``minilm``: the same on all-MiniLM-L6-v2 with a head per task (minilm.py).
 
 Every merge's global scale is tuned on the validation rows (a multiplier c
 on the merged update, which is mergekit's ``lambda``, TSV-M's ``alpha`` and
@@ -52,6 +53,11 @@ def harmonic(a: float, b: float) -> float:
 
 
 class Bench:
+    """SmolLM2 with next-token answers; ``minilm.MiniLM`` swaps the backbone."""
+
+    folder = "multitask"  # the multi-task protocol's results under the work folder
+    trains_on_text = True  # TARA learns from unlabelled text through the LM
+
     def __init__(self, work: Path, quick: bool) -> None:
         self.work, self.quick = work, quick
         self.base = work / "base"
@@ -79,6 +85,17 @@ class Bench:
                 or seen[r["label"]] <= keep
             ]
         return rows
+
+    def train(self, task: str, seed: int, out: Path) -> Path:
+        """One task's adapter (a PEFT folder)."""
+        return train_lora(self.base, out, {"task": self.split(task, "train")}, seed, 1)
+
+    def peft_model(self):
+        """The base model for PEFT's own merges."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32)
 
     def prompts_file(self, task: str, split: str, path: Path, text_task=None) -> str:
         """Unlabelled prompts (no answers) as a .jsonl with a 'text' field."""
@@ -131,18 +148,16 @@ def merge(config: dict, out: Path) -> tuple[Path, float]:
 
 
 def peft_merge(
-    base: Path, adapters: list[Path], kind: str, out: Path
+    bench: Bench, adapters: list[Path], kind: str, out: Path
 ) -> tuple[Path, float]:
     """PEFT's own ``add_weighted_adapter`` (weights 1, density 0.5 where used)."""
     stamp = out / "wall.json"
     if not stamp.exists():
-        import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = bench.peft_model()
         model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
         for i, a in enumerate(adapters[1:], 1):
             model.load_adapter(str(a), adapter_name=f"a{i}")
@@ -336,7 +351,7 @@ def multitask_methods(bench, adapters: dict, data: dict) -> dict:
         "cache_dir": str(bench.work / "cache"),
     }
     with_data = {t: {"data": data[t]} for t in adapters}
-    return {
+    rows = {
         "task arithmetic (sum)": c("lora_task_arithmetic", ones, rank=rank),
         "task arithmetic (mean)": c("lora_task_arithmetic", mean, rank=rank),
         "lora_ties": c("lora_ties", unit, rank=rank),
@@ -352,17 +367,16 @@ def multitask_methods(bench, adapters: dict, data: dict) -> dict:
         "lora_della": c("lora_della", unit, rank=rank),
         "lora_magnitude_prune": c("lora_magnitude_prune", unit, rank=rank),
     }
+    if not bench.trains_on_text:
+        rows = {k: v for k, v in rows.items() if not k.startswith("tara")}
+    return rows
 
 
 def run_multitask(bench: Bench, seed: int, save=lambda out: None) -> dict:
-    root = bench.work / ("quick" if bench.quick else "full") / f"multitask/seed{seed}"
+    mode = "quick" if bench.quick else "full"
+    root = bench.work / mode / f"{bench.folder}/seed{seed}"
     tasks = MULTITASK[:3] if bench.quick else MULTITASK
-    adapters = {
-        t: train_lora(
-            bench.base, root / f"lora-{t}", {"task": bench.split(t, "train")}, seed, 1
-        )
-        for t in tasks
-    }
+    adapters = {t: bench.train(t, seed, root / f"lora-{t}") for t in tasks}
     evals = {t: bench.split(t, "val") for t in tasks}
     tests = {t: bench.split(t, "test") for t in tasks}
 
@@ -391,7 +405,7 @@ def run_multitask(bench: Bench, seed: int, save=lambda out: None) -> dict:
     }
     for kind in ("svd", "ties", "magnitude_prune"):
         makers[f"PEFT add_weighted_adapter {kind}"] = lambda kind=kind: peft_merge(
-            bench.base, list(adapters.values()), kind, root / f"merges/peft_{kind}"
+            bench, list(adapters.values()), kind, root / f"merges/peft_{kind}"
         )
     # the cheap rows first (TARA trains; the later fusion rules are extra rows)
     order = [
@@ -443,30 +457,49 @@ def main() -> None:
     ap.add_argument("--work", default="bench/work/real")
     ap.add_argument("--quick", action="store_true", help="1 seed, few rows: minutes")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--parts", nargs="+", default=["regime", "multitask", "lmeval"])
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["regime", "multitask", "minilm", "lmeval"],
+        default=["regime", "multitask", "minilm", "lmeval"],
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bench = Bench(Path(args.work), args.quick)
     seeds = args.seeds[:1] if args.quick else args.seeds
     results_path = bench.work / ("quick" if args.quick else "full") / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    def save(key: tuple[str, ...], value) -> dict:
+        """Set one part (or one seed of it) in results.json, re-read first, so
+        runs of different parts at the same time keep each other's rows."""
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        node = results
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = value
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(results))
+        tmp.replace(results_path)
+        return results
+
     for part in args.parts:
         if part == "lmeval":
             from lmeval import agreement
 
-            results["lmeval"] = agreement(bench, results_path.parent)
-            results_path.write_text(json.dumps(results))
-        else:
-            runner = run_regime if part == "regime" else run_multitask
-            for seed in seeds:
+            save(("lmeval",), agreement(bench, results_path.parent))
+            continue
+        runner = run_regime if part == "regime" else run_multitask
+        on = bench
+        if part == "minilm":
+            from minilm import MiniLM
 
-                def save(out: dict, part=part, seed=seed) -> None:
-                    # after every method: an interrupted run still reports
-                    results.setdefault(part, {})[str(seed)] = out
-                    results_path.parent.mkdir(parents=True, exist_ok=True)
-                    results_path.write_text(json.dumps(results))
-
-                save(runner(bench, seed, save))
+            on = MiniLM(bench.work, bench.quick)
+        for seed in seeds:
+            # after every method: an interrupted run still reports
+            key = (part, str(seed))
+            save(key, runner(on, seed, lambda out, key=key: save(key, out)))
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     from report import write_report
 
     write_report(results, results_path.parent, quick=args.quick)
