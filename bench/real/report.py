@@ -8,6 +8,8 @@ from pathlib import Path
 
 from run import accuracy, bootstrap, harmonic
 
+ALONE = "adapter alone (own task)"
+
 
 def _ms(values: list[float]) -> str:
     mean = statistics.mean(values)
@@ -50,21 +52,13 @@ def regime_table(per_seed: dict) -> tuple[list[str], dict]:
 
 
 def multitask_table(per_seed: dict) -> tuple[list[str], dict]:
+    """Rows over the seeds that have them (``run.py --skip`` leaves some out)."""
     seeds = sorted(per_seed)
-    methods = [m for m in per_seed[seeds[0]] if m != "adapter alone (own task)"]
-    tasks = list(per_seed[seeds[0]]["adapter alone (own task)"]["default"])
-    alone = [
-        {
-            t: accuracy(per_seed[s]["adapter alone (own task)"]["default"][t])
-            for t in tasks
-        }
-        for s in seeds
-    ]
-
-    def normalised(results, i):
-        return statistics.mean(
-            accuracy(results[t]) / max(alone[i][t], 1e-9) for t in tasks
-        )
+    methods = list(dict.fromkeys(m for s in seeds for m in per_seed[s] if m != ALONE))
+    tasks = list(per_seed[seeds[0]][ALONE]["default"])
+    alone = {
+        s: {t: accuracy(per_seed[s][ALONE]["default"][t]) for t in tasks} for s in seeds
+    }
 
     lines = [
         "| method | "
@@ -73,13 +67,20 @@ def multitask_table(per_seed: dict) -> tuple[list[str], dict]:
         "|---|" + "---|" * len(tasks) + "---|---|---|---|---|",
     ]
     lines.append(
-        "| adapter alone (own task) | "
-        + " | ".join(_ms([a[t] for a in alone]) for t in tasks)
+        f"| {ALONE} | "
+        + " | ".join(_ms([alone[s][t] for s in seeds]) for t in tasks)
         + " | 100 | | 100 | | |"
     )
     summary = {}
     for m in methods:
-        rows = [per_seed[s][m] for s in seeds]
+        have = [s for s in seeds if m in per_seed[s]]
+        rows = [per_seed[s][m] for s in have]
+
+        def normalised(results, i, have=have):
+            return statistics.mean(
+                accuracy(results[t]) / max(alone[have[i]][t], 1e-9) for t in tasks
+            )
+
         per_task = [_ms([accuracy(r["tuned"][t]) for r in rows]) for t in tasks]
         default = [normalised(r["default"], i) for i, r in enumerate(rows)]
         tuned = [normalised(r["tuned"], i) for i, r in enumerate(rows)]
@@ -88,8 +89,9 @@ def multitask_table(per_seed: dict) -> tuple[list[str], dict]:
             "default": statistics.mean(default),
             "tuned": statistics.mean(tuned),
         }
+        name = m if len(have) == len(seeds) else f"{m} (seed {'/'.join(have)} only)"
         lines.append(
-            f"| {m} | "
+            f"| {name} | "
             + " | ".join(per_task)
             + f" | {_ms(default)} | "
             + "/".join(f"{r['scale']:g}" for r in rows)

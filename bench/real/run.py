@@ -39,7 +39,6 @@ from train import train_lora
 
 import mergekit_tada
 
-GRID = (0.25, 0.5, 1.0, 2.0)  # the scales tried on the validation rows
 ROOT = Path(__file__).resolve().parent
 
 
@@ -57,6 +56,8 @@ class Bench:
 
     folder = "multitask"  # the multi-task protocol's results under the work folder
     trains_on_text = True  # TARA learns from unlabelled text through the LM
+    skip: tuple[str, ...] = ()  # multi-task rows left out (name prefixes)
+    grid = (0.25, 0.5, 1.0, 2.0)  # the scales c tried on the validation rows
 
     def __init__(self, work: Path, quick: bool) -> None:
         self.work, self.quick = work, quick
@@ -117,7 +118,7 @@ class Bench:
         """Per-row results of ``adapter`` at every scale on val, cached in ``key``."""
         cached = json.loads(key.read_text()) if key.exists() else {}
         for split, rows in evals.items():
-            for c in GRID if split == "val" else (1.0,):
+            for c in self.grid if split == "val" else (1.0,):
                 tag = f"{split}@{c}"
                 if tag not in cached:
                     cached[tag] = self.evaluator.correct(rows, adapter, scale=c)
@@ -207,7 +208,9 @@ def evaluate_method(bench, key, adapter, evals, tests, objective, tune=True) -> 
     """Default (c = 1) and tuned (c chosen on val by ``objective``) test results."""
     cached = bench.score(key, adapter, {"val": evals} if tune else {})
     best = (
-        max(GRID, key=lambda c: (objective(cached[f"val@{c}"]), -abs(math.log(c))))
+        max(
+            bench.grid, key=lambda c: (objective(cached[f"val@{c}"]), -abs(math.log(c)))
+        )
         if tune
         else 1.0
     )
@@ -242,6 +245,15 @@ def regime_methods(bench, pair: dict, calib: str, task_calib: str) -> dict:
         "lora_dare_ties": c("lora_dare_ties", unit, rank=16),
         "lora_knots_ties": c("lora_knots_ties", unit, rank=16),
         "lora_tsv_m": c("lora_tsv_m", ones, rank=16),
+        **{  # the rest of the fusion family
+            m: c(m, unit, rank=16)
+            for m in (
+                "lora_dare_linear",
+                "lora_breadcrumbs_ties",
+                "lora_della",
+                "lora_magnitude_prune",
+            )
+        },
         "tada probe gates, r 8": c("tada", roles, **tada),
         "tada r 16": c("tada", roles, rank=16, **tada),
         "tada uniform gates (the default)": c(
@@ -416,7 +428,7 @@ def run_multitask(bench: Bench, seed: int, save=lambda out: None) -> dict:
         )
     ]
     order += [n for n in makers if n not in order]
-    for name in order:
+    for name in (n for n in order if not n.startswith(bench.skip)):
         adapter, seconds = makers[name]()
         out[name] = evaluate_method(
             bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, mean_acc
@@ -463,9 +475,17 @@ def main() -> None:
         choices=["regime", "multitask", "minilm", "lmeval"],
         default=["regime", "multitask", "minilm", "lmeval"],
     )
+    ap.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        help="leave out multi-task rows whose names start so (e.g. tara): "
+        "the report gives each row's seeds",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bench = Bench(Path(args.work), args.quick)
+    bench.skip = tuple(args.skip)
     seeds = args.seeds[:1] if args.quick else args.seeds
     results_path = bench.work / ("quick" if args.quick else "full") / "results.json"
 
@@ -495,6 +515,7 @@ def main() -> None:
             from minilm import MiniLM
 
             on = MiniLM(bench.work, bench.quick)
+            on.skip = bench.skip
         for seed in seeds:
             # after every method: an interrupted run still reports
             key = (part, str(seed))
