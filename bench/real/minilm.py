@@ -18,7 +18,10 @@ import torch
 from data import TASKS
 from evaluate import adapter_updates
 from run import Bench
+from train import save_adapter, step
 
+# "dense" also names the pooler's layer, whose LoRA stays zero: mean pooling
+# never reads it (the merges carry its zero update; no score changes)
 TARGETS = ["query", "key", "value", "dense"]
 
 
@@ -133,20 +136,10 @@ def train_with_head(
             loss = torch.nn.functional.cross_entropy(
                 head(mean_pool(model, batch)), labels[idx]
             )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-            bar.update()
+            step(optimizer, loss, bar)
     bar.close()
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    save_file(
-        {k: v.detach().contiguous() for k, v in head.state_dict().items()},
-        str(head_file),
-    )
-    tmp.rename(out)
-    return out
+    weights = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    return save_adapter(model, out, lambda: save_file(weights, str(head_file)))
 
 
 class MiniLM(Bench):

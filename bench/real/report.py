@@ -142,26 +142,16 @@ def write_report(results: dict, folder: Path, quick: bool = False) -> Path:
             *table,
             "",
         ]
-    if results.get("multitask"):
-        table, summaries["five tasks at once: mean normalised accuracy (%)"] = (
-            multitask_table(results["multitask"])
-        )
-        lines += [
-            f"### Multi-task ({len(results['multitask'])} seed(s))",
-            "",
-            *table,
-            "",
-        ]
-    if results.get("minilm"):
-        table, summaries["MiniLM, per-task heads: mean normalised accuracy (%)"] = (
-            multitask_table(results["minilm"])
-        )
-        lines += [
-            f"### Multi-task on MiniLM, a head per task ({len(results['minilm'])} seed(s))",
-            "",
-            *table,
-            "",
-        ]
+    for part, title, heading in (
+        ("multitask", "five tasks at once", "Multi-task"),
+        ("minilm", "MiniLM, per-task heads", "Multi-task on MiniLM, a head per task"),
+    ):
+        if results.get(part):
+            table, summaries[f"{title}: mean normalised accuracy (%)"] = (
+                multitask_table(results[part])
+            )
+            seeds = len(results[part])
+            lines += [f"### {heading} ({seeds} seed(s))", "", *table, ""]
     if results.get("lmeval"):
         lines += [
             "### lm-eval-harness agreement",

@@ -77,13 +77,25 @@ def train_lora(
                 mask[j, : len(row)] = 1
                 labels[j, first : len(row)] = torch.tensor(row[first:])
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-            bar.update()
+            step(optimizer, loss, bar)
     bar.close()
+    return save_adapter(model, out)
+
+
+def step(optimizer, loss, bar) -> None:
+    """One optimiser step, the loss shown on the progress bar."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.update()
+
+
+def save_adapter(model, out: Path, also=lambda: None) -> Path:
+    """Save the PEFT folder (and ``also``'s files) before the folder gets its
+    name, so a killed run leaves nothing that a later run takes as trained."""
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
+    also()
     tmp.rename(out)
     return out
