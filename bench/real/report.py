@@ -105,7 +105,9 @@ def plot(summaries: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     panels = [(k, v) for k, v in summaries.items() if v]
-    fig = Figure(figsize=(12, 1.2 + 0.32 * max(len(v) for _, v in panels)))
+    fig = Figure(
+        figsize=(5.5 * len(panels), 1.2 + 0.32 * max(len(v) for _, v in panels))
+    )
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, summary) in zip(axes, panels, strict=True):
         names = list(summary)[::-1]
@@ -122,11 +124,12 @@ def plot(summaries: dict, path: Path) -> None:
             0.4,
             label="c = 1",
         )
-        ax.set_yticks(list(y), names, fontsize=8)
-        ax.set_title(title, fontsize=10)
+        short = [n.replace("add_weighted_adapter ", "") for n in names]
+        ax.set_yticks(list(y), short, fontsize=8)
+        ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.subplots_adjust(left=0.2, right=0.98, wspace=0.55, top=0.92, bottom=0.08)
+    fig.subplots_adjust(left=0.12, right=0.98, wspace=0.75, top=0.92, bottom=0.08)
     fig.savefig(path, dpi=100, metadata={"Software": None})
 
 

@@ -87,7 +87,7 @@ def step(optimizer, loss, bar) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.update()
 
 
