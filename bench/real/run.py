@@ -489,7 +489,7 @@ def main() -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     results_path = bench.work / ("quick" if args.quick else "full") / "results.json"
 
-    def save(key: tuple[str, ...], value) -> dict:
+    def save(key: tuple[str, ...], value) -> None:
         """Set one part (or one seed of it) in results.json, re-read first, so
         runs of different parts at the same time keep each other's rows."""
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -501,7 +501,6 @@ def main() -> None:
         tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(results))
         tmp.replace(results_path)
-        return results
 
     for part in args.parts:
         if part == "lmeval":
