@@ -12,7 +12,8 @@ restored from a copy afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -122,12 +123,7 @@ class Evaluator:
         """task -> 1/0 per row, with ``adapter`` (or ``updates``) x ``scale`` applied."""
         if updates is None and adapter is not None:
             updates = adapter_updates(adapter)
-        saved = {}
-        try:
-            for name, delta in (updates or {}).items():
-                weight = self.params[name]
-                saved[name] = weight.detach().clone()
-                weight.data += (scale * delta).to(weight.dtype)
+        with applied(self.params, updates or {}, scale):
             return {
                 task: [
                     int(p == r["label"])
@@ -137,6 +133,22 @@ class Evaluator:
                 ]
                 for task, rs in rows.items()
             }
-        finally:
-            for name, original in saved.items():
-                self.params[name].data.copy_(original)
+
+
+@contextmanager
+def applied(
+    params: dict[str, torch.nn.Parameter],
+    updates: dict[str, torch.Tensor],
+    scale: float,
+) -> Iterator[None]:
+    """The weights plus ``scale`` x their updates inside the block, restored after."""
+    saved = {}
+    try:
+        for name, delta in updates.items():
+            weight = params[name]
+            saved[name] = weight.detach().clone()
+            weight.data += (scale * delta).to(weight.dtype)
+        yield
+    finally:
+        for name, original in saved.items():
+            params[name].data.copy_(original)

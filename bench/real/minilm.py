@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from data import TASKS
-from evaluate import adapter_updates
+from evaluate import adapter_updates, applied
 from run import Bench
 from train import save_adapter, step
 
@@ -80,19 +80,16 @@ class HeadEvaluator:
     ) -> dict[str, list[int]]:
         """task -> 1/0 per row, with ``adapter``'s update x ``scale`` applied."""
         updates = adapter_updates(adapter) if adapter is not None else {}
-        saved = {}
-        try:
-            for name, delta in updates.items():
-                weight = self.params[name]
-                saved[name] = weight.detach().clone()
-                weight.data += (scale * delta).to(weight.dtype)
+        with applied(self.params, updates, scale):
             return {
                 task: (self.predict(task, rs) == label_index(task, rs)).int().tolist()
                 for task, rs in rows.items()
             }
-        finally:
-            for name, original in saved.items():
-                self.params[name].data.copy_(original)
+
+
+def head_file(out: Path, task: str) -> Path:
+    """Where a task's head lies: beside its adapter folder, outside it."""
+    return out.parent / f"head-{task}.safetensors"
 
 
 def train_with_head(
@@ -105,8 +102,8 @@ def train_with_head(
     from tqdm import tqdm
     from transformers import AutoModel, AutoTokenizer
 
-    head_file = out.parent / f"head-{task}.safetensors"
-    if (out / "adapter_model.safetensors").exists() and head_file.exists():
+    head_path = head_file(out, task)
+    if (out / "adapter_model.safetensors").exists() and head_path.exists():
         return out
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -139,7 +136,7 @@ def train_with_head(
             step(optimizer, loss, bar)
     bar.close()
     weights = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-    return save_adapter(model, out, lambda: save_file(weights, str(head_file)))
+    return save_adapter(model, out, lambda: save_file(weights, str(head_path)))
 
 
 class MiniLM(Bench):
@@ -158,7 +155,7 @@ class MiniLM(Bench):
 
     def train(self, task: str, seed: int, out: Path) -> Path:
         self._evaluator = None  # the heads change with the seed
-        self.heads[task] = out.parent / f"head-{task}.safetensors"
+        self.heads[task] = head_file(out, task)
         return train_with_head(self.base, out, task, self.split(task, "train"), seed)
 
     @property
