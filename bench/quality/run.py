@@ -224,6 +224,13 @@ TADA_ABLATIONS = {
     " rank 16 (no truncation)": {"rank": 16},
 }
 TA = "lora_task_arithmetic"
+# the rules with a row each, with and without Pico in front
+WITH_PICO = {
+    "lora_ties": TIES,
+    "lora_dare_ties": TIES,
+    "lora_knots_ties": TIES,
+    "lora_tsv_m": {},
+}
 # name -> (group, builder)
 VARIANTS: dict[str, tuple[str, Callable]] = {
     "base": ("reference", reference(None)),
@@ -241,24 +248,17 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     "PEFT cat": ("baseline", peft("cat")),
     "PEFT svd": ("baseline", peft("svd")),
     **{
-        f"{label}{' + Pico' if pico else ''}": (
+        f"{method}{' + Pico' if pico else ''}": (
             "baseline",
             ours(method, {"pico": pico}, task=extra, domain=extra),
         )
-        for label, method, extra in (
-            ("lora_ties", "lora_ties", TIES),
-            ("lora_dare_ties", "lora_dare_ties", TIES),
-            ("lora_knots_ties", "lora_knots_ties", TIES),
-            ("lora_tsv_m", "lora_tsv_m", {}),
-        )
+        for method, extra in WITH_PICO.items()
         for pico in (False, True)
     },
     **{  # the rest of mergekit's and PEFT's fusion family, exact in dW
         method: ("baseline", ours(method, task=TIES, domain=TIES))
         for method in FAMILY
-        if method
-        not in ("lora_task_arithmetic", "lora_ties", "lora_dare_ties")
-        + ("lora_knots_ties", "lora_tsv_m")
+        if method != TA and method not in WITH_PICO
     },
     "tada (probe gates)": ("tada", ours("tada")),
     **{
