@@ -218,26 +218,12 @@ def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
         "task arithmetic 1/6": uniform_avg,
     }
     timings = {}
+    ties_inputs = {n: {"weight": 1.0, "density": 0.5} for n in names}
     for label, method, params, per_model in (
-        (
-            "lora_ties",
-            "lora_ties",
-            rank,
-            {n: {"weight": 1.0, "density": 0.5} for n in names},
-        ),
-        ("lora_tsv_m", "lora_tsv_m", rank, None),
-        *(  # the rest of the fusion family
-            (method, method, rank, {n: {"weight": 1.0, "density": 0.5} for n in names})
-            for method in FAMILY
-            if method
-            not in ("lora_task_arithmetic", "lora_ties", "lora_dare_ties")
-            + ("lora_knots_ties", "lora_tsv_m")
-        ),
-        (
-            "lora_knots_ties",
-            "lora_knots_ties",
-            rank,
-            {n: {"weight": 1.0, "density": 0.5} for n in names},
+        *(  # every fusion rule; task arithmetic is the two uniform merges above
+            (m, m, rank, None if m == "lora_tsv_m" else ties_inputs)
+            for m in FAMILY
+            if m != "lora_task_arithmetic"
         ),
         *(
             (
