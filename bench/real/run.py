@@ -40,6 +40,14 @@ from train import train_lora
 import mergekit_tada
 
 ROOT = Path(__file__).resolve().parent
+# the fusion rules added after the first runs: rows of both protocols, scored
+# after the others in the multi-task run
+LATER_RULES = (
+    "lora_dare_linear",
+    "lora_breadcrumbs_ties",
+    "lora_della",
+    "lora_magnitude_prune",
+)
 
 
 def slug(name: str) -> str:
@@ -245,15 +253,7 @@ def regime_methods(bench, pair: dict, calib: str, task_calib: str) -> dict:
         "lora_dare_ties": c("lora_dare_ties", unit, rank=16),
         "lora_knots_ties": c("lora_knots_ties", unit, rank=16),
         "lora_tsv_m": c("lora_tsv_m", ones, rank=16),
-        **{  # the rest of the fusion family
-            m: c(m, unit, rank=16)
-            for m in (
-                "lora_dare_linear",
-                "lora_breadcrumbs_ties",
-                "lora_della",
-                "lora_magnitude_prune",
-            )
-        },
+        **{m: c(m, unit, rank=16) for m in LATER_RULES},
         "tada probe gates, r 8": c("tada", roles, **tada),
         "tada r 16": c("tada", roles, rank=16, **tada),
         "tada uniform gates (the default)": c(
@@ -374,10 +374,7 @@ def multitask_methods(bench, adapters: dict, data: dict) -> dict:
         "pico + lora_knots_ties": c("lora_knots_ties", unit, rank=rank, pico=True),
         "tara A": c("tara", with_data, variant="a", **tara),
         "tara B": c("tara", with_data, variant="b", **tara),
-        "lora_dare_linear": c("lora_dare_linear", unit, rank=rank),
-        "lora_breadcrumbs_ties": c("lora_breadcrumbs_ties", unit, rank=rank),
-        "lora_della": c("lora_della", unit, rank=rank),
-        "lora_magnitude_prune": c("lora_magnitude_prune", unit, rank=rank),
+        **{m: c(m, unit, rank=rank) for m in LATER_RULES},
     }
     if not bench.trains_on_text:
         rows = {k: v for k, v in rows.items() if not k.startswith("tara")}
@@ -420,13 +417,7 @@ def run_multitask(bench: Bench, seed: int, save=lambda out: None) -> dict:
             bench, list(adapters.values()), kind, root / f"merges/peft_{kind}"
         )
     # the cheap rows first (TARA trains; the later fusion rules are extra rows)
-    order = [
-        n
-        for n in makers
-        if not n.startswith(
-            ("tara", "lora_dare_linear", "lora_b", "lora_della", "lora_magnitude")
-        )
-    ]
+    order = [n for n in makers if not n.startswith("tara") and n not in LATER_RULES]
     order += [n for n in makers if n not in order]
     for name in (n for n in order if not n.startswith(bench.skip)):
         adapter, seconds = makers[name]()
