@@ -207,6 +207,34 @@ def svd_coordinates(
     return w[:, start:] @ (u_c / r[:, None]), s, c @ (u_c / s)
 
 
+def column_basis(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (float32, m x s) of the column span of a thin X (m x k).
+
+    From the float64 Gram's eigendecomposition, null directions cut as in
+    :func:`svd_coordinates`: the left singular vectors of X, strongest first
+    (up to sign).
+    """
+    lam, w = torch.linalg.eigh(gram(X, "columns"))  # ascending
+    start = lam.shape[0] - _significant_count(lam, NULL_TOLERANCE**2)
+    basis = X.double() @ (w[:, start:] / lam[start:].sqrt())
+    return basis.flip(1).float()
+
+
+def polar(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormal polar factor P Q^T of a thin matrix X = P S Q^T."""
+    p, _, qh = torch.linalg.svd(X.double(), full_matrices=False)
+    return (p @ qh).float()
+
+
+def right_solve(N: torch.Tensor, G: torch.Tensor) -> torch.Tensor | None:
+    """``N G^-1`` for a symmetric positive definite G (float64, Cholesky);
+    None where G is not positive definite."""
+    L, info = torch.linalg.cholesky_ex(G.double())
+    if int(info) != 0:
+        return None
+    return torch.cholesky_solve(N.double().T, L).T
+
+
 def add_product(
     W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, rows: int = 256
 ) -> torch.Tensor:

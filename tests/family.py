@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import mergekit_tada
+from mergekit_tada.methods import registry
 
 INPUTS = ("lora-task", "lora-domain", "lora-third")
 
@@ -20,7 +21,7 @@ def family_config(method, rank=None, **params):
         {"model": f"./base+./{name}", "parameters": {"weight": w, "density": d}}
         for name, w, d in zip(INPUTS, WEIGHTS, DENSITIES, strict=True)
     ]
-    if method in ("lora_task_arithmetic", "lora_tsv_m"):
+    if "density" not in {p.name for p in registry.get(method).spec.input_parameters}:
         for m in models:
             del m["parameters"]["density"]
     parameters = dict(params)

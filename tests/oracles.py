@@ -81,3 +81,116 @@ def knots_ties(
     u, coefficients = u[:, :k], s[:k, None] * vh[:k]
     blocks = [coefficients[:, t * n : (t + 1) * n] for t in range(len(deltas))]
     return u @ ties(blocks, weights, densities)
+
+
+# ------------------------------------------------ data-free and data-aware merges
+
+
+def nonzero_svd(M: torch.Tensor, tolerance: float = 1e-6):
+    """SVD of a dense matrix without its (numerically) zero singular values."""
+    u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
+    keep = s > s[0] * tolerance if s.numel() and s[0] > 0 else s > 0
+    return u[:, keep], s[keep], vh[keep]
+
+
+def iso_c(deltas, weights, scale: float = 1.0) -> torch.Tensor:
+    """Iso-C (Marczak et al., 2025): the sum's singular values all set to their
+    mean (nonzero ones: a sum of LoRAs), times a global scale."""
+    total = sum(w * d.double() for d, w in zip(deltas, weights, strict=True))
+    u, s, vh = nonzero_svd(total)
+    return scale * s.mean() * u @ vh
+
+
+def polar(X: torch.Tensor) -> torch.Tensor:
+    p, _, qh = torch.linalg.svd(X.double(), full_matrices=False)
+    return p @ qh
+
+
+def iso_cts(deltas, weights, fraction: float, stacked_rank: int, scale: float = 1.0):
+    """Iso-CTS: the sum's top directions as the common space, each task's top
+    directions off it, polar-orthogonalised, spectrum flattened; the space
+    sizes from ``stacked_rank`` (sum r) as min(d_out, d_in) in the paper."""
+    T = len(deltas)
+    common = int(stacked_rank * fraction)
+    per_task = round((stacked_rank - common) / T)
+    common = stacked_rank - per_task * T
+    weighted = [w * d.double() for d, w in zip(deltas, weights, strict=True)]
+    u, s, vh = nonzero_svd(sum(weighted))
+    Uc, Sc, Vc = u[:, :common], s[:common], vh[:common]
+    us, ss, vs = [Uc], [Sc], [Vc.T]
+    for d in weighted:
+        ut, st, vt = nonzero_svd(d - Uc @ Uc.T @ d)
+        us.append(ut[:, :per_task])
+        ss.append(st[:per_task])
+        vs.append(vt[:per_task].T)
+    sigma = torch.cat(ss).mean()
+    return scale * sigma * polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).T
+
+
+def least_squares_merge(deltas, grams, weights=None) -> torch.Tensor:
+    """argmin_W sum_t ||X_t W^T - X_t dW_t^T||^2 with X_t^T X_t = G_t (weights
+    on each task's target), through the pseudo-inverse: RegMean's closed form."""
+    weights = weights or [1.0] * len(deltas)
+    numerator = sum(
+        w * d.double() @ g.double()
+        for d, g, w in zip(deltas, grams, weights, strict=True)
+    )
+    return numerator @ torch.linalg.pinv(sum(g.double() for g in grams))
+
+
+def wudi(deltas, weights, scale: float = 1.0) -> torch.Tensor:
+    """WUDI (Cheng et al., 2025): the minimiser of
+    sum_t ||(W - dW_t) dW_t^T||^2 / ||dW_t||^2."""
+    grams = [d.double().T @ d.double() / d.double().norm() ** 2 for d in deltas]
+    return scale * least_squares_merge(deltas, grams, list(weights))
+
+
+def wudi_loss(W: torch.Tensor, deltas) -> float:
+    return float(
+        sum(
+            ((W.double() - d.double()) @ d.double().T).norm() ** 2
+            / d.double().norm() ** 2
+            for d in deltas
+        )
+    )
+
+
+def regmean_grams(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """RegMean's regularised Gram: off-diagonal entries times alpha."""
+    g = gram.double()
+    return alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
+
+
+def core_bases(Bs, As):
+    """Core space (Panariello et al., 2025): left singular vectors of the
+    stacked B's, right singular vectors of the stacked A's (dense SVDs)."""
+    u, s, _ = torch.linalg.svd(
+        torch.cat([b.double() for b in Bs], 1), full_matrices=False
+    )
+    _, t, vh = torch.linalg.svd(
+        torch.cat([a.double() for a in As], 0), full_matrices=False
+    )
+    return u[:, s > s[0] * 1e-6], vh[t > t[0] * 1e-6].T
+
+
+def tucker2(tensors, rank: int, tol: float = 1e-6, max_iter: int = 1000):
+    """Tucker-2 of the m x n x T stack by HOOI from the HOSVD (dense SVDs of the
+    unfoldings), stopped when the relative error changes by less than tol."""
+    X = [t.double() for t in tensors]
+    total = sum(float(x.norm() ** 2) for x in X)
+
+    def top(blocks):
+        return torch.linalg.svd(torch.cat(blocks, 1), full_matrices=False)[0][:, :rank]
+
+    P, Q = top(X), top([x.T for x in X])
+    error = 1.0
+    for _ in range(max_iter):
+        P = top([x @ Q for x in X])
+        Q = top([x.T @ P for x in X])
+        previous = error
+        error = (
+            max(total - sum(float((P.T @ x @ Q).norm() ** 2) for x in X), 0) / total
+        ) ** 0.5
+        if abs(previous - error) < tol:
+            break
+    return P, Q

@@ -23,6 +23,7 @@ from typing import Any
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, truncate
 from mergekit_tada.methods import pico
+from mergekit_tada.methods.core_space import SPACES, core_space
 from mergekit_tada.methods.params import NON_BASE, SHARED, MethodSpec, Param
 
 # Parameters every LoRA-space method takes.
@@ -188,8 +189,15 @@ class LoraMergeMethod:
             calibrated, sharing = pico.calibrate(list(updates.values()))
             updates = dict(zip(updates, calibrated, strict=True))
             record["pico_sharing"] = [float(f"{x:.6g}") for x in sharing]
+        space = None
+        if job.params.get("space") == "core":
+            space = core_space(list(updates.values()))
+            updates = {label: space.project(u) for label, u in updates.items()}
+            record["core_dim"] = list(space.dim)
         merged, extra = self.combine(job, updates)
         record.update(extra)
+        if space is not None:
+            merged = space.lift(merged)
         if job.params["pico"]:
             merged, gamma = pico.restore_magnitude(merged, list(job.updates.values()))
             record["pico_gamma"] = gamma
@@ -232,6 +240,7 @@ class LoraMergeMethod:
 
 WEIGHT = Param("weight", float, NON_BASE, 1.0, "per-adapter weight")
 DENSITY = Param("density", float, NON_BASE, 1.0, "fraction of entries kept")
+SPACE = Param("space", str, SHARED, "full", "full | core: where the rule decides")
 
 
 def gta_parameters(normalize: bool, rescale: bool) -> tuple[Param, ...]:
@@ -257,6 +266,8 @@ class FamilyMethod(LoraMergeMethod):
 
     def check(self, tensor: str, params: dict, inputs: dict[str, dict]) -> None:
         super().check(tensor, params, inputs)
+        if "space" in params:
+            self.check_choices(tensor, params, (("space", SPACES),))
         for label, p in inputs.items():
             density = p.get("density")
             if density is not None and not 0 < density <= 1:

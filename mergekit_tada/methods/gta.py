@@ -22,7 +22,12 @@ best rank-r approximation of each module (tests/test_family.py). Random masks
 from __future__ import annotations
 
 from mergekit_tada.errors import TadaError
-from mergekit_tada.methods.base import FamilyMethod, family_spec, gta_parameters
+from mergekit_tada.methods.base import (
+    SPACE,
+    FamilyMethod,
+    family_spec,
+    gta_parameters,
+)
 from mergekit_tada.methods.dense import dense_merge, mergekit_gta, module_seed
 from mergekit_tada.methods.params import NON_BASE, Param
 
@@ -45,7 +50,7 @@ class LoraGta(FamilyMethod):
         self.kernel = kernel
         self.extra = tuple(p.name for p in extra)
         self.spec = family_spec(
-            name, pretty, (*gta_parameters(normalize, rescale), *extra)
+            name, pretty, (*gta_parameters(normalize, rescale), *extra, SPACE)
         )
 
     def check(self, tensor: str, params: dict, inputs: dict[str, dict]) -> None:

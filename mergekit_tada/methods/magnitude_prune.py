@@ -17,6 +17,7 @@ import torch
 
 from mergekit_tada.methods.base import (
     DENSITY,
+    SPACE,
     WEIGHT,
     FamilyMethod,
     family_spec,
@@ -47,7 +48,7 @@ class LoraMagnitudePrune(FamilyMethod):
     spec = family_spec(
         "lora_magnitude_prune",
         "Magnitude prune on LoRA updates (PEFT's magnitude_prune, exact)",
-        (WEIGHT, DENSITY),
+        (WEIGHT, DENSITY, SPACE),
     )
 
     def rank_limit(self, source_ranks: list[int], shape: tuple[int, int]) -> int:

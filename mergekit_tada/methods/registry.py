@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from mergekit_tada.methods import gta
 from mergekit_tada.methods.base import FamilyMethod, LoraMergeMethod
+from mergekit_tada.methods.ctm import LoraCtm
+from mergekit_tada.methods.iso import LoraIsoC, LoraIsoCts
 from mergekit_tada.methods.knots import LoraKnotsTies
 from mergekit_tada.methods.magnitude_prune import LoraMagnitudePrune
 from mergekit_tada.methods.tada import TadaMethod
 from mergekit_tada.methods.tara import TaraMethod
 from mergekit_tada.methods.task_arithmetic import LoraTaskArithmetic
 from mergekit_tada.methods.tsv_m import LoraTsvM
+from mergekit_tada.methods.wudi import LoraWudi
 
 METHODS: tuple[LoraMergeMethod, ...] = (
     TadaMethod(),
@@ -22,6 +25,10 @@ METHODS: tuple[LoraMergeMethod, ...] = (
     LoraMagnitudePrune(),
     LoraKnotsTies(),
     LoraTsvM(),
+    LoraIsoC(),
+    LoraIsoCts(),
+    LoraWudi(),
+    LoraCtm(),
     TaraMethod(),
 )
 METHOD_NAMES = frozenset(m.spec.name for m in METHODS)

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_tada.lowrank import Factored, ThinSVD, svd
-from mergekit_tada.methods.base import WEIGHT, FamilyMethod, family_spec
+from mergekit_tada.lowrank import Factored, ThinSVD, polar, svd
+from mergekit_tada.methods.base import SPACE, WEIGHT, FamilyMethod, family_spec
 from mergekit_tada.methods.params import SHARED, Param
 
 
@@ -30,20 +30,14 @@ def tsv_m(
     U = torch.cat([s.U for s, _ in kept], dim=1)
     V = torch.cat([s.V for s, _ in kept], dim=1)
     sigma = torch.cat([s.S * w for s, w in kept])
-    return svd(Factored(_polar(U) * (alpha * sigma), _polar(V).T))
-
-
-def _polar(X: torch.Tensor) -> torch.Tensor:
-    """Orthonormal polar factor P Q^T of a thin matrix X = P S Q^T."""
-    p, _, qh = torch.linalg.svd(X.double(), full_matrices=False)
-    return (p @ qh).float()
+    return svd(Factored(polar(U) * (alpha * sigma), polar(V).T))
 
 
 class LoraTsvM(FamilyMethod):
     spec = family_spec(
         "lora_tsv_m",
         "TSV-M (task singular vectors merge) on LoRA factors",
-        (WEIGHT, Param("alpha", float, SHARED, 1.0, "global scale")),
+        (WEIGHT, Param("alpha", float, SHARED, 1.0, "global scale"), SPACE),
     )
 
     def combine(self, job, updates):
