@@ -1,7 +1,9 @@
 """Content-addressed cache of what a merge learns from data before merging.
 
-Two kinds of entries: TaDA's calibration statistics (``stats-<key>.json``) and
-TARA's learned coefficients (``tara-<key>.json``). A key covers everything that
+JSON entries: TaDA's calibration statistics (``stats-<key>.json``), TARA's
+learned coefficients (``tara-<key>.json``), texts a model wrote
+(``texts-<key>.json``); tensor entries: RegMean's reduced Grams
+(``regmean-<key>.safetensors``). A key covers everything that
 changes the entry: the adapters' content hashes, the text actually used (after
 sampling and truncation: the token ids), the settings, the base weights the
 pass reads, the device kind and the package version. Settings applied after
@@ -108,6 +110,40 @@ class ContentCache:
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
             LOG.warning("ignoring corrupt cache entry %s (%s)", path, error)
             return None
+
+    def load_tensors(self, key: str, kind: str) -> dict | None:
+        """The tensors stored under key, or None (missing, corrupt, another key)."""
+        from safetensors import safe_open
+
+        path = self.dir / f"{kind}-{key}.safetensors"
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), "pt") as fh:
+                if (fh.metadata() or {}).get("key") != key:
+                    raise ValueError("key mismatch")
+                return {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+        except Exception as error:  # safetensors raises its own types on damage
+            LOG.warning("ignoring corrupt cache entry %s (%s)", path, error)
+            return None
+
+    def store_tensors(self, key: str, tensors: dict, kind: str) -> Path | None:
+        """Write a safetensors entry atomically (temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = self.dir / f"{kind}-{key}.safetensors"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, str(tmp), {"key": key}
+            )
+            os.replace(tmp, path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            self._unusable("store an entry", error)
+            return None
+        return path
 
     def store(self, key: str, payload: dict, kind: str = "stats") -> Path | None:
         """Write an entry; None (and one warning) where the cache is unusable."""

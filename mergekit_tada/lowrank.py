@@ -61,6 +61,22 @@ def single_thread(device: torch.device | str = "cpu") -> Iterator[None]:
                 torch.set_num_threads(_THREADS_SAVED)
 
 
+_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global CPU generator seeded for this block, one block at a time.
+
+    Modules merge on worker threads (run/execute.py, adapter-only) and mergekit's
+    kernels (and generation) draw from the global generator, so seeding and drawing must not
+    interleave with another thread's; the caller's generator state is restored.
+    """
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 @dataclass(frozen=True)
 class Factored:
     """A matrix held as ``B @ A``."""

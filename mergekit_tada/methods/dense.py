@@ -10,14 +10,12 @@ masks are seeded per module from ``--random-seed`` (:func:`module_seed`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from mergekit_tada.lowrank import Factored, ThinSVD, significant
+from mergekit_tada.lowrank import Factored, ThinSVD, seeded, significant
 
 # Above this size a dense SVD of a merged module is slow on CPUs; a randomized
 # range finder with generous oversampling and power iterations is used instead.
@@ -38,22 +36,6 @@ def dense_svd(M: torch.Tensor, rank: int) -> ThinSVD:
         u, s, v = torch.svd_lowrank(M, q=q, niter=RANDOMIZED_POWER_ITERATIONS)
     keep = significant(s)
     return ThinSVD(u[:, keep], s[keep], v[:, keep])
-
-
-_RNG_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """torch's global CPU generator seeded for this block, one block at a time.
-
-    Modules merge on worker threads (run/execute.py, adapter-only) and mergekit's
-    kernels draw from the global generator, so seeding and drawing must not
-    interleave with another thread's; the caller's generator state is restored.
-    """
-    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def module_seed(seed: int, module: str) -> int:

@@ -12,6 +12,7 @@ from mergekit_tada.methods.ctm import LoraCtm
 from mergekit_tada.methods.iso import LoraIsoC, LoraIsoCts
 from mergekit_tada.methods.knots import LoraKnotsTies
 from mergekit_tada.methods.magnitude_prune import LoraMagnitudePrune
+from mergekit_tada.methods.regmean import LoraRegMean
 from mergekit_tada.methods.tada import TadaMethod
 from mergekit_tada.methods.tara import TaraMethod
 from mergekit_tada.methods.task_arithmetic import LoraTaskArithmetic
@@ -29,6 +30,7 @@ METHODS: tuple[LoraMergeMethod, ...] = (
     LoraIsoCts(),
     LoraWudi(),
     LoraCtm(),
+    LoraRegMean(),
     TaraMethod(),
 )
 METHOD_NAMES = frozenset(m.spec.name for m in METHODS)

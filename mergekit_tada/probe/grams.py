@@ -1,0 +1,270 @@
+"""RegMean's Gram pass: each model's module inputs on its own prompts, streamed.
+
+For every LoRA'd module m and model t, the Gram G_t = X_t^T X_t / n_t of the
+module's inputs over model t's prompts (n_t valid tokens: FusionBench's
+per-token mean, so each model weighs the same whatever its prompt count).
+X_t comes from the base with adapter t's update added to every LoRA'd
+linear (``grams: model``, as in the RegMean paper: the inputs model t sees)
+or from the base alone (``grams: base``). The base streams block by block
+(streaming.py, as the probe's pass), every model's chunks through each block.
+
+The merge needs, per module, only sum_t G~_t and A_t G~_t, where
+G~ = alpha G + (1 - alpha) diag(G) is linear in G. So one d_in x d_in sum is
+accumulated per module (over every model's chunks), with A_t G_t (r_t x d_in)
+and diag(G_t) per model, and right after its block has run each module is
+reduced to R_t = (A_t G~_t) (sum_s G~_s)^-1 (r_t x d_in): all the merge reads,
+dW* = sum_t w_t B_t R_t. Peak memory: the streamed block and one d_in x d_in
+float64 sum per LoRA'd module of that block (docs/regmean.md); nothing of
+size d_in^2 outlives its block. Inputs shared by several modules (q, k, v)
+are multiplied out once per chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.errors import TadaError
+from mergekit_tada.lowrank import Factored, right_solve, single_thread
+from mergekit_tada.probe.calibration import large_allocations_unmapped, natural_key
+from mergekit_tada.streaming import Batch, StreamedModel, token_count
+
+ROWS = 256  # tokens per float32 product (accumulated in float64)
+Reduced = dict[tuple[str, str], torch.Tensor]  # (label, module) -> R_t
+
+
+def with_update(output: torch.Tensor, x: torch.Tensor, f: Factored) -> torch.Tensor:
+    """A linear's output plus its factored update s B A x (never a dense dW)."""
+    return output + (x @ f.A.T) @ f.B.T
+
+
+@contextlib.contextmanager
+def adapter_applied(
+    model: nn.Module, adapter: LoraAdapter, device, name=lambda n: n
+) -> Iterator[None]:
+    """``model`` runs as base + adapter (hooks on its linears; weights untouched)."""
+    modules = {name(n): m for n, m in model.named_modules()}
+    handles = []
+    for module in adapter.modules:
+        if module not in modules:
+            raise TadaError(
+                f"{adapter.weights_path}: module {module} is not in the base model"
+            )
+        f = adapter.factors(module, device)
+        handles.append(
+            modules[module].register_forward_hook(
+                lambda _m, inputs, output, f=f: with_update(output, inputs[0], f)
+            )
+        )
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Sums:
+    """Per module: the summed Gram, and A_t G_t and diag(G_t) per model."""
+
+    def __init__(self, d: int, factors: dict[str, torch.Tensor], device) -> None:
+        self.gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.A = factors  # label -> A_t (float32)
+        self.AG = {
+            t: torch.zeros(a.shape[0], d, dtype=torch.float64, device=device)
+            for t, a in factors.items()
+        }
+        self.diag = {
+            t: torch.zeros(d, dtype=torch.float64, device=device) for t in factors
+        }
+
+    def reduce(self, alpha: float, module: str) -> dict[str, torch.Tensor]:
+        """R_t = (A_t G~_t) (sum G~)^-1 for each model t that updates the module."""
+        total = alpha * self.gram + (1 - alpha) * torch.diag(self.gram.diagonal())
+        labels = list(self.A)
+        numerators = [
+            alpha * self.AG[t] + (1 - alpha) * self.A[t].double() * self.diag[t]
+            for t in labels
+        ]
+        solved = right_solve(torch.cat(numerators), total)
+        if solved is None or not torch.isfinite(solved).all():
+            raise TadaError(
+                f"regmean: the input Gram of {module} is singular with alpha={alpha}: "
+                "lower alpha (e.g. 0.5; below 1 only features that are always 0 stay "
+                "singular), or give more or longer prompts"
+            )
+        return dict(
+            zip(
+                labels,
+                solved.float().split([a.shape[0] for a in numerators]),
+                strict=True,
+            )
+        )
+
+
+class _Accumulator:
+    """Forward hooks that sum each module's input Gram per chunk's model and,
+    with ``apply``, add that model's update to the module's output."""
+
+    def __init__(
+        self,
+        adapters: dict[str, LoraAdapter],
+        owners: list[str],
+        tokens: dict[str, int],
+        apply: bool,
+        device,
+    ) -> None:
+        self.adapters, self.owners, self.apply, self.device = (
+            adapters,
+            owners,
+            apply,
+            device,
+        )
+        self.scale = {t: 1.0 / n for t, n in tokens.items()}
+        self.targets: dict[str, list[str]] = {}
+        for label, adapter in adapters.items():
+            for module in adapter.modules:
+                self.targets.setdefault(module, []).append(label)
+        self.chunk = 0
+        self.mask: torch.Tensor | None = None
+        self.sums: dict[str, _Sums] = {}
+        # (chunk, input tensor, gram, diag): the tensor itself, held, so that no
+        # later tensor can take its place (an address could be reused)
+        self._memo: tuple | None = None
+
+    def _gram(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X^T X, sum of squares) of one chunk's valid rows: float32 products of
+        ROWS tokens, summed in float64, once per distinct input tensor."""
+        memo = self._memo
+        if memo is not None and memo[0] == self.chunk and memo[1] is x:
+            return memo[2], memo[3]
+        rows = self._rows(x)
+        gram = torch.zeros(
+            rows.shape[1], rows.shape[1], dtype=torch.float64, device=x.device
+        )
+        for block in rows.split(ROWS):
+            block = block.float()
+            gram += (block.T @ block).double()
+        result = (gram, gram.diagonal().clone())
+        self._memo = (self.chunk, x, *result)
+        return result
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None and x.shape[:-1] == self.mask.shape:
+            x = x[self.mask]
+        return x.reshape(-1, x.shape[-1])
+
+    def hook(self, module: str):
+        labels = self.targets[module]
+        factors = {t: self.adapters[t].factors(module, self.device) for t in labels}
+        d = next(iter(factors.values())).A.shape[1]
+        sums = self.sums.setdefault(
+            module, _Sums(d, {t: f.A for t, f in factors.items()}, self.device)
+        )
+
+        def accumulate(_module: nn.Module, inputs: tuple, output):
+            owner = self.owners[self.chunk]
+            scale = self.scale[owner]
+            x = inputs[0]
+            with single_thread(x.device):
+                gram, diag = self._gram(x)
+                sums.gram += gram * scale
+                if owner in factors:
+                    rows = self._rows(x).float()
+                    z = (rows @ factors[owner].A.T).double()
+                    sums.AG[owner] += (z.T @ rows.double()) * scale
+                    sums.diag[owner] += diag * scale
+            if self.apply and output is not None and owner in factors:
+                return with_update(output, x, factors[owner])
+            return None
+
+        return accumulate
+
+    @contextlib.contextmanager
+    def attached(self, named) -> Iterator[None]:
+        handles = [
+            m.register_forward_hook(self.hook(name))
+            for name, m in named
+            if name in self.targets
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._memo = None
+
+
+@large_allocations_unmapped()
+def gram_pass(
+    base_path: str,
+    batches: dict[str, Sequence[Batch]],
+    adapters: dict[str, LoraAdapter],
+    alpha: float,
+    apply: bool,
+    *,
+    device: str | torch.device = "cpu",
+    quiet: bool = False,
+) -> Reduced:
+    """Stream the base over every model's batches; R_t per (model, module)."""
+    device = torch.device(device)
+    model = StreamedModel(
+        base_path, device, torch.float32, progress="RegMean Grams", quiet=quiet
+    )
+    owners = [t for t, bs in batches.items() for _ in bs]
+    chunks = [b.to(device) for bs in batches.values() for b in bs]
+    tokens = {t: token_count(bs) for t, bs in batches.items()}
+    acc = _Accumulator(adapters, owners, tokens, apply, device)
+    reduced: Reduced = {}
+
+    def finish(modules) -> None:
+        for module in modules:
+            if module in acc.sums:
+                for t, R in acc.sums.pop(module).reduce(alpha, module).items():
+                    reduced[(t, module)] = R
+
+    def before_chunk(c: int) -> None:
+        acc.chunk, acc.mask = c, chunks[c].attention_mask.bool()
+
+    @contextlib.contextmanager
+    def block(layer, prefix):
+        named = list(model.linear_modules(layer, prefix))
+        with acc.attached(named):
+            yield
+        finish([n for n, _ in named])
+
+    with torch.inference_mode():
+        records = model.block_inputs(chunks)
+        hidden = [r[0][0] for r in records]
+        model.model.get_input_embeddings().to("meta")
+        finals = [
+            states[-1]
+            for states in model.forward_blocks(records, hidden, block, before_chunk)
+        ]
+        # modules outside the blocks (the pooler; the LM head on the final states)
+        stem = [
+            (n, m)
+            for n, m in model.linear_modules(model.model, "")
+            if not n.startswith(model.checkpoint_name(model.blocks_name + "."))
+        ]
+        head = acc.hook("lm_head") if "lm_head" in acc.targets else None
+        with acc.attached(iter(stem)):
+            for c, b in enumerate(chunks):
+                before_chunk(c)
+                out = model.tail(b, finals[c])
+                if head:
+                    head(None, (out.last_hidden_state,), None)
+        finish(sorted(acc.sums, key=natural_key))
+    missing = sorted(
+        {m for t, a in adapters.items() for m in a.modules if (t, m) not in reduced},
+        key=natural_key,
+    )
+    if missing:
+        raise TadaError(
+            f"regmean: no inputs reached modules {missing[:4]} "
+            f"(architecture {type(model.model).__name__})"
+        )
+    return reduced
