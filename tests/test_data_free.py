@@ -261,3 +261,31 @@ def test_bad_parameters_name_the_key(three, method, params, fragment):
         run(config)
     assert fragment in str(info.value)
     assert not Path("out").exists() or not any(Path("out").iterdir())
+
+
+def test_lossless_with_a_rank_is_refused(three):
+    config = family_config("lora_task_arithmetic", rank=2, lossless=True)
+    with pytest.raises(TadaError, match="lossless: true writes rank = the sum"):
+        run(config)
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("lora_tsv_m", {"alpha": 0.0}),
+        ("lora_dare_linear", {"per_density": 1e-9}),
+        ("lora_task_arithmetic", {"per_weight": 0.0}),
+    ],
+)
+def test_a_zero_merge_says_the_output_is_the_base(three, caplog, method, params):
+    per = {
+        k.removeprefix("per_"): params.pop(k)
+        for k in list(params)
+        if k.startswith("per_")
+    }
+    config = family_config(method, rank=4, **params)
+    for m in config["models"]:
+        m["parameters"].update(per)
+    with caplog.at_level("WARNING"):
+        run(config)
+    assert "the output is the base model" in caplog.text

@@ -239,3 +239,14 @@ def test_trainers_save_loadable_adapters_that_moved(work, monkeypatch, tmp_path)
     }
     # the pooler's dense layer matches "dense" too but mean pooling never uses it
     assert moved and all(v for k, v in moved.items() if not k.startswith("pooler"))
+
+
+def test_an_unwritable_work_folder_is_one_line(tmp_path):
+    import run
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as info:
+        run.writable(blocker / "work")
+    assert str(info.value).startswith("run.py: cannot write to --work")
+    assert "\n" not in str(info.value)

@@ -455,6 +455,20 @@ def bootstrap(per_seed: list[dict], metric, reps: int = 1000) -> tuple[float, fl
     return values[int(0.025 * reps)], values[int(0.975 * reps) - 1]
 
 
+def writable(work: Path) -> None:
+    """Exit with one line unless the work folder can be created and written."""
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        probe = work / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(
+            f"run.py: cannot write to --work {work} ({error.strerror or error}); "
+            "give a folder you can write"
+        ) from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="bench/work/real")
@@ -475,6 +489,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    writable(Path(args.work))
     bench = Bench(Path(args.work), args.quick)
     bench.skip = tuple(args.skip)
     seeds = args.seeds[:1] if args.quick else args.seeds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, ThinSVD, stack, svd
 from mergekit_tada.methods.base import WEIGHT, FamilyMethod, family_spec
 from mergekit_tada.methods.params import SHARED, Param
@@ -31,6 +32,15 @@ class LoraTaskArithmetic(FamilyMethod):
             Param("lossless", bool, SHARED, False, "rank = sum of input ranks"),
         ),
     )
+
+    def check(self, tensor: str, params: dict, inputs: dict[str, dict]) -> None:
+        super().check(tensor, params, inputs)
+        if params["lossless"] and params["rank"] is not None:
+            raise TadaError(
+                f"lora_task_arithmetic: lossless: true writes rank = the sum of the "
+                f"input ranks, so rank: {params['rank']} would be ignored: give one "
+                f"of the two (at {tensor})"
+            )
 
     def output_rank(self, params: dict, default: int, source_ranks: list[int]) -> int:
         if params["lossless"]:

@@ -35,6 +35,7 @@ from mergekit_tada.run.report import (
     describe_inputs,
     dumps,
     truncation_warning,
+    zero_update_warning,
 )
 
 LOG = logging.getLogger(__name__)
@@ -75,8 +76,12 @@ class Execution:
             raise
         facts = self.facts()
         report = build_report(facts)
-        if warning := truncation_warning(report["summary"], self.output_rank):
-            LOG.warning(warning)
+        for warning in (
+            truncation_warning(report["summary"], self.output_rank),
+            zero_update_warning(self.records),
+        ):
+            if warning:
+                LOG.warning(warning)
         plots = draw(self.method.plots(self.records, self.context), target)
         report.update(plots)
         if model_card:

@@ -109,6 +109,16 @@ def truncation_warning(summary: dict[str, Any], rank: int) -> str | None:
     )
 
 
+def zero_update_warning(records: dict[str, dict]) -> str | None:
+    """One line when every module's merged update is zero: the output is the base."""
+    if records and all(r.get("rank_99", 1) == 0 for r in records.values()):
+        return (
+            f"the merged update is zero in every module ({len(records)}): the output "
+            "is the base model (check the weights, density, alpha or lambda)"
+        )
+    return None
+
+
 def build_report(facts: MergeFacts) -> dict[str, Any]:
     from importlib.metadata import version
 
