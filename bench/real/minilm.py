@@ -144,6 +144,7 @@ class MiniLM(Bench):
 
     folder = "minilm"
     trains_on_text = False
+    max_length = 128  # as its training and scoring
     # five summed updates of the encoder want c below 1/4 (the SmolLM grid's
     # lowest value was chosen for nearly every merge on seed 0)
     grid = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -163,6 +164,9 @@ class MiniLM(Bench):
         if self._evaluator is None:
             self._evaluator = HeadEvaluator(self.base, self.heads)
         return self._evaluator
+
+    def prompt_text(self, task: str, row: dict) -> str:
+        return row["text"]  # the encoder reads the text alone
 
     def peft_model(self):
         from transformers import AutoModel

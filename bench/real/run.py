@@ -50,6 +50,33 @@ LATER_RULES = (
 )
 
 
+# the data-free rules of 2025-26, core space and RegMean (issues 30 and 32):
+# name -> (method, shared parameters, per-input parameter keys); "{rank}" is
+# the stacked rank sum r, "{data}" each task's unlabelled training prompts
+STATE_OF_THE_ART = {
+    "lora_iso_c": ("lora_iso_c", {}, ()),
+    "lora_iso_cts": ("lora_iso_cts", {}, ()),
+    "lora_wudi": ("lora_wudi", {}, ()),
+    "lora_ctm task_arithmetic r 8": ("lora_ctm", {"rank": 8}, ()),
+    "lora_ctm ties r 8": ("lora_ctm", {"rank": 8, "rule": "ties"}, ("density",)),
+    "lora_ctm tsv_m r 8": ("lora_ctm", {"rank": 8, "rule": "tsv_m"}, ()),
+    "lora_ctm iso_c r 8": ("lora_ctm", {"rank": 8, "rule": "iso_c"}, ()),
+    "core lora_ties": ("lora_ties", {"space": "core"}, ("density",)),
+    "core lora_dare_ties": ("lora_dare_ties", {"space": "core"}, ("density",)),
+    "core lora_tsv_m": ("lora_tsv_m", {"space": "core"}, ()),
+    "core lora_iso_c": ("lora_iso_c", {"space": "core"}, ()),
+    "r 8 lora_tsv_m": ("lora_tsv_m", {"rank": 8}, ()),
+    "r 8 lora_iso_c": ("lora_iso_c", {"rank": 8}, ()),
+    "r 8 lora_wudi": ("lora_wudi", {"rank": 8}, ()),
+    "regmean model 64": ("lora_regmean", {}, ("data",)),
+    "regmean base 64": ("lora_regmean", {"grams": "base"}, ("data",)),
+    "regmean model 16": ("lora_regmean", {"samples": 16}, ("data",)),
+    "regmean model 256": ("lora_regmean", {"samples": 256}, ("data",)),
+    "regmean generate": ("lora_regmean", {}, ("generate",)),
+    "regmean generate base": ("lora_regmean", {"grams": "base"}, ("generate",)),
+}
+
+
 def slug(name: str) -> str:
     """A file name for a method's row."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -65,7 +92,9 @@ class Bench:
     folder = "multitask"  # the multi-task protocol's results under the work folder
     trains_on_text = True  # TARA learns from unlabelled text through the LM
     skip: tuple[str, ...] = ()  # multi-task rows left out (name prefixes)
+    only: tuple[str, ...] = ()  # multi-task rows run (names; empty: all)
     grid = (0.25, 0.5, 1.0, 2.0)  # the scales c tried on the validation rows
+    max_length = 256  # tokens per unlabelled prompt (RegMean's Grams)
 
     def __init__(self, work: Path, quick: bool) -> None:
         self.work, self.quick = work, quick
@@ -112,13 +141,13 @@ class Bench:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w", encoding="utf-8") as fh:
                 for r in self.split(task, split):
-                    fh.write(
-                        json.dumps(
-                            {"text": prompt(TASKS[text_task or task], r["text"])}
-                        )
-                        + "\n"
-                    )
+                    text = self.prompt_text(text_task or task, r)
+                    fh.write(json.dumps({"text": text}) + "\n")
         return str(path)
+
+    def prompt_text(self, task: str, row: dict) -> str:
+        """What the model reads for a row, without its answer."""
+        return prompt(TASKS[task], row["text"])
 
     # ---------------------------------------------------------------- scoring
 
@@ -376,8 +405,28 @@ def multitask_methods(bench, adapters: dict, data: dict) -> dict:
         "tara B": c("tara", with_data, variant="b", **tara),
         **{m: c(m, unit, rank=rank) for m in LATER_RULES},
     }
+    cache = str(bench.work / "cache")
+    for name, (method, shared, keys) in STATE_OF_THE_ART.items():
+        per = {
+            t: {
+                **({"density": 0.5} if "density" in keys else {}),
+                **({"data": data[t]} if "data" in keys else {}),
+                **({"data": "generate"} if "generate" in keys else {}),
+            }
+            for t in adapters
+        }
+        extra = {"cache_dir": cache, "max_length": bench.max_length}
+        rows[name] = c(
+            method,
+            per,
+            **({"rank": rank} | shared | (extra if method == "lora_regmean" else {})),
+        )
     if not bench.trains_on_text:
-        rows = {k: v for k, v in rows.items() if not k.startswith("tara")}
+        rows = {
+            k: v
+            for k, v in rows.items()
+            if not k.startswith(("tara", "regmean generate"))
+        }
     return rows
 
 
@@ -419,7 +468,10 @@ def run_multitask(bench: Bench, seed: int, save=lambda out: None) -> dict:
     # the cheap rows first (TARA trains; the later fusion rules are extra rows)
     order = [n for n in makers if not n.startswith("tara") and n not in LATER_RULES]
     order += [n for n in makers if n not in order]
-    for name in (n for n in order if not n.startswith(bench.skip)):
+    chosen = [n for n in order if not n.startswith(bench.skip)]
+    if bench.only:  # in the order given
+        chosen = [n for n in bench.only if n in chosen]
+    for name in chosen:
         adapter, seconds = makers[name]()
         out[name] = evaluate_method(
             bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, mean_acc
@@ -487,11 +539,18 @@ def main() -> None:
         help="leave out multi-task rows whose names start so (e.g. tara): "
         "the report gives each row's seeds",
     )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        help="run only these multi-task rows, in this order (exact names; the base "
+        "and the adapters alone always)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     writable(Path(args.work))
     bench = Bench(Path(args.work), args.quick)
-    bench.skip = tuple(args.skip)
+    bench.skip, bench.only = tuple(args.skip), tuple(args.only)
     seeds = args.seeds[:1] if args.quick else args.seeds
     results_path = bench.work / ("quick" if args.quick else "full") / "results.json"
 
@@ -520,7 +579,7 @@ def main() -> None:
             from minilm import MiniLM
 
             on = MiniLM(bench.work, bench.quick)
-            on.skip = bench.skip
+            on.skip, on.only = bench.skip, bench.only
         for seed in seeds:
             # after every method: an interrupted run still reports
             key = (part, str(seed))

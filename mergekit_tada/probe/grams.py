@@ -14,7 +14,7 @@ accumulated per module (over every model's chunks), with A_t G_t (r_t x d_in)
 and diag(G_t) per model, and right after its block has run each module is
 reduced to R_t = (A_t G~_t) (sum_s G~_s)^-1 (r_t x d_in): all the merge reads,
 dW* = sum_t w_t B_t R_t. Peak memory: the streamed block and one d_in x d_in
-float64 sum per LoRA'd module of that block (docs/regmean.md); nothing of
+float64 sum per LoRA'd module of that block (README, "RegMean"); nothing of
 size d_in^2 outlives its block. Inputs shared by several modules (q, k, v)
 are multiplied out once per chunk.
 """
