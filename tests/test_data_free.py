@@ -289,3 +289,29 @@ def test_a_zero_merge_says_the_output_is_the_base(three, caplog, method, params)
     with caplog.at_level("WARNING"):
         run(config)
     assert "the output is the base model" in caplog.text
+
+
+@pytest.mark.parametrize("target", ["sum", "mean"])
+@pytest.mark.parametrize("method", ["lora_iso_c", "lora_wudi", "lora_tsv_m"])
+def test_match_norm_rescales_each_module(three, method, target):
+    """match_norm: each module's update has the norm of the weighted sum (or
+    the mean of the weighted updates' norms), times the rule's global scale,
+    and the direction of the rule's own update."""
+    scale = {"lora_tsv_m": {"alpha": 0.5}}.get(method, {"lambda": 0.5})
+    plain = adapter_delta(run(family_config(method, rank=15), "plain") / "adapter")
+    config = family_config(method, rank=15, match_norm=target, **scale)
+    matched = adapter_delta(run(config, "matched") / "adapter")
+    for name, delta in matched.items():
+        pairs = present(three, name)
+        if target == "sum":
+            norm = sum(w * d for d, w in pairs).norm()
+        else:
+            norm = sum(abs(w) * d.norm() for d, w in pairs) / len(pairs)
+        assert abs(float(delta.norm() / (0.5 * norm)) - 1) < 1e-4, name
+        direction = plain[name] * (delta.norm() / plain[name].norm())
+        assert rel_err(delta, direction) < 1e-4, name
+
+
+def test_match_norm_is_validated(three):
+    with pytest.raises(TadaError, match="match_norm must be one of none, sum, mean"):
+        run(family_config("lora_iso_c", match_norm="max"))

@@ -68,6 +68,11 @@ STATE_OF_THE_ART = {
     "r 8 lora_tsv_m": ("lora_tsv_m", {"rank": 8}, ()),
     "r 8 lora_iso_c": ("lora_iso_c", {"rank": 8}, ()),
     "r 8 lora_wudi": ("lora_wudi", {"rank": 8}, ()),
+    "lora_iso_c norm sum": ("lora_iso_c", {"match_norm": "sum"}, ()),
+    "lora_iso_cts norm sum": ("lora_iso_cts", {"match_norm": "sum"}, ()),
+    "lora_wudi norm sum": ("lora_wudi", {"match_norm": "sum"}, ()),
+    "lora_tsv_m norm sum": ("lora_tsv_m", {"match_norm": "sum"}, ()),
+    "lora_tsv_m norm mean": ("lora_tsv_m", {"match_norm": "mean"}, ()),
     "regmean model 64": ("lora_regmean", {}, ("data",)),
     "regmean base 64": ("lora_regmean", {"grams": "base"}, ("data",)),
     "regmean model 16": ("lora_regmean", {"samples": 16}, ("data",)),
@@ -556,12 +561,15 @@ def main() -> None:
 
     def save(key: tuple[str, ...], value) -> None:
         """Set one part (or one seed of it) in results.json, re-read first, so
-        runs of different parts at the same time keep each other's rows."""
+        runs of different parts at the same time keep each other's rows; a
+        seed's rows are merged into those already there (``--only`` runs add
+        rows, rows run again replace theirs)."""
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         node = results
         for k in key[:-1]:
             node = node.setdefault(k, {})
-        node[key[-1]] = value
+        old = node.get(key[-1])
+        node[key[-1]] = {**old, **value} if isinstance(old, dict) else value
         results_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(results))

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergekit_tada.errors import TadaError
-from mergekit_tada.lowrank import Factored, ThinSVD, Truncated, truncate
+from mergekit_tada.lowrank import (
+    Factored,
+    ThinSVD,
+    Truncated,
+    frobenius_sq,
+    stack,
+    truncate,
+)
 from mergekit_tada.methods import pico
 from mergekit_tada.methods.core_space import SPACES, core_space
 from mergekit_tada.methods.params import NON_BASE, SHARED, MethodSpec, Param
@@ -86,6 +93,7 @@ class LoraMergeMethod:
     """A merge done on LoRA factors; mergekit sees only ``W -> W + dW``."""
 
     spec: MethodSpec
+    needs_data = False  # True: each input needs parameters: {data: ...}
     report_name = "merge_report.json"
     plot_files: tuple[str, ...] = ()  # what plots() may ask for
 
@@ -198,6 +206,8 @@ class LoraMergeMethod:
         record.update(extra)
         if space is not None:
             merged = space.lift(merged)
+        if job.params.get("match_norm", "none") != "none":
+            merged, record["norm_factor"] = self.match_norm(job, merged)
         if job.params["pico"]:
             merged, gamma = pico.restore_magnitude(merged, list(job.updates.values()))
             record["pico_gamma"] = gamma
@@ -206,6 +216,30 @@ class LoraMergeMethod:
         record["truncation_energy"] = lora.truncation_energy
         record["rank_99"] = lora.rank_99
         return ModuleMerge(lora, record)
+
+    scale_key = "lambda"  # the rule's global scale, kept by match_norm
+
+    def match_norm(self, job: ModuleJob, merged: ThinSVD) -> tuple[ThinSVD, float]:
+        """A label-free scale: the merged update rescaled to the Frobenius norm of
+        the weighted sum sum_t w_t dW_t (``sum``) or to the mean of the weighted
+        updates' norms (``mean``, Pico's restoration), times the rule's own
+        global scale; computed from factors."""
+        pairs = [
+            (u, job.inputs[label].get("weight", 1.0))
+            for label, u in job.updates.items()
+            if u is not None
+        ]
+        if job.params["match_norm"] == "sum":
+            target = frobenius_sq(stack([u for u, _ in pairs], [w for _, w in pairs]))
+            target = math.sqrt(target)
+        else:
+            target = sum(abs(w) * math.sqrt(frobenius_sq(u)) for u, w in pairs)
+            target /= len(pairs)
+        norm = math.sqrt(merged.energy())
+        factor = (
+            target * job.params.get(self.scale_key, 1.0) / norm if norm > 0 else 0.0
+        )
+        return merged.scaled(factor), float(f"{factor:.6g}")
 
     # --------------------------------------------------- what the outputs say
 
@@ -241,6 +275,14 @@ class LoraMergeMethod:
 WEIGHT = Param("weight", float, NON_BASE, 1.0, "per-adapter weight")
 DENSITY = Param("density", float, NON_BASE, 1.0, "fraction of entries kept")
 SPACE = Param("space", str, SHARED, "full", "full | core: where the rule decides")
+MATCH_NORM = Param(
+    "match_norm",
+    str,
+    SHARED,
+    "none",
+    "none | sum | mean: each module's update rescaled to that norm (x the scale)",
+)
+NORM_TARGETS = ("none", "sum", "mean")
 
 
 def gta_parameters(normalize: bool, rescale: bool) -> tuple[Param, ...]:
@@ -268,6 +310,8 @@ class FamilyMethod(LoraMergeMethod):
         super().check(tensor, params, inputs)
         if "space" in params:
             self.check_choices(tensor, params, (("space", SPACES),))
+        if "match_norm" in params:
+            self.check_choices(tensor, params, (("match_norm", NORM_TARGETS),))
         for label, p in inputs.items():
             density = p.get("density")
             if density is not None and not 0 < density <= 1:

@@ -24,7 +24,13 @@ import torch
 
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, ThinSVD, polar, stack, svd
-from mergekit_tada.methods.base import SPACE, WEIGHT, FamilyMethod, family_spec
+from mergekit_tada.methods.base import (
+    MATCH_NORM,
+    SPACE,
+    WEIGHT,
+    FamilyMethod,
+    family_spec,
+)
 from mergekit_tada.methods.params import SHARED, Param
 
 LAMBDA = Param("lambda", float, SHARED, 1.0, "global scale")
@@ -83,7 +89,7 @@ class LoraIsoC(FamilyMethod):
     spec = family_spec(
         "lora_iso_c",
         "Iso-C (isotropic merge of the summed update)",
-        (WEIGHT, LAMBDA, SPACE),
+        (WEIGHT, LAMBDA, SPACE, MATCH_NORM),
     )
 
     def combine(self, job, updates):
@@ -107,6 +113,7 @@ class LoraIsoCts(FamilyMethod):
                 "share of the stacked rank given to the sum's top directions",
             ),
             SPACE,
+            MATCH_NORM,
         ),
     )
 

@@ -34,8 +34,11 @@ METHODS: tuple[LoraMergeMethod, ...] = (
     TaraMethod(),
 )
 METHOD_NAMES = frozenset(m.spec.name for m in METHODS)
-# the multi-adapter rules (weights per input; what retrieval composition offers)
-FAMILY = tuple(m.spec.name for m in METHODS if isinstance(m, FamilyMethod))
+# the multi-adapter rules that need nothing but the adapters (weights per
+# input; what retrieval composition offers): RegMean needs prompts per model
+FAMILY = tuple(
+    m.spec.name for m in METHODS if isinstance(m, FamilyMethod) and not m.needs_data
+)
 
 
 def get(name: str) -> LoraMergeMethod | None:

@@ -53,6 +53,7 @@ class Reduced:
 
 
 class LoraRegMean(FamilyMethod):
+    needs_data = True
     spec = family_spec(
         "lora_regmean",
         "RegMean from unlabelled prompts, on LoRA factors",

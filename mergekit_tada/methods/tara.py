@@ -44,6 +44,7 @@ class TaraMethod(LoraMergeMethod):
     """
 
     plot_files = (TARA_PLOT,)
+    needs_data = True
     spec = MethodSpec(
         name="tara",
         pretty_name="TARA-Merging (learned per-direction coefficients)",

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 import torch
 
 from mergekit_tada.lowrank import Factored, ThinSVD, polar, svd
-from mergekit_tada.methods.base import SPACE, WEIGHT, FamilyMethod, family_spec
+from mergekit_tada.methods.base import (
+    MATCH_NORM,
+    SPACE,
+    WEIGHT,
+    FamilyMethod,
+    family_spec,
+)
 from mergekit_tada.methods.params import SHARED, Param
 
 
@@ -34,10 +40,16 @@ def tsv_m(
 
 
 class LoraTsvM(FamilyMethod):
+    scale_key = "alpha"
     spec = family_spec(
         "lora_tsv_m",
         "TSV-M (task singular vectors merge) on LoRA factors",
-        (WEIGHT, Param("alpha", float, SHARED, 1.0, "global scale"), SPACE),
+        (
+            WEIGHT,
+            Param("alpha", float, SHARED, 1.0, "global scale"),
+            SPACE,
+            MATCH_NORM,
+        ),
     )
 
     def combine(self, job, updates):

@@ -35,7 +35,7 @@ from mergekit_tada.lowrank import (
     right_solve,
     svd,
 )
-from mergekit_tada.methods.base import WEIGHT, FamilyMethod, family_spec
+from mergekit_tada.methods.base import MATCH_NORM, WEIGHT, FamilyMethod, family_spec
 from mergekit_tada.methods.params import SHARED, Param
 
 
@@ -77,6 +77,7 @@ class LoraWudi(FamilyMethod):
             WEIGHT,
             Param("lambda", float, SHARED, 1.0, "global scale"),
             Param("ridge", float, SHARED, 1e-6, "ridge, times H's mean diagonal"),
+            MATCH_NORM,
         ),
     )
 
