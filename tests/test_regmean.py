@@ -9,7 +9,7 @@ from pathlib import Path
 import oracles
 import pytest
 import torch
-from conftest import adapter_delta, rel_err
+from conftest import adapter_delta, assert_adapter_matches_model, rel_err
 
 import mergekit_tada
 from mergekit_tada.errors import TadaError
@@ -99,6 +99,7 @@ def test_lora_regmean_model_grams(work, alpha):
     expected = dense_regmean(inputs, alpha)
     for module, delta in written.items():
         assert rel_err(delta, expected[module]) < 1e-4, module
+    assert_adapter_matches_model(out)
     report = json.loads((out / "merge_report.json").read_text())["training"]["regmean"]
     assert report["grams"] == "model" and report["prompts"] == {
         f"./base+./{n}": len(t) for n, t in PROMPTS.items()

@@ -228,9 +228,11 @@ class LoraRegMean(FamilyMethod):
         self, records: dict[str, dict], calibration: dict | None, context: Any = None
     ) -> list:
         report = context.report
+        whose = {"model": "each model (base + its adapter)", "base": "the base model"}
         return [
             *super().card_lines(records, calibration, context),
-            f"RegMean: {report['grams']}-model input Grams (alpha {report['alpha']}) "
-            f"over {sum(report['tokens'].values())} tokens of unlabelled prompts "
+            f"RegMean: module-input Grams of {whose[report['grams']]} (alpha "
+            f"{report['alpha']}) over {sum(report['tokens'].values())} tokens of "
+            "unlabelled prompts "
             f"({', '.join(f'{t}: {n}' for t, n in report['prompts'].items())})",
         ]
