@@ -119,7 +119,44 @@ def large_allocations_unmapped() -> Iterator[None]:
         mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM_THRESHOLD)
 
 
-class _Accumulator:
+class ModuleHooks:
+    """Forward hooks on the adapters' modules, attached one block at a time.
+
+    ``targets``: module -> labels of the adapters that update it; ``mask``: the
+    current chunk's valid tokens. Subclasses write ``hook(name)``.
+    """
+
+    def __init__(self, adapters: dict[str, LoraAdapter], device) -> None:
+        self.adapters = adapters
+        self.device = device
+        self.targets: dict[str, list[str]] = {}
+        for label, adapter in adapters.items():
+            for module in adapter.modules:
+                self.targets.setdefault(module, []).append(label)
+        self.mask: torch.Tensor | None = None
+
+    def hook(self, module_name: str):
+        raise NotImplementedError
+
+    def detached(self) -> None:
+        """After a block's hooks are removed."""
+
+    @contextlib.contextmanager
+    def attached(self, named) -> Iterator[None]:
+        handles = [
+            m.register_forward_hook(self.hook(name))
+            for name, m in named
+            if name in self.targets
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.detached()
+
+
+class _Accumulator(ModuleHooks):
     """Hooks that turn a module's inputs into probe statistics for every adapter.
 
     Factors are read when a block's hooks are attached and dropped when they are
@@ -129,14 +166,8 @@ class _Accumulator:
     CHUNK_TOKENS = 256
 
     def __init__(self, adapters: dict[str, LoraAdapter], stats: Stats, device) -> None:
-        self.adapters = adapters
-        self.device = device
-        self.targets: dict[str, list[str]] = {}  # module -> adapter labels
-        for label, adapter in adapters.items():
-            for module in adapter.modules:
-                self.targets.setdefault(module, []).append(label)
+        super().__init__(adapters, device)
         self.stats = stats
-        self.mask: torch.Tensor | None = None  # valid-token mask of the current chunk
 
     def hook(self, module_name: str, output_gram: torch.Tensor | None = None):
         """A forward hook accumulating (A, G = s^2 B^T B) statistics for the module.
@@ -187,19 +218,6 @@ class _Accumulator:
                 entry.tokens += x.shape[0]
 
         return accumulate
-
-    @contextlib.contextmanager
-    def attached(self, named) -> Iterator[None]:
-        handles = [
-            m.register_forward_hook(self.hook(name))
-            for name, m in named
-            if name in self.targets
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def row_gram(weight: torch.Tensor, rows: int = 4096) -> torch.Tensor:

@@ -30,7 +30,11 @@ from torch import nn
 from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, right_solve, single_thread
-from mergekit_tada.probe.calibration import large_allocations_unmapped, natural_key
+from mergekit_tada.probe.calibration import (
+    ModuleHooks,
+    large_allocations_unmapped,
+    natural_key,
+)
 from mergekit_tada.streaming import Batch, StreamedModel, token_count
 
 ROWS = 256  # tokens per float32 product (accumulated in float64)
@@ -105,7 +109,7 @@ class _Sums:
         )
 
 
-class _Accumulator:
+class _Accumulator(ModuleHooks):
     """Forward hooks that sum each module's input Gram per chunk's model and,
     with ``apply``, add that model's update to the module's output."""
 
@@ -117,19 +121,10 @@ class _Accumulator:
         apply: bool,
         device,
     ) -> None:
-        self.adapters, self.owners, self.apply, self.device = (
-            adapters,
-            owners,
-            apply,
-            device,
-        )
+        super().__init__(adapters, device)
+        self.owners, self.apply = owners, apply
         self.scale = {t: 1.0 / n for t, n in tokens.items()}
-        self.targets: dict[str, list[str]] = {}
-        for label, adapter in adapters.items():
-            for module in adapter.modules:
-                self.targets.setdefault(module, []).append(label)
         self.chunk = 0
-        self.mask: torch.Tensor | None = None
         self.sums: dict[str, _Sums] = {}
         # (chunk, input tensor, gram, diag): the tensor itself, held, so that no
         # later tensor can take its place (an address could be reused)
@@ -183,19 +178,8 @@ class _Accumulator:
 
         return accumulate
 
-    @contextlib.contextmanager
-    def attached(self, named) -> Iterator[None]:
-        handles = [
-            m.register_forward_hook(self.hook(name))
-            for name, m in named
-            if name in self.targets
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            self._memo = None
+    def detached(self) -> None:
+        self._memo = None  # no input tensor outlives its block
 
 
 @large_allocations_unmapped()
