@@ -207,6 +207,7 @@ def test_generate_writes_texts_per_model(work):
             "model(s) ./base+./lora-domain need parameters: {data: path} (the others have data)",
         ),
         ("singular", "singular with alpha=1.0: lower alpha"),
+        ("pico", "lora_regmean: pico is not supported"),
     ],
 )
 def test_bad_input_names_key_and_file(work, case, fragment):
@@ -223,6 +224,8 @@ def test_bad_input_names_key_and_file(work, case, fragment):
         data["lora-task"] = ("latin.txt", {})
     elif case == "alpha":
         params["alpha"] = 1.5
+    elif case == "pico":
+        params["pico"] = True
     elif case == "singular":
         data = {n: (write_prompts(work, "short", ["hi"]), {}) for n in PROMPTS}
         params["alpha"] = 1.0

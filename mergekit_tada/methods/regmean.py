@@ -101,6 +101,11 @@ class LoraRegMean(FamilyMethod):
                 ),
             ),
         )
+        if params["pico"]:
+            raise TadaError(
+                "lora_regmean: pico is not supported (the Grams are of the "
+                f"adapters as trained; at {tensor})"
+            )
         missing = [label for label, p in inputs.items() if not p.get("data")]
         if missing:
             given = "" if len(missing) == len(inputs) else " (the others have data)"
