@@ -79,6 +79,11 @@ STATE_OF_THE_ART = {
     "regmean model 256": ("lora_regmean", {"samples": 256}, ("data",)),
     "regmean generate": ("lora_regmean", {}, ("generate",)),
     "regmean generate base": ("lora_regmean", {"grams": "base"}, ("generate",)),
+    "regmean generate 128 x 128": (
+        "lora_regmean",
+        {"samples": 128, "generate_length": 128},
+        ("generate",),
+    ),
 }
 
 
