@@ -237,3 +237,29 @@ def test_bad_input_names_key_and_file(work, case, fragment):
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
     assert not Path("out/adapter").exists()
+
+
+def test_a_feature_that_is_always_zero_takes_the_mean(work):
+    """A norm weight of 0 makes one input feature 0 on every token: the Grams
+    are singular there, the merge solves the rest and takes the models' mean
+    column for that feature (and stays the oracle's elsewhere)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(Path("base").resolve(), "base-dead")
+    path = Path("base-dead/model.safetensors")
+    tensors = load_file(path)
+    key = "model.layers.1.input_layernorm.weight"
+    tensors[key][0] = 0.0
+    save_file(tensors, path, metadata={"format": "pt"})
+    data = {n: (write_prompts(work, n, t), {}) for n, t in PROMPTS.items()}
+    config = regmean_config(data)
+    config["base_model"] = "./base-dead"
+    for m in config["models"]:
+        m["model"] = m["model"].replace("./base+", "./base-dead+")
+    out = Path(mergekit_tada.merge(config, "out", quiet=True, adapter_only=True))
+    written = adapter_delta(out / "adapter")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    task, domain = adapter_delta("lora-task"), adapter_delta("lora-domain")
+    mean = (task[name][:, 0] + domain[name][:, 0]) / 2
+    assert rel_err(written[name][:, 0], mean) < 1e-4
+    assert torch.isfinite(written[name]).all()

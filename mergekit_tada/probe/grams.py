@@ -85,28 +85,34 @@ class _Sums:
             t: torch.zeros(d, dtype=torch.float64, device=device) for t in factors
         }
 
-    def reduce(self, alpha: float, module: str) -> dict[str, torch.Tensor]:
-        """R_t = (A_t G~_t) (sum G~)^-1 for each model t that updates the module."""
-        total = alpha * self.gram + (1 - alpha) * torch.diag(self.gram.diagonal())
+    def reduce(self, alpha: float, module: str, models: int) -> dict[str, torch.Tensor]:
+        """R_t = (A_t G~_t) (sum G~)^-1 for each model t that updates the module.
+
+        An input feature that is 0 on every token (a LayerNorm weight of 0, say)
+        leaves its row and column of every Gram 0: the data says nothing of it,
+        so its column of the merge is the mean of the models' columns
+        (R_t = A_t / T there, as RegMean's implementations do for what they
+        cannot regress) and the rest is solved without it.
+        """
+        diagonal = self.gram.diagonal()
+        live = diagonal > diagonal.max() * 1e-12
+        total = alpha * self.gram + (1 - alpha) * torch.diag(diagonal)
+        total = total[live][:, live]
         labels = list(self.A)
         numerators = [
             alpha * self.AG[t] + (1 - alpha) * self.A[t].double() * self.diag[t]
             for t in labels
         ]
-        solved = right_solve(torch.cat(numerators), total)
+        solved = right_solve(torch.cat(numerators)[:, live], total)
         if solved is None or not torch.isfinite(solved).all():
             raise TadaError(
                 f"regmean: the input Gram of {module} is singular with alpha={alpha}: "
-                "lower alpha (e.g. 0.5; below 1 only features that are always 0 stay "
-                "singular), or give more or longer prompts"
+                "lower alpha (e.g. 0.5), or give more or longer prompts"
             )
-        return dict(
-            zip(
-                labels,
-                solved.float().split([a.shape[0] for a in numerators]),
-                strict=True,
-            )
-        )
+        R = torch.cat([self.A[t].double() / models for t in labels])
+        R[:, live] = solved
+        sizes = [self.A[t].shape[0] for t in labels]
+        return dict(zip(labels, R.float().split(sizes), strict=True))
 
 
 class _Accumulator(ModuleHooks):
@@ -207,7 +213,8 @@ def gram_pass(
     def finish(modules) -> None:
         for module in modules:
             if module in acc.sums:
-                for t, R in acc.sums.pop(module).reduce(alpha, module).items():
+                sums = acc.sums.pop(module)
+                for t, R in sums.reduce(alpha, module, len(batches)).items():
                     reduced[(t, module)] = R
 
     def before_chunk(c: int) -> None:
