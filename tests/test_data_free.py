@@ -2,6 +2,7 @@
 against dense float64 references written from the papers (tests/oracles.py)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import oracles
@@ -315,3 +316,26 @@ def test_match_norm_rescales_each_module(three, method, target):
 def test_match_norm_is_validated(three):
     with pytest.raises(TadaError, match="match_norm must be one of none, sum, mean"):
         run(family_config("lora_iso_c", match_norm="max"))
+
+
+@pytest.mark.parametrize(
+    "method", ["lora_ctm", "lora_tsv_m", "lora_iso_cts", "lora_wudi"]
+)
+def test_a_module_no_input_changes_merges_to_zero(three, method):
+    """An untrained LoRA module (B = 0) in every input: a zero update, not an
+    empty basis (MiniLM's pooler under mean pooling)."""
+    from conftest import rewrite_factors
+
+    for name in INPUTS:
+        if Path(name).is_symlink():  # the session's shared toy adapters: a copy
+            target = Path(name).resolve()
+            Path(name).unlink()
+            shutil.copytree(target, name)
+        f = factors(name)["model.layers.0.self_attn.q_proj.weight"]
+        zero_b = torch.zeros_like(f[0]).float()
+        rewrite_factors(
+            name, {"model.layers.0.self_attn.q_proj": (f[1].float(), zero_b)}
+        )
+    written = adapter_delta(run(family_config(method, rank=4)) / "adapter")
+    assert float(written["model.layers.0.self_attn.q_proj.weight"].abs().max()) == 0.0
+    assert float(written["model.layers.1.self_attn.q_proj.weight"].abs().max()) > 0.0

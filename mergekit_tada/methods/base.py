@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import (
     Factored,
@@ -211,6 +213,10 @@ class LoraMergeMethod:
         if job.params["pico"]:
             merged, gamma = pico.restore_magnitude(merged, list(job.updates.values()))
             record["pico_gamma"] = gamma
+        return self._truncated(merged, job, record)
+
+    @staticmethod
+    def _truncated(merged: ThinSVD, job: ModuleJob, record: dict) -> ModuleMerge:
         lora = truncate(merged, job.rank)
         record["rank"] = job.rank
         record["truncation_energy"] = lora.truncation_energy
@@ -319,6 +325,17 @@ class FamilyMethod(LoraMergeMethod):
                     f"{self.spec.name}: density must be in (0, 1] (got {density}) "
                     f"for {label} at {tensor}"
                 )
+
+    def merge_module(self, job: ModuleJob) -> ModuleMerge:
+        """A module that every input leaves as it is (an untrained LoRA: B = 0)
+        merges to zero, whatever the rule (whose bases would be empty)."""
+        if any(u is not None and frobenius_sq(u) > 0 for u in job.updates.values()):
+            return super().merge_module(job)
+        u = next(u for u in job.updates.values() if u is not None)
+        none = torch.zeros(0, dtype=torch.float32)
+        zero = ThinSVD(u.B.new_zeros(u.shape[0], 0), none, u.A.new_zeros(u.shape[1], 0))
+        record = {"weights": self.per_input(job, job.updates, "weight")}
+        return self._truncated(zero, job, record)
 
     @staticmethod
     def per_input(job: ModuleJob, updates: dict, key: str) -> list:
