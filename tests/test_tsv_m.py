@@ -15,7 +15,7 @@ from family import (
 
 
 def test_lora_tsv_m(three):
-    out = run(family_config("lora_tsv_m", rank=64, alpha=0.9))
+    out = run(family_config("lora_tsv_m", rank=64, alpha=0.9, match_norm="none"))
     for name, delta in adapter_delta(out / "adapter").items():
         present = [
             (d, w)
@@ -41,4 +41,25 @@ def test_lora_tsv_m(three):
             @ torch.diag(torch.cat(ss))
             @ polar(torch.cat(vs, 1)).T
         )
+        assert rel_err(delta, expected) < 1e-5, name
+
+
+def test_lora_tsv_m_default_scale_is_the_mean_input_norm(three):
+    """The default (match_norm: mean): the paper's update rescaled, per module,
+    to the mean norm of the weighted updates, times alpha."""
+    paper = adapter_delta(
+        run(family_config("lora_tsv_m", rank=64, match_norm="none"), "paper")
+        / "adapter"
+    )
+    default = adapter_delta(
+        run(family_config("lora_tsv_m", rank=64, alpha=0.9), "default") / "adapter"
+    )
+    for name, delta in default.items():
+        present = [
+            (d, w)
+            for d, w, n in zip(stacked(three, name), WEIGHTS, INPUTS, strict=True)
+            if name in three[n]
+        ]
+        target = 0.9 * sum(abs(w) * d.norm() for d, w in present) / len(present)
+        expected = paper[name] * (target / paper[name].norm())
         assert rel_err(delta, expected) < 1e-5, name
