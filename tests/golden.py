@@ -113,7 +113,6 @@ CASES: dict[str, tuple[dict, str]] = {
     "knots_ties_density1": (_family("lora_knots_ties", rank=6), "adapter-only"),
     "tsv_m": (_family("lora_tsv_m", alpha=0.8, rank=6, match_norm="none"), "full"),
     "tsv_m_pico": (_family("lora_tsv_m", pico=True, match_norm="none"), "adapter-only"),
-    "tsv_m_default": (_family("lora_tsv_m", rank=6), "adapter-only"),
     "tara_a": (_tara("a"), "adapter-only"),
     "tara_b": (_tara("b"), "adapter-only"),
     "compose": ({}, "compose"),

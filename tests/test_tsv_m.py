@@ -44,15 +44,16 @@ def test_lora_tsv_m(three):
         assert rel_err(delta, expected) < 1e-5, name
 
 
-def test_lora_tsv_m_default_scale_is_the_mean_input_norm(three):
-    """The default (match_norm: mean): the paper's update rescaled, per module,
-    to the mean norm of the weighted updates, times alpha."""
+def test_lora_tsv_m_match_norm_mean(three):
+    """match_norm: mean: the paper's update rescaled, per module, to the mean
+    norm of the weighted updates, times alpha."""
     paper = adapter_delta(
         run(family_config("lora_tsv_m", rank=64, match_norm="none"), "paper")
         / "adapter"
     )
     default = adapter_delta(
-        run(family_config("lora_tsv_m", rank=64, alpha=0.9), "default") / "adapter"
+        run(family_config("lora_tsv_m", rank=64, alpha=0.9, match_norm="mean"), "mean")
+        / "adapter"
     )
     for name, delta in default.items():
         present = [
