@@ -96,6 +96,7 @@ class LoraMergeMethod:
 
     spec: MethodSpec
     needs_data = False  # True: each input needs parameters: {data: ...}
+    scale_key = "lambda"  # the rule's global scale, kept by match_norm
     report_name = "merge_report.json"
     plot_files: tuple[str, ...] = ()  # what plots() may ask for
 
@@ -222,8 +223,6 @@ class LoraMergeMethod:
         record["truncation_energy"] = lora.truncation_energy
         record["rank_99"] = lora.rank_99
         return ModuleMerge(lora, record)
-
-    scale_key = "lambda"  # the rule's global scale, kept by match_norm
 
     def match_norm(self, job: ModuleJob, merged: ThinSVD) -> tuple[ThinSVD, float]:
         """A label-free scale: the merged update rescaled to the Frobenius norm of
