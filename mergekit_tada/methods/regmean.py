@@ -181,7 +181,7 @@ class LoraRegMean(FamilyMethod):
         report = {
             "grams": shared["grams"],
             "alpha": shared["alpha"],
-            "data": {t: d for t, d in data.items()},
+            "data": dict(data),
             "prompts": {t: len(texts[t]) for t in run.adapters},
             "tokens": {t: token_count(b) for t, b in batches.items()},
             "cache_key": key,

@@ -138,6 +138,13 @@ class ModuleHooks:
     def hook(self, module_name: str):
         raise NotImplementedError
 
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A module's input or output as token rows, the chunk's padding left out
+        (a tensor without the token axis, the pooler's, keeps every row)."""
+        if self.mask is not None and t.shape[:-1] == self.mask.shape:
+            t = t[self.mask]
+        return t.reshape(-1, t.shape[-1])
+
     def detached(self) -> None:
         """After a block's hooks are removed."""
 
@@ -185,12 +192,8 @@ class _Accumulator(ModuleHooks):
             prepared.append((entry, A, B.T @ B))
 
         def accumulate(_module: nn.Module, inputs: tuple, output) -> None:
-            x, y = inputs[0], output
-            if self.mask is not None and x.shape[:-1] == self.mask.shape:
-                x = x[self.mask]
-                y = None if y is None else y[self.mask]
-            x = x.reshape(-1, x.shape[-1])
-            y = None if y is None else y.reshape(-1, y.shape[-1])
+            x = self.rows(inputs[0])
+            y = None if output is None else self.rows(output)
             # float64 in chunks of tokens: a float64 copy of a whole MLP input
             # would be the largest tensor of the block phase
             sum_sq_input, sum_sq_output = 0.0, 0.0

@@ -47,11 +47,9 @@ def with_update(output: torch.Tensor, x: torch.Tensor, f: Factored) -> torch.Ten
 
 
 @contextlib.contextmanager
-def adapter_applied(
-    model: nn.Module, adapter: LoraAdapter, device, name=lambda n: n
-) -> Iterator[None]:
+def adapter_applied(model: nn.Module, adapter: LoraAdapter, device) -> Iterator[None]:
     """``model`` runs as base + adapter (hooks on its linears; weights untouched)."""
-    modules = {name(n): m for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
     handles = []
     for module in adapter.modules:
         if module not in modules:
@@ -136,27 +134,22 @@ class _Accumulator(ModuleHooks):
         # later tensor can take its place (an address could be reused)
         self._memo: tuple | None = None
 
-    def _gram(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X^T X, sum of squares) of one chunk's valid rows: float32 products of
-        ROWS tokens, summed in float64, once per distinct input tensor."""
+    def _gram(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(valid rows, X^T X, sum of squares) of one chunk's input: float32
+        products of ROWS tokens, summed in float64, once per distinct input."""
         memo = self._memo
         if memo is not None and memo[0] == self.chunk and memo[1] is x:
-            return memo[2], memo[3]
-        rows = self._rows(x)
+            return memo[2:]
+        rows = self.rows(x)
         gram = torch.zeros(
             rows.shape[1], rows.shape[1], dtype=torch.float64, device=x.device
         )
         for block in rows.split(ROWS):
             block = block.float()
             gram += (block.T @ block).double()
-        result = (gram, gram.diagonal().clone())
+        result = (rows, gram, gram.diagonal().clone())
         self._memo = (self.chunk, x, *result)
         return result
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask is not None and x.shape[:-1] == self.mask.shape:
-            x = x[self.mask]
-        return x.reshape(-1, x.shape[-1])
 
     def hook(self, module: str):
         labels = self.targets[module]
@@ -171,10 +164,10 @@ class _Accumulator(ModuleHooks):
             scale = self.scale[owner]
             x = inputs[0]
             with single_thread(x.device):
-                gram, diag = self._gram(x)
+                rows, gram, diag = self._gram(x)
                 sums.gram += gram * scale
                 if owner in factors:
-                    rows = self._rows(x).float()
+                    rows = rows.float()
                     z = (rows @ factors[owner].A.T).double()
                     sums.AG[owner] += (z.T @ rows.double()) * scale
                     sums.diag[owner] += diag * scale
