@@ -160,6 +160,16 @@ class StreamedModel:
             if isinstance(module, nn.Linear):
                 yield self.checkpoint_name(prefix + name), module
 
+    def stem_linear_modules(self) -> list[tuple[str, nn.Linear]]:
+        """The linears outside the blocks (the pooler; not the LM head, which is
+        not part of the base model), by checkpoint name."""
+        blocks = self.checkpoint_name(self.blocks_name + ".")
+        return [
+            (n, m)
+            for n, m in self.linear_modules(self.model, "")
+            if not n.startswith(blocks)
+        ]
+
     def block_inputs(self, batches: Sequence[Batch]) -> list[dict]:
         """Per batch (on the model's device): every block's recorded inputs.
 

@@ -275,11 +275,7 @@ def run_calibration(
             )
         ]
         # 3. the stem's tail (final norm, pooler) and lm_head on the final states
-        stem = [
-            (n, m)
-            for n, m in model.linear_modules(model.model, "")
-            if not n.startswith(model.checkpoint_name(model.blocks_name + "."))
-        ]
+        stem = model.stem_linear_modules()
         lm_hook = None
         if "lm_head" in acc.targets:
             lm_hook = acc.hook("lm_head", output_gram=row_gram(model.lm_head_weight()))

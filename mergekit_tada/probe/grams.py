@@ -229,11 +229,7 @@ def gram_pass(
             for states in model.forward_blocks(records, hidden, block, before_chunk)
         ]
         # modules outside the blocks (the pooler; the LM head on the final states)
-        stem = [
-            (n, m)
-            for n, m in model.linear_modules(model.model, "")
-            if not n.startswith(model.checkpoint_name(model.blocks_name + "."))
-        ]
+        stem = model.stem_linear_modules()
         head = acc.hook("lm_head") if "lm_head" in acc.targets else None
         with acc.attached(iter(stem)):
             for c, b in enumerate(chunks):
