@@ -55,6 +55,28 @@ def test_parsers_read_each_format():
     ]
 
 
+TRANSLATION_FR = (
+    "Package: vim\nDescription-md5: 1\nDescription-fr: Vi amélioré\n"
+    " Vim est un éditeur presque compatible avec Vi.\n .\n Il est libre.\n\n"
+    "Package: vim-tiny\nDescription-md5: 2\nDescription-fr: Vi amélioré, compact\n\n"
+    "Package: gone\nDescription-md5: 3\nDescription-fr: absent de l'index\n"
+)
+
+
+def test_translations_read_apt_index_one_row_per_source():
+    """The language regime's French rows: a Translation-fr index joined to the
+    package index by package name, one row per source package, only where a
+    translation exists."""
+    french = data.parse_translations(TRANSLATION_FR, "fr")
+    assert (
+        french["vim"]
+        == "Vi amélioré Vim est un éditeur presque compatible avec Vi Il est libre"
+    )
+    assert set(french) == {"vim", "vim-tiny", "gone"}
+    rows = list(data.translated_packages(PACKAGES, french))
+    assert rows == [(french["vim"], "editors", "vim")]  # vim-tiny: the same source
+
+
 def test_balanced_splits_keep_groups_apart_and_are_deterministic():
     task = data.Task("t", "?", {"a": "x", "b": "y"}, "test")
     rows = [(f"text {i}", "ab"[i % 2], f"group {i // 4}") for i in range(80)]

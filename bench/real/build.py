@@ -30,8 +30,11 @@ from data import (
     parse_foldoc,
     parse_fortunes,
     parse_packages,
+    parse_translations,
     parse_wordnet,
     read_foldoc,
+    split_group,
+    translated_packages,
 )
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,6 +43,11 @@ REGIME_SIZES = {  # the domain's rows are few: FOLDOC has 43 games entries
     "topic_debian": {"train": 80, "val": 6, "test": 20},
     "topic_foldoc": {"train": 14, "val": 5, "test": 24},
 }
+# the language regime: French rows are scored (val, test) or read unlabelled
+# (train); English rows never share a source package with French val or test
+LANGUAGE_SIZES = {"train": 40, "val": 6, "test": 24}
+DOMAIN_TEXT = 720  # French descriptions of other sections, unlabelled
+LANGUAGE_FILES = ("topic_fr", "topic_en", "text_fr")
 
 
 def build_base(out: Path) -> None:
@@ -79,35 +87,87 @@ def raw_rows(name: str) -> list[tuple[str, str, str]]:
             rows += [(t, c, t) for t, c in parse_fortunes(text, cls)]
         return rows
     if name in ("debian", "topic_debian"):
-        dump = subprocess.run(
-            ["apt-cache", "dumpavail"], capture_output=True, text=True, check=True
-        ).stdout
-        return list(parse_packages(dump))
+        return list(parse_packages(dumpavail()))
     if name in ("foldoc", "topic_foldoc"):
         text = read_foldoc("/usr/share/dictd/foldoc.dict.dz")
         return [(t, c, t) for t, c in parse_foldoc(text)]
     raise KeyError(name)
 
 
+def dumpavail() -> str:
+    return subprocess.run(
+        ["apt-cache", "dumpavail"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def translations(language: str) -> dict[str, str]:
+    """package -> description in ``language``, from apt's Translation index
+    (bench/real/setup.sh fetches it: Docker images switch them off)."""
+    found = sorted(glob.glob(f"/var/lib/apt/lists/*_main_i18n_Translation-{language}*"))
+    if not found:
+        raise SystemExit(
+            f"no Translation-{language} index under /var/lib/apt/lists: "
+            "run bash bench/real/setup.sh"
+        )
+    text = subprocess.run(
+        ["/usr/lib/apt/apt-helper", "cat-file", found[0]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return parse_translations(text, language)
+
+
+def language_rows() -> dict[str, list[dict]]:
+    """topic_fr (labelled, split), topic_en (its sources kept out of French val
+    and test) and text_fr (the domain's unlabelled French text)."""
+    index = dumpavail()
+    french = list(translated_packages(index, translations("fr")))
+    splits = balanced_splits(french, TASKS["topic_fr"], LANGUAGE_SIZES, seed=0)
+    source = {text: src for text, _, src in french}
+    held = {source[r["text"]] for s in ("val", "test") for r in splits[s]}
+    english = [r for r in parse_packages(index) if r[2] not in held]
+    out = {
+        "topic_fr": splits,
+        "topic_en": balanced_splits(english, TASKS["topic_en"], SIZES, seed=0),
+    }
+    other = sorted(
+        (r for r in french if r[1] not in TASKS["topic_fr"].classes),
+        key=lambda r: (split_group(r[2]), r[0]),
+    )
+    out["text_fr"] = {"train": [{"text": t, "task": "text_fr"} for t, _, _ in other]}
+    out["text_fr"]["train"] = out["text_fr"]["train"][:DOMAIN_TEXT]
+    return out
+
+
+def write_rows(path: Path, splits: dict[str, list[dict]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for split, rows in splits.items():
+            for row in rows:
+                fh.write(json.dumps(row | {"split": split}) + "\n")
+    os.replace(tmp, path)
+
+
 def build_data(out: Path, tokenizer) -> dict[str, dict[str, int]]:
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for name in (*MULTITASK, *REGIME_SIZES):
-        task = TASKS[name]
+    for name, task in TASKS.items():
         for label in task.classes.values():
             ids = tokenizer(" " + label, add_special_tokens=False)["input_ids"]
             assert len(ids) == 1, f"{name}: label {label!r} is {len(ids)} tokens"
+    for name in (*MULTITASK, *REGIME_SIZES):
         path = out / f"{name}.jsonl"
         if not path.exists():
             sizes = REGIME_SIZES.get(name, SIZES)
-            splits = balanced_splits(raw_rows(name), task, sizes, seed=0)
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for split, rows in splits.items():
-                    for row in rows:
-                        fh.write(json.dumps(row | {"split": split}) + "\n")
-            os.replace(tmp, path)
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+            write_rows(
+                path, balanced_splits(raw_rows(name), TASKS[name], sizes, seed=0)
+            )
+    if not all((out / f"{n}.jsonl").exists() for n in LANGUAGE_FILES):
+        for name, splits in language_rows().items():
+            write_rows(out / f"{name}.jsonl", splits)
+    for name in (*MULTITASK, *REGIME_SIZES, *LANGUAGE_FILES):
+        rows = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
         counts[name] = {s: sum(r["split"] == s for r in rows) for s in SIZES}
     return counts
 
@@ -127,7 +187,8 @@ def main() -> None:
         f"base: {work / 'base'} (SmolLM2-135M-Instruct, float32, {size / 1e6:.0f} MB)"
     )
     for name, c in counts.items():
-        print(f"data: {name:13s} {c}  ({TASKS[name].source})")
+        source = TASKS[name].source if name in TASKS else "unlabelled French text"
+        print(f"data: {name:13s} {c}  ({source})")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,20 @@ class Task:
     source: str  # where the rows come from, for the docs
 
 
+# the language regime: the same skill asked in English (the task's own
+# language) and in French (the domain: a language the base model reads poorly)
+LANGUAGE_TOPICS = {
+    "games": "games",
+    "graphics": "graphics",
+    "mail": "mail",
+    "net": "network",
+    "math": "math",
+    "sound": "sound",
+}
+LANGUAGE_INSTRUCTION = (
+    "What is this about? (games, graphics, mail, network, math, sound)"
+)
+
 TASKS = {
     "wn_noun": Task(
         "wn_noun",
@@ -120,6 +134,19 @@ TASKS = {
         "dict-foldoc: entries tagged games, graphics, database, messaging, "
         "networking, mathematics",
     ),
+    "topic_en": Task(
+        "topic_en",
+        LANGUAGE_INSTRUCTION,
+        LANGUAGE_TOPICS,
+        "apt-cache dumpavail: English descriptions of sections games, graphics, "
+        "mail, net, math, sound (no source package of topic_fr's val or test)",
+    ),
+    "topic_fr": Task(
+        "topic_fr",
+        LANGUAGE_INSTRUCTION,
+        LANGUAGE_TOPICS,
+        "Debian's Translation-fr: French descriptions of the same sections",
+    ),
 }
 MULTITASK = ("wn_noun", "wn_verb", "fortune", "debian", "foldoc")
 
@@ -151,9 +178,9 @@ def parse_fortunes(text: str, name: str) -> Iterable[tuple[str, str]]:
             yield entry, name
 
 
-def parse_packages(text: str) -> Iterable[tuple[str, str, str]]:
-    """``apt-cache dumpavail`` -> (description, section, source), one per source."""
-    seen = set()
+def _stanzas(text: str) -> Iterable[dict[str, str]]:
+    """Debian control stanzas -> fields; continuation lines joined, the
+    paragraph marks (" .") dropped."""
     for stanza in text.split("\n\n"):
         fields, key = {}, None
         for line in stanza.splitlines():
@@ -162,14 +189,50 @@ def parse_packages(text: str) -> Iterable[tuple[str, str, str]]:
             elif ":" in line:
                 key, _, value = line.partition(":")
                 fields[key] = value.strip()
+        if fields:
+            yield fields
+
+
+def parse_package_index(text: str) -> Iterable[tuple[str, str, str, str]]:
+    """``apt-cache dumpavail`` -> (package, description, section, source) per package."""
+    for fields in _stanzas(text):
         if "Description" not in fields or "Section" not in fields:
             continue
-        source = fields.get("Source", fields.get("Package", "")).split()[0]
-        if source in seen:
-            continue
-        seen.add(source)
+        package = fields.get("Package", "")
+        source = fields.get("Source", package).split()[0]
         section = fields["Section"].rsplit("/", 1)[-1]
-        yield _clean(fields["Description"]), section, source
+        yield package, _clean(fields["Description"]), section, source
+
+
+def parse_packages(text: str) -> Iterable[tuple[str, str, str]]:
+    """``apt-cache dumpavail`` -> (description, section, source), one per source."""
+    seen = set()
+    for _, description, section, source in parse_package_index(text):
+        if source not in seen:
+            seen.add(source)
+            yield description, section, source
+
+
+def parse_translations(text: str, language: str) -> dict[str, str]:
+    """A Debian ``Translation-<language>`` index -> package -> description."""
+    key = f"Description-{language}"
+    return {
+        f["Package"]: _clean(f[key])
+        for f in _stanzas(text)
+        if "Package" in f and key in f
+    }
+
+
+def translated_packages(
+    index: str, translations: dict[str, str]
+) -> Iterable[tuple[str, str, str]]:
+    """(translated description, section, source), one per source package that
+    has a translation."""
+    seen = set()
+    for package, _, section, source in parse_package_index(index):
+        if package in translations and source not in seen:
+            seen.add(source)
+            yield translations[package], section, source
 
 
 def parse_foldoc(text: str) -> Iterable[tuple[str, str]]:

