@@ -134,7 +134,7 @@ class LoraRegMean(FamilyMethod):
             "lora_regmean: its settings and data must be the same for every tensor: "
             "give them as plain values (no gradients or filters)",
         )
-        from mergekit_tada.probe.grams import gram_pass
+        from mergekit_tada.probe.grams import GRAM_PASS_VERSION, gram_pass
         from mergekit_tada.streaming import (
             batches_digest,
             make_batches,
@@ -159,6 +159,7 @@ class LoraRegMean(FamilyMethod):
                 "alpha": shared["alpha"],
                 "grams": shared["grams"],
                 "device": torch.device(run.device).type,
+                "pass": GRAM_PASS_VERSION,
             }
         )
         found = cache.load_tensors(key, "regmean")

@@ -10,13 +10,13 @@ or from the base alone (``grams: base``). The base streams block by block
 
 The merge needs, per module, only sum_t G~_t and A_t G~_t, where
 G~ = alpha G + (1 - alpha) diag(G) is linear in G. So one d_in x d_in sum is
-accumulated per module (over every model's chunks), with A_t G_t (r_t x d_in)
-and diag(G_t) per model, and right after its block has run each module is
-reduced to R_t = (A_t G~_t) (sum_s G~_s)^-1 (r_t x d_in): all the merge reads,
-dW* = sum_t w_t B_t R_t. Peak memory: the streamed block and one d_in x d_in
-float64 sum per LoRA'd module of that block (README, "RegMean"); nothing of
-size d_in^2 outlives its block. Inputs shared by several modules (q, k, v)
-are multiplied out once per chunk.
+accumulated per distinct module input (over every model's chunks; q, k and v
+read one input and share one sum), with A_t G_t (r_t x d_in) and diag(G_t)
+per module and model, and right after its block has run the modules of each
+input are reduced together to R_t = (A_t G~_t) (sum_s G~_s)^-1 (r_t x d_in):
+all the merge reads, dW* = sum_t w_t B_t R_t. Peak memory: the streamed block,
+one d_in x d_in float64 sum per distinct input of that block and one Cholesky
+factor (README, "RegMean"); nothing of size d_in^2 outlives its block.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ from mergekit_tada.probe.calibration import (
 from mergekit_tada.streaming import Batch, StreamedModel, token_count
 
 ROWS = 256  # tokens per float32 product (accumulated in float64)
+# in every cache key of the pass's results: raised when its arithmetic changes
+# (2: one Gram sum per distinct input, diagonals in float64)
+GRAM_PASS_VERSION = 2
 Reduced = dict[tuple[str, str], torch.Tensor]  # (label, module) -> R_t
 
 
@@ -70,47 +73,55 @@ def adapter_applied(model: nn.Module, adapter: LoraAdapter, device) -> Iterator[
 
 
 class _Sums:
-    """Per module: the summed Gram, and A_t G_t and diag(G_t) per model."""
+    """Per module: A_t G_t and diag(G_t) per model; the summed Gram is its
+    input's, one tensor shared by the modules that read the same input."""
 
-    def __init__(self, d: int, factors: dict[str, torch.Tensor], device) -> None:
-        self.gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    def __init__(self, gram: torch.Tensor, factors: dict[str, torch.Tensor]) -> None:
+        self.gram = gram
         self.A = factors  # label -> A_t (float32)
+        d = gram.shape[0]
         self.AG = {
-            t: torch.zeros(a.shape[0], d, dtype=torch.float64, device=device)
+            t: torch.zeros(a.shape[0], d, dtype=torch.float64, device=gram.device)
             for t, a in factors.items()
         }
         self.diag = {
-            t: torch.zeros(d, dtype=torch.float64, device=device) for t in factors
+            t: torch.zeros(d, dtype=torch.float64, device=gram.device) for t in factors
         }
 
-    def reduce(self, alpha: float, module: str, models: int) -> dict[str, torch.Tensor]:
-        """R_t = (A_t G~_t) (sum G~)^-1 for each model t that updates the module.
 
-        An input feature that is 0 on every token (a LayerNorm weight of 0, say)
-        leaves its row and column of every Gram 0: the data says nothing of it,
-        so its column of the merge is the mean of the models' columns
-        (R_t = A_t / T there, as RegMean's implementations do for what they
-        cannot regress) and the rest is solved without it.
-        """
-        diagonal = self.gram.diagonal()
-        live = diagonal > diagonal.max() * 1e-12
-        total = alpha * self.gram + (1 - alpha) * torch.diag(diagonal)
-        total = total[live][:, live]
-        labels = list(self.A)
-        numerators = [
-            alpha * self.AG[t] + (1 - alpha) * self.A[t].double() * self.diag[t]
-            for t in labels
-        ]
-        solved = right_solve(torch.cat(numerators)[:, live], total)
-        if solved is None or not torch.isfinite(solved).all():
-            raise TadaError(
-                f"regmean: the input Gram of {module} is singular with alpha={alpha}: "
-                "lower alpha (e.g. 0.5), or give more or longer prompts"
-            )
-        R = torch.cat([self.A[t].double() / models for t in labels])
-        R[:, live] = solved
-        sizes = [self.A[t].shape[0] for t in labels]
-        return dict(zip(labels, R.float().split(sizes), strict=True))
+def reduce(
+    group: dict[str, _Sums], alpha: float, models: int
+) -> dict[tuple[str, str], torch.Tensor]:
+    """R_t = (A_t G~_t) (sum G~)^-1 for every module of ``group`` (modules that
+    share one input Gram, solved together) and model t that updates it.
+
+    The shared Gram is turned into sum G~ in place: nothing of size d_in^2 is
+    copied but the Cholesky factor. An input feature that is 0 on every token
+    (a LayerNorm weight of 0, say) leaves its row and column of every Gram 0:
+    the data says nothing of it, so its column of the merge is the mean of the
+    models' columns (R_t = A_t / T there, as RegMean's implementations do for
+    what they cannot regress) and the rest is solved without it.
+    """
+    gram = next(iter(group.values())).gram
+    diagonal = gram.diagonal().clone()
+    live = diagonal > diagonal.max() * 1e-12
+    gram.mul_(alpha).diagonal().add_(diagonal, alpha=1 - alpha)
+    total = gram if bool(live.all()) else gram[live][:, live]
+    keys = [(t, m) for m, sums in group.items() for t in sums.A]
+    numerators = [
+        alpha * group[m].AG[t] + (1 - alpha) * group[m].A[t].double() * group[m].diag[t]
+        for t, m in keys
+    ]
+    solved = right_solve(torch.cat(numerators)[:, live], total)
+    if solved is None or not torch.isfinite(solved).all():
+        raise TadaError(
+            f"regmean: the input Gram of {', '.join(group)} is singular with "
+            f"alpha={alpha}: lower alpha (e.g. 0.5), or give more or longer prompts"
+        )
+    R = torch.cat([group[m].A[t].double() / models for t, m in keys])
+    R[:, live] = solved
+    sizes = [group[m].A[t].shape[0] for t, m in keys]
+    return dict(zip(keys, R.float().split(sizes), strict=True))
 
 
 class _Accumulator(ModuleHooks):
@@ -130,42 +141,54 @@ class _Accumulator(ModuleHooks):
         self.scale = {t: 1.0 / n for t, n in tokens.items()}
         self.chunk = 0
         self.sums: dict[str, _Sums] = {}
-        # (chunk, input tensor, gram, diag): the tensor itself, held, so that no
-        # later tensor can take its place (an address could be reused)
+        # (chunk, input tensor, its Gram sum, valid rows, diag of its chunk Gram):
+        # the tensor itself, held, so that no later tensor can take its place
+        # (an address could be reused)
         self._memo: tuple | None = None
 
-    def _gram(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(valid rows, X^T X, sum of squares) of one chunk's input: float32
-        products of ROWS tokens, summed in float64, once per distinct input."""
+    def _gram(self, x: torch.Tensor, total: torch.Tensor | None) -> tuple:
+        """(Gram sum, valid rows, diag of X^T X) of one chunk's input.
+
+        The chunk's X^T X / n_t is added to ``total`` (a new sum where None):
+        once per chunk for the modules that read the same input (q, k, v share
+        one sum), as float32 products of ROWS tokens added into the float64 sum
+        through one buffer."""
         memo = self._memo
-        if memo is not None and memo[0] == self.chunk and memo[1] is x:
+        if (
+            memo is not None
+            and memo[0] == self.chunk
+            and memo[1] is x
+            and (total is None or total is memo[2])
+        ):
             return memo[2:]
         rows = self.rows(x)
-        gram = torch.zeros(
-            rows.shape[1], rows.shape[1], dtype=torch.float64, device=x.device
-        )
+        d = rows.shape[1]
+        if total is None:
+            total = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+        buffer = torch.empty(d, d, device=x.device)
+        scale = self.scale[self.owners[self.chunk]]
         for block in rows.split(ROWS):
             block = block.float()
-            gram += (block.T @ block).double()
-        result = (rows, gram, gram.diagonal().clone())
+            torch.mm(block.T, block, out=buffer)
+            total.add_(buffer, alpha=scale)
+        result = (total, rows, rows.double().square().sum(0))
         self._memo = (self.chunk, x, *result)
         return result
 
     def hook(self, module: str):
         labels = self.targets[module]
         factors = {t: self.adapters[t].factors(module, self.device) for t in labels}
-        d = next(iter(factors.values())).A.shape[1]
-        sums = self.sums.setdefault(
-            module, _Sums(d, {t: f.A for t, f in factors.items()}, self.device)
-        )
 
         def accumulate(_module: nn.Module, inputs: tuple, output):
             owner = self.owners[self.chunk]
             scale = self.scale[owner]
             x = inputs[0]
+            sums = self.sums.get(module)
             with single_thread(x.device):
-                rows, gram, diag = self._gram(x)
-                sums.gram += gram * scale
+                gram, rows, diag = self._gram(x, sums.gram if sums else None)
+                if sums is None:  # the first chunk
+                    A = {t: f.A for t, f in factors.items()}
+                    sums = self.sums[module] = _Sums(gram, A)
                 if owner in factors:
                     rows = rows.float()
                     z = (rows @ factors[owner].A.T).double()
@@ -179,6 +202,10 @@ class _Accumulator(ModuleHooks):
 
     def detached(self) -> None:
         self._memo = None  # no input tensor outlives its block
+
+
+def _shares(group: dict[str, _Sums], sums: _Sums) -> bool:
+    return next(iter(group.values())).gram is sums.gram
 
 
 @large_allocations_unmapped()
@@ -204,11 +231,17 @@ def gram_pass(
     reduced: Reduced = {}
 
     def finish(modules) -> None:
+        groups: list[dict[str, _Sums]] = []
         for module in modules:
             if module in acc.sums:
                 sums = acc.sums.pop(module)
-                for t, R in sums.reduce(alpha, module, len(batches)).items():
-                    reduced[(t, module)] = R
+                group = next((g for g in groups if _shares(g, sums)), None)
+                if group is None:
+                    groups.append(group := {})
+                group[module] = sums
+        while groups:
+            for (t, module), R in reduce(groups.pop(0), alpha, len(batches)).items():
+                reduced[(t, module)] = R
 
     def before_chunk(c: int) -> None:
         acc.chunk, acc.mask = c, chunks[c].attention_mask.bool()
