@@ -53,6 +53,12 @@ def test_parsers_read_each_format():
         ("Ada: A Pascal-descended language.", "language"),
         ("Intel: A maker of processors and chips.", "company"),
     ]
+    row = {
+        "text": "SQL: a query language: SELECT",
+        "label": "database",
+        "split": "test",
+    }
+    assert data.term_rows([row]) == [row | {"text": "SQL", "task": "topic_terms"}]
 
 
 TRANSLATION_FR = (

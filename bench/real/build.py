@@ -34,6 +34,7 @@ from data import (
     parse_wordnet,
     read_foldoc,
     split_group,
+    term_rows,
     translated_packages,
 )
 
@@ -163,10 +164,16 @@ def build_data(out: Path, tokenizer) -> dict[str, dict[str, int]]:
             write_rows(
                 path, balanced_splits(raw_rows(name), TASKS[name], sizes, seed=0)
             )
+    if not (out / "topic_terms.jsonl").exists():
+        rows = [json.loads(x) for x in (out / "topic_foldoc.jsonl").open()]
+        splits: dict[str, list[dict]] = {}
+        for r in term_rows(rows):
+            splits.setdefault(r.pop("split"), []).append(r)
+        write_rows(out / "topic_terms.jsonl", splits)
     if not all((out / f"{n}.jsonl").exists() for n in LANGUAGE_FILES):
         for name, splits in language_rows().items():
             write_rows(out / f"{name}.jsonl", splits)
-    for name in (*MULTITASK, *REGIME_SIZES, *LANGUAGE_FILES):
+    for name in (*MULTITASK, *REGIME_SIZES, "topic_terms", *LANGUAGE_FILES):
         rows = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
         counts[name] = {s: sum(r["split"] == s for r in rows) for s in SIZES}
     return counts

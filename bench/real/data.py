@@ -134,6 +134,14 @@ TASKS = {
         "dict-foldoc: entries tagged games, graphics, database, messaging, "
         "networking, mathematics",
     ),
+    # knowledge as the domain: the same skill asked of the FOLDOC term alone
+    "topic_terms": Task(
+        "topic_terms",
+        "What is this about? (games, graphics, database, mail, network, math)",
+        {w: w for w in ("games", "graphics", "database", "mail", "network", "math")},
+        "topic_foldoc's rows, the term alone (what it is about is stated only "
+        "in its definition)",
+    ),
     "topic_en": Task(
         "topic_en",
         LANGUAGE_INSTRUCTION,
@@ -298,6 +306,13 @@ def balanced_splits(
     for rows_ in splits.values():
         rng.shuffle(rows_)
     return splits
+
+
+def term_rows(rows: list[dict]) -> list[dict]:
+    """FOLDOC rows ("term: definition") with the term alone."""
+    return [
+        r | {"text": r["text"].partition(": ")[0], "task": "topic_terms"} for r in rows
+    ]
 
 
 def prompt(task: Task, text: str) -> str:
