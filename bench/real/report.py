@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from run import accuracy, bootstrap, harmonic
+from run import REGIMES, accuracy, bootstrap, harmonic
 
 ALONE = "adapter alone (own task)"
 
@@ -138,7 +138,8 @@ def plot(summaries: dict, path: Path) -> None:
 
 def write_report(results: dict, folder: Path, quick: bool = False) -> Path:
     lines, summaries = [], {}
-    for part, title in (("regime", "TaDA's regime"), ("language", "language regime")):
+    for part in REGIMES:
+        title = "TaDA's regime" if part == "regime" else f"{part} regime"
         if results.get(part):
             table, summaries[f"{title}: H of combined and control (%)"] = regime_table(
                 results[part]
