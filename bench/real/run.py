@@ -409,7 +409,8 @@ def run_regime(
     mode = "quick" if bench.quick else "full"
     root = bench.work / mode / f"{regime.part}/seed{seed}"
     task_rows = bench.split(regime.task, "train")
-    # the domain's unlabelled text (none of the combined test's rows)
+    # the domain's unlabelled text: no labels; the combined test's inputs only
+    # where the regime says so (knowledge: the test terms' definitions)
     domain_rows = [
         {"text": r["text"]}
         for name, splits, n in regime.domain
