@@ -214,7 +214,10 @@ def test_parallel_runs_never_mix(work):
 
 HANG = textwrap.dedent(
     """
-    import os, sys, time, mergekit_tada
+    import os, signal, sys, time, mergekit_tada
+    # a job started with & by a non-interactive shell ignores SIGINT, and a
+    # child inherits that: Ctrl-C's default here, however pytest was started
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from mergekit_tada.methods.tada import TadaMethod
     sys.path.insert(0, {tests!r})
     from conftest import tada_config
