@@ -147,7 +147,7 @@ class _Accumulator(ModuleHooks):
         self._memo: tuple | None = None
 
     def _gram(self, x: torch.Tensor, total: torch.Tensor | None) -> tuple:
-        """(Gram sum, valid rows, diag of X^T X) of one chunk's input.
+        """(Gram sum, valid rows in float64, diag of X^T X) of one chunk's input.
 
         The chunk's X^T X / n_t is added to ``total`` (a new sum where None):
         once per chunk for the modules that read the same input (q, k, v share
@@ -167,11 +167,18 @@ class _Accumulator(ModuleHooks):
             total = torch.zeros(d, d, dtype=torch.float64, device=x.device)
         buffer = torch.empty(d, d, device=x.device)
         scale = self.scale[self.owners[self.chunk]]
+        # the products on one thread (a multi-threaded GEMM rounds differently
+        # at another thread count: measured on SmolLM2), the elementwise adds
+        # on every thread (no reduction across threads there)
         for block in rows.split(ROWS):
-            block = block.float()
-            torch.mm(block.T, block, out=buffer)
-            total.add_(buffer, alpha=scale)
-        result = (total, rows, rows.double().square().sum(0))
+            with single_thread(x.device):
+                torch.mm(block.T.float(), block.float(), out=buffer)
+            for slab in range(0, d, ROWS):  # float64 temporaries of ROWS x d
+                part = slice(slab, slab + ROWS)
+                total[part].add_(buffer[part].double(), alpha=scale)
+        rows64 = rows.double()
+        with single_thread(x.device):  # a reduction: per-thread partial sums
+            result = (total, rows64, rows64.square().sum(0))
         self._memo = (self.chunk, x, *result)
         return result
 
@@ -184,15 +191,14 @@ class _Accumulator(ModuleHooks):
             scale = self.scale[owner]
             x = inputs[0]
             sums = self.sums.get(module)
+            gram, rows, diag = self._gram(x, sums.gram if sums else None)
             with single_thread(x.device):
-                gram, rows, diag = self._gram(x, sums.gram if sums else None)
                 if sums is None:  # the first chunk
                     A = {t: f.A for t, f in factors.items()}
                     sums = self.sums[module] = _Sums(gram, A)
                 if owner in factors:
-                    rows = rows.float()
-                    z = (rows @ factors[owner].A.T).double()
-                    sums.AG[owner] += (z.T @ rows.double()) * scale
+                    z = rows @ factors[owner].A.double().T
+                    sums.AG[owner] += (z.T @ rows) * scale
                     sums.diag[owner] += diag * scale
             if self.apply and output is not None and owner in factors:
                 return with_update(output, x, factors[owner])
