@@ -259,7 +259,11 @@ def gram_pass(
             yield
         finish([n for n, _ in named])
 
-    with torch.inference_mode():
+    # one thread for the whole pass: torch's multi-threaded kernels round
+    # differently at another thread count (SmolLM2's blocks: 1016 of 1050 R_t
+    # differed between 1 and 2 threads), and the cached R_t must not depend on
+    # which run wrote them
+    with torch.inference_mode(), single_thread(device):
         records = model.block_inputs(chunks)
         hidden = [r[0][0] for r in records]
         model.model.get_input_embeddings().to("meta")
