@@ -39,8 +39,8 @@ from mergekit_tada.streaming import Batch, StreamedModel, token_count
 
 ROWS = 256  # tokens per float32 product (accumulated in float64)
 # in every cache key of the pass's results: raised when its arithmetic changes
-# (2: one Gram sum per distinct input, diagonals in float64)
-GRAM_PASS_VERSION = 2
+# (3: one Gram sum per distinct input, float64 diagonals, one thread)
+GRAM_PASS_VERSION = 3
 Reduced = dict[tuple[str, str], torch.Tensor]  # (label, module) -> R_t
 
 
