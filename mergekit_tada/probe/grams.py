@@ -167,18 +167,15 @@ class _Accumulator(ModuleHooks):
             total = torch.zeros(d, d, dtype=torch.float64, device=x.device)
         buffer = torch.empty(d, d, device=x.device)
         scale = self.scale[self.owners[self.chunk]]
-        # the products on one thread (a multi-threaded GEMM rounds differently
-        # at another thread count: measured on SmolLM2), the elementwise adds
-        # on every thread (no reduction across threads there)
         for block in rows.split(ROWS):
-            with single_thread(x.device):
-                torch.mm(block.T.float(), block.float(), out=buffer)
-            for slab in range(0, d, ROWS):  # float64 temporaries of ROWS x d
+            torch.mm(block.T.float(), block.float(), out=buffer)
+            # cast in slabs: float64 temporaries of ROWS x d (a mixed-dtype add
+            # of the whole buffer is several times slower)
+            for slab in range(0, d, ROWS):
                 part = slice(slab, slab + ROWS)
                 total[part].add_(buffer[part].double(), alpha=scale)
         rows64 = rows.double()
-        with single_thread(x.device):  # a reduction: per-thread partial sums
-            result = (total, rows64, rows64.square().sum(0))
+        result = (total, rows64, rows64.square().sum(0))
         self._memo = (self.chunk, x, *result)
         return result
 
@@ -192,14 +189,13 @@ class _Accumulator(ModuleHooks):
             x = inputs[0]
             sums = self.sums.get(module)
             gram, rows, diag = self._gram(x, sums.gram if sums else None)
-            with single_thread(x.device):
-                if sums is None:  # the first chunk
-                    A = {t: f.A for t, f in factors.items()}
-                    sums = self.sums[module] = _Sums(gram, A)
-                if owner in factors:
-                    z = rows @ factors[owner].A.double().T
-                    sums.AG[owner] += (z.T @ rows) * scale
-                    sums.diag[owner] += diag * scale
+            if sums is None:  # the first chunk
+                A = {t: f.A for t, f in factors.items()}
+                sums = self.sums[module] = _Sums(gram, A)
+            if owner in factors:
+                z = rows @ factors[owner].A.double().T
+                sums.AG[owner] += (z.T @ rows) * scale
+                sums.diag[owner] += diag * scale
             if self.apply and output is not None and owner in factors:
                 return with_update(output, x, factors[owner])
             return None
