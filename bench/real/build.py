@@ -136,9 +136,8 @@ def language_rows() -> dict[str, list[dict]]:
         (r for r in french if r[1] not in TASKS["topic_fr"].classes),
         key=lambda r: (split_group(r[2]), r[0]),
     )
-    out["text_fr"] = {"train": [{"text": t, "task": "text_fr"} for t, _, _ in other]}
-    out["text_fr"]["train"] = out["text_fr"]["train"][:DOMAIN_TEXT]
-    return out
+    texts = [{"text": t, "task": "text_fr"} for t, _, _ in other[:DOMAIN_TEXT]]
+    return out | {"text_fr": {"train": texts}}
 
 
 def write_rows(path: Path, splits: dict[str, list[dict]]) -> None:

@@ -212,13 +212,23 @@ def parse_package_index(text: str) -> Iterable[tuple[str, str, str, str]]:
         yield package, _clean(fields["Description"]), section, source
 
 
+def _one_per_source(
+    rows: Iterable[tuple[str, str, str]],
+) -> Iterable[tuple[str, str, str]]:
+    """(description, section, source) rows, the first of each source package."""
+    seen = set()
+    for row in rows:
+        if row[2] not in seen:
+            seen.add(row[2])
+            yield row
+
+
 def parse_packages(text: str) -> Iterable[tuple[str, str, str]]:
     """``apt-cache dumpavail`` -> (description, section, source), one per source."""
-    seen = set()
-    for _, description, section, source in parse_package_index(text):
-        if source not in seen:
-            seen.add(source)
-            yield description, section, source
+    return _one_per_source(
+        (description, section, source)
+        for _, description, section, source in parse_package_index(text)
+    )
 
 
 def parse_translations(text: str, language: str) -> dict[str, str]:
@@ -236,11 +246,11 @@ def translated_packages(
 ) -> Iterable[tuple[str, str, str]]:
     """(translated description, section, source), one per source package that
     has a translation."""
-    seen = set()
-    for package, _, section, source in parse_package_index(index):
-        if package in translations and source not in seen:
-            seen.add(source)
-            yield translations[package], section, source
+    return _one_per_source(
+        (translations[package], section, source)
+        for package, _, section, source in parse_package_index(index)
+        if package in translations
+    )
 
 
 def parse_foldoc(text: str) -> Iterable[tuple[str, str]]:

@@ -206,10 +206,6 @@ class _Accumulator(ModuleHooks):
         self._memo = None  # no input tensor outlives its block
 
 
-def _shares(group: dict[str, _Sums], sums: _Sums) -> bool:
-    return next(iter(group.values())).gram is sums.gram
-
-
 @large_allocations_unmapped()
 def gram_pass(
     base_path: str,
@@ -233,17 +229,15 @@ def gram_pass(
     reduced: Reduced = {}
 
     def finish(modules) -> None:
-        groups: list[dict[str, _Sums]] = []
+        # the modules of one input (one shared Gram sum) are solved together;
+        # each group is dropped once solved, so its sum is freed before the next
+        groups: dict[int, dict[str, _Sums]] = {}
         for module in modules:
             if module in acc.sums:
                 sums = acc.sums.pop(module)
-                group = next((g for g in groups if _shares(g, sums)), None)
-                if group is None:
-                    groups.append(group := {})
-                group[module] = sums
-        while groups:
-            for (t, module), R in reduce(groups.pop(0), alpha, len(batches)).items():
-                reduced[(t, module)] = R
+                groups.setdefault(id(sums.gram), {})[module] = sums
+        for key in list(groups):
+            reduced.update(reduce(groups.pop(key), alpha, len(batches)))
 
     def before_chunk(c: int) -> None:
         acc.chunk, acc.mask = c, chunks[c].attention_mask.bool()
