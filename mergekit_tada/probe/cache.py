@@ -17,6 +17,7 @@ import torch
 
 from mergekit_tada.cache import ContentCache
 from mergekit_tada.probe.calibration import (
+    CALIBRATION_PASS_VERSION,
     PASS_KEYS,
     ModuleStats,
     Stats,
@@ -84,6 +85,7 @@ def calibrate(
         "settings": {k: settings[k] for k in PASS_KEYS},
         "base": cache.file_hashes(base_files),
         "device": device.type,
+        "pass": CALIBRATION_PASS_VERSION,
     }
     stats, infos = {}, []
     for prompts, path in settings["passes"].items():

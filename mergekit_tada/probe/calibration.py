@@ -40,6 +40,9 @@ LOG = logging.getLogger(__name__)
 
 PASS_KEYS = ("calibration_samples", "calibration_max_length", "calibration_batch_size")
 """What a calibration pass's statistics depend on besides data, adapters, base."""
+# in every cache key of the pass's statistics: raised when its arithmetic
+# changes (2: the factors' B^T B and ||dW||^2 on one thread, thread-independent)
+CALIBRATION_PASS_VERSION = 2
 
 
 @dataclass
@@ -184,12 +187,15 @@ class _Accumulator(ModuleHooks):
         never the tokens x vocabulary logits.
         """
         prepared = []
-        for label in self.targets[module_name]:
-            f = self.adapters[label].factors(module_name, self.device)
-            A, B = f.A.double(), f.B.double()
-            entry = self.stats[label].setdefault(module_name, ModuleStats())
-            entry.frob_sq = frobenius_sq(f)
-            prepared.append((entry, A, B.T @ B))
+        # on one thread, as the sums below: B^T B reduces over d_out, and at 2
+        # threads SmolLM2's MLP factors gave other last bits
+        with single_thread(self.device):
+            for label in self.targets[module_name]:
+                f = self.adapters[label].factors(module_name, self.device)
+                A, B = f.A.double(), f.B.double()
+                entry = self.stats[label].setdefault(module_name, ModuleStats())
+                entry.frob_sq = frobenius_sq(f)
+                prepared.append((entry, A, B.T @ B))
 
         def accumulate(_module: nn.Module, inputs: tuple, output) -> None:
             x = self.rows(inputs[0])

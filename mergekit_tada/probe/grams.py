@@ -38,9 +38,11 @@ from mergekit_tada.probe.calibration import (
 from mergekit_tada.streaming import Batch, StreamedModel, token_count
 
 ROWS = 256  # tokens per float32 product (accumulated in float64)
+SLAB = 128  # Gram columns per product: the upper triangle in slabs
 # in every cache key of the pass's results: raised when its arithmetic changes
-# (3: one Gram sum per distinct input, float64 diagonals, one thread)
-GRAM_PASS_VERSION = 3
+# (3: one Gram sum per distinct input, float64 diagonals, one thread;
+# 4: upper-triangle slabs, the forward on torch's threads)
+GRAM_PASS_VERSION = 4
 Reduced = dict[tuple[str, str], torch.Tensor]  # (label, module) -> R_t
 
 
@@ -103,6 +105,8 @@ def reduce(
     what they cannot regress) and the rest is solved without it.
     """
     gram = next(iter(group.values())).gram
+    for start in range(SLAB, gram.shape[0], SLAB):  # the lower triangle from the upper
+        gram[start : start + SLAB, :start] = gram[:start, start : start + SLAB].T
     diagonal = gram.diagonal().clone()
     live = diagonal > diagonal.max() * 1e-12
     gram.mul_(alpha).diagonal().add_(diagonal, alpha=1 - alpha)
@@ -151,8 +155,8 @@ class _Accumulator(ModuleHooks):
 
         The chunk's X^T X / n_t is added to ``total`` (a new sum where None):
         once per chunk for the modules that read the same input (q, k, v share
-        one sum), as float32 products of ROWS tokens added into the float64 sum
-        through one buffer."""
+        one sum), as float32 products of ROWS tokens added into the float64 sum;
+        only its upper triangle until reduce() mirrors it."""
         memo = self._memo
         if (
             memo is not None
@@ -165,15 +169,16 @@ class _Accumulator(ModuleHooks):
         d = rows.shape[1]
         if total is None:
             total = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-        buffer = torch.empty(d, d, device=x.device)
         scale = self.scale[self.owners[self.chunk]]
         for block in rows.split(ROWS):
-            torch.mm(block.T.float(), block.float(), out=buffer)
-            # cast in slabs: float64 temporaries of ROWS x d (a mixed-dtype add
-            # of the whole buffer is several times slower)
-            for slab in range(0, d, ROWS):
-                part = slice(slab, slab + ROWS)
-                total[part].add_(buffer[part].double(), alpha=scale)
+            block = block.float()
+            # the upper triangle only, a column slab at a time (the Gram is
+            # symmetric: about 0.6 of the full product's work); reduce()
+            # mirrors it. Each float32 slab is cast into the float64 sum
+            for start in range(0, d, SLAB):
+                stop = min(start + SLAB, d)
+                part = block[:, :stop].T @ block[:, start:stop]
+                total[:stop, start:stop].add_(part.double(), alpha=scale)
         rows64 = rows.double()
         result = (total, rows64, rows64.square().sum(0))
         self._memo = (self.chunk, x, *result)
@@ -187,17 +192,21 @@ class _Accumulator(ModuleHooks):
             owner = self.owners[self.chunk]
             scale = self.scale[owner]
             x = inputs[0]
-            sums = self.sums.get(module)
-            gram, rows, diag = self._gram(x, sums.gram if sums else None)
-            if sums is None:  # the first chunk
-                A = {t: f.A for t, f in factors.items()}
-                sums = self.sums[module] = _Sums(gram, A)
-            if owner in factors:
-                z = rows @ factors[owner].A.double().T
-                sums.AG[owner] += (z.T @ rows) * scale
-                sums.diag[owner] += diag * scale
-            if self.apply and output is not None and owner in factors:
-                return with_update(output, x, factors[owner])
+            # the sums on one torch thread (the block's forward runs on all):
+            # a float64 product over every token of a chunk, or a Cholesky,
+            # rounds differently at another thread count (1 of 2 on SmolLM2)
+            with single_thread(x.device):
+                sums = self.sums.get(module)
+                gram, rows, diag = self._gram(x, sums.gram if sums else None)
+                if sums is None:  # the first chunk
+                    A = {t: f.A for t, f in factors.items()}
+                    sums = self.sums[module] = _Sums(gram, A)
+                if owner in factors:
+                    z = rows @ factors[owner].A.double().T
+                    sums.AG[owner] += (z.T @ rows) * scale
+                    sums.diag[owner] += diag * scale
+                if self.apply and output is not None and owner in factors:
+                    return with_update(output, x, factors[owner])
             return None
 
         return accumulate
@@ -236,8 +245,9 @@ def gram_pass(
             if module in acc.sums:
                 sums = acc.sums.pop(module)
                 groups.setdefault(id(sums.gram), {})[module] = sums
-        for key in list(groups):
-            reduced.update(reduce(groups.pop(key), alpha, len(batches)))
+        with single_thread(device):
+            for key in list(groups):
+                reduced.update(reduce(groups.pop(key), alpha, len(batches)))
 
     def before_chunk(c: int) -> None:
         acc.chunk, acc.mask = c, chunks[c].attention_mask.bool()
@@ -249,11 +259,11 @@ def gram_pass(
             yield
         finish([n for n, _ in named])
 
-    # one thread for the whole pass: torch's multi-threaded kernels round
-    # differently at another thread count (SmolLM2's blocks: 1016 of 1050 R_t
-    # differed between 1 and 2 threads), and the cached R_t must not depend on
-    # which run wrote them
-    with torch.inference_mode(), single_thread(device):
+    # the blocks' forward runs on torch's threads (its linears and attention
+    # give the same bits at 1 and 2 threads); the sums and solves on one
+    # (with them on 2, 1016 of SmolLM2's 1050 R_t differed): the cached R_t
+    # must not depend on which run wrote them
+    with torch.inference_mode():
         records = model.block_inputs(chunks)
         hidden = [r[0][0] for r in records]
         model.model.get_input_embeddings().to("meta")
