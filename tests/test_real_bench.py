@@ -59,6 +59,12 @@ def test_parsers_read_each_format():
         "split": "test",
     }
     assert data.term_rows([row]) == [row | {"text": "SQL", "task": "topic_terms"}]
+    # the dictionary regime's text: the entry with FOLDOC's own subject tag back
+    network = {"text": "SOA: a DNS record", "label": "network", "split": "train"}
+    assert [r["text"] for r in data.tagged_rows([row, network])] == [
+        "SQL: <database> a query language: SELECT",
+        "SOA: <networking> a DNS record",
+    ]
 
 
 TRANSLATION_FR = (

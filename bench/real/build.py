@@ -34,6 +34,7 @@ from data import (
     parse_wordnet,
     read_foldoc,
     split_group,
+    tagged_rows,
     term_rows,
     translated_packages,
 )
@@ -163,16 +164,23 @@ def build_data(out: Path, tokenizer) -> dict[str, dict[str, int]]:
             write_rows(
                 path, balanced_splits(raw_rows(name), TASKS[name], sizes, seed=0)
             )
-    if not (out / "topic_terms.jsonl").exists():
-        rows = [json.loads(x) for x in (out / "topic_foldoc.jsonl").open()]
-        splits: dict[str, list[dict]] = {}
-        for r in term_rows(rows):
-            splits.setdefault(r.pop("split"), []).append(r)
-        write_rows(out / "topic_terms.jsonl", splits)
+    for name, derive in (("topic_terms", term_rows), ("foldoc_tagged", tagged_rows)):
+        if not (out / f"{name}.jsonl").exists():
+            rows = [json.loads(x) for x in (out / "topic_foldoc.jsonl").open()]
+            splits: dict[str, list[dict]] = {}
+            for r in derive(rows):
+                splits.setdefault(r.pop("split"), []).append(r)
+            write_rows(out / f"{name}.jsonl", splits)
     if not all((out / f"{n}.jsonl").exists() for n in LANGUAGE_FILES):
         for name, splits in language_rows().items():
             write_rows(out / f"{name}.jsonl", splits)
-    for name in (*MULTITASK, *REGIME_SIZES, "topic_terms", *LANGUAGE_FILES):
+    for name in (
+        *MULTITASK,
+        *REGIME_SIZES,
+        "topic_terms",
+        "foldoc_tagged",
+        *LANGUAGE_FILES,
+    ):
         rows = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
         counts[name] = {s: sum(r["split"] == s for r in rows) for s in SIZES}
     return counts

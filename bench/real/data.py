@@ -325,6 +325,19 @@ def term_rows(rows: list[dict]) -> list[dict]:
     ]
 
 
+def tagged_rows(rows: list[dict]) -> list[dict]:
+    """FOLDOC rows ("term: definition") as the dictionary prints them, the
+    subject tag after the term ("term: <games> definition"): text that states
+    what each term is about."""
+    subject = {label: tag for tag, label in TASKS["topic_foldoc"].classes.items()}
+    out = []
+    for r in rows:
+        term, _, definition = r["text"].partition(": ")
+        text = f"{term}: <{subject[r['label']]}> {definition}"
+        out.append(r | {"text": text, "task": "foldoc_tagged"})
+    return out
+
+
 def prompt(task: Task, text: str) -> str:
     """The question put to the model; the answer is ' ' + label."""
     return f"{task.instruction}\n{text}\nAnswer:"

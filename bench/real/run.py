@@ -138,6 +138,15 @@ REGIMES = {
         (("topic_foldoc", ("train", "val", "test"), None),),
         domain_epochs=8,
     ),
+    # knowledge stated: the same test, the domain's text the dictionary as it
+    # prints each entry, its subject tag after the term ("DOOM: <games> ...")
+    "dictionary": Regime(
+        "dictionary",
+        "topic_debian",
+        "topic_terms",
+        (("foldoc_tagged", ("train", "val", "test"), None),),
+        domain_epochs=8,
+    ),
 }
 
 
