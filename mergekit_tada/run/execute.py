@@ -144,17 +144,22 @@ class Execution:
         workers = workers or (
             torch.get_num_threads() if dev.type == "cpu" else 1
         )  # before 1-thread
-        with (
-            single_thread(dev),
-            ThreadPoolExecutor(max_workers=workers) as pool,
-            tqdm(
-                total=len(targets),
-                desc="Merging modules",
-                disable=self.plan.options.quiet,
-            ) as bar,
-        ):
-            for _ in pool.map(lambda p: self._merge_plan(p, dev), targets):
-                bar.update()
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            with (
+                single_thread(dev),
+                tqdm(
+                    total=len(targets),
+                    desc="Merging modules",
+                    disable=self.plan.options.quiet,
+                ) as bar,
+            ):
+                for _ in pool.map(lambda p: self._merge_plan(p, dev), targets):
+                    bar.update()
+        finally:
+            # an error or Ctrl-C stops at the modules already running: the
+            # queued ones are cancelled, not merged into an output never written
+            pool.shutdown(cancel_futures=True)
 
     def _merge_plan(self, plan: TensorPlan, device: torch.device) -> Truncated:
         updates = {
