@@ -108,6 +108,9 @@ class Regime:
     domain_epochs: int = 1
     joint_epochs: int = 1
     joint_lr: float = 1e-3
+    # labelled training rows of the combined test's kind (other items than
+    # its test's) that the task adapter (and the joint) read too
+    task_extra: tuple[str, ...] = ()
 
 
 TRAIN = ("train",)
@@ -138,14 +141,18 @@ REGIMES = {
         (("topic_foldoc", ("train", "val", "test"), None),),
         domain_epochs=8,
     ),
-    # knowledge stated: the same test, the domain's text the dictionary as it
-    # prints each entry, its subject tag after the term ("DOOM: <games> ...")
+    # knowledge stated and asked for: the domain's text is the dictionary as it
+    # prints each entry, its subject tag after the term ("DOOM: <games> ..."),
+    # and the task adapter also answers the question for the training terms
+    # by name (Allen-Zhu & Li 2023: question-answer rows on some items are
+    # what makes a model's stated knowledge of the others extractable)
     "dictionary": Regime(
         "dictionary",
         "topic_debian",
         "topic_terms",
         (("foldoc_tagged", ("train", "val", "test"), None),),
         domain_epochs=8,
+        task_extra=("topic_terms",),
     ),
 }
 
@@ -417,7 +424,9 @@ def run_regime(
 ) -> dict:
     mode = "quick" if bench.quick else "full"
     root = bench.work / mode / f"{regime.part}/seed{seed}"
-    task_rows = bench.split(regime.task, "train")
+    task_rows = [
+        r for t in (regime.task, *regime.task_extra) for r in bench.split(t, "train")
+    ]
     # the domain's unlabelled text: no labels; the combined test's inputs only
     # where the regime says so (knowledge: the test terms' definitions)
     domain_rows = [
