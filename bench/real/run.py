@@ -181,7 +181,9 @@ class Bench:
         self.base = work / "base"
         self.rows = {
             name: [json.loads(x) for x in (work / f"data/{name}.jsonl").open()]
-            for name in (*TASKS, "text_fr")
+            for name in dict.fromkeys(
+                [*TASKS, *(f for r in REGIMES.values() for f, _, _ in r.domain)]
+            )
         }
         self._evaluator: Evaluator | None = None
 
