@@ -263,3 +263,24 @@ def test_a_feature_that_is_always_zero_takes_the_mean(work):
     mean = (task[name][:, 0] + domain[name][:, 0]) / 2
     assert rel_err(written[name][:, 0], mean) < 1e-4
     assert torch.isfinite(written[name]).all()
+
+
+def test_gram_sum_in_upper_triangle_slabs_is_the_full_gram():
+    """The pass forms only the upper triangle of each Gram, in slabs of SLAB
+    columns and ROWS tokens (the tiny models' inputs fit in one slab: this
+    takes several of each); mirrored, it is X^T X, built independently here
+    in float64."""
+    from mergekit_tada.probe.grams import ROWS, SLAB, add_upper_gram, mirror_upper
+
+    torch.manual_seed(0)
+    d = 2 * SLAB + 37
+    x = torch.randn(ROWS + 101, d)
+    total = torch.zeros(d, d, dtype=torch.float64)
+    add_upper_gram(total, x, 0.5)
+    slab = torch.arange(d) // SLAB
+    below = slab[:, None] > slab[None, :]  # below the diagonal slabs: not formed
+    assert below.any() and not total[below].any()
+    mirror_upper(total)
+    expected = 0.5 * x.double().T @ x.double()
+    assert torch.equal(total, total.T)
+    assert rel_err(total, expected) < 1e-6

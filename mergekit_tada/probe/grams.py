@@ -91,6 +91,26 @@ class _Sums:
         }
 
 
+def add_upper_gram(total: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
+    """Add scale * X^T X to the upper triangle (diagonal included) of the
+    float64 ``total``: float32 products of ROWS tokens and SLAB columns, each
+    cast into the sum. The Gram is symmetric, so this is about 0.6 of the full
+    product's work; mirror_upper() completes it once, before the solve."""
+    d = rows.shape[1]
+    for block in rows.split(ROWS):
+        block = block.float()
+        for start in range(0, d, SLAB):
+            stop = min(start + SLAB, d)
+            part = block[:, :stop].T @ block[:, start:stop]
+            total[:stop, start:stop].add_(part.double(), alpha=scale)
+
+
+def mirror_upper(gram: torch.Tensor) -> None:
+    """Copy the upper triangle that add_upper_gram() filled to the lower, in place."""
+    for start in range(SLAB, gram.shape[0], SLAB):
+        gram[start : start + SLAB, :start] = gram[:start, start : start + SLAB].T
+
+
 def reduce(
     group: dict[str, _Sums], alpha: float, models: int
 ) -> dict[tuple[str, str], torch.Tensor]:
@@ -105,8 +125,7 @@ def reduce(
     what they cannot regress) and the rest is solved without it.
     """
     gram = next(iter(group.values())).gram
-    for start in range(SLAB, gram.shape[0], SLAB):  # the lower triangle from the upper
-        gram[start : start + SLAB, :start] = gram[:start, start : start + SLAB].T
+    mirror_upper(gram)
     diagonal = gram.diagonal().clone()
     live = diagonal > diagonal.max() * 1e-12
     gram.mul_(alpha).diagonal().add_(diagonal, alpha=1 - alpha)
@@ -169,16 +188,7 @@ class _Accumulator(ModuleHooks):
         d = rows.shape[1]
         if total is None:
             total = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-        scale = self.scale[self.owners[self.chunk]]
-        for block in rows.split(ROWS):
-            block = block.float()
-            # the upper triangle only, a column slab at a time (the Gram is
-            # symmetric: about 0.6 of the full product's work); reduce()
-            # mirrors it. Each float32 slab is cast into the float64 sum
-            for start in range(0, d, SLAB):
-                stop = min(start + SLAB, d)
-                part = block[:, :stop].T @ block[:, start:stop]
-                total[:stop, start:stop].add_(part.double(), alpha=scale)
+        add_upper_gram(total, rows, self.scale[self.owners[self.chunk]])
         rows64 = rows.double()
         result = (total, rows64, rows64.square().sum(0))
         self._memo = (self.chunk, x, *result)
