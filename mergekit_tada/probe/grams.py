@@ -204,7 +204,7 @@ class _Accumulator(ModuleHooks):
             x = inputs[0]
             # the sums on one torch thread (the block's forward runs on all):
             # a float64 product over every token of a chunk, or a Cholesky,
-            # rounds differently at another thread count (1 of 2 on SmolLM2)
+            # rounds differently at 2 threads than at 1 (SmolLM2's MLP inputs)
             with single_thread(x.device):
                 sums = self.sums.get(module)
                 gram, rows, diag = self._gram(x, sums.gram if sums else None)
