@@ -94,14 +94,14 @@ def test_lora_iso_cts(three, fraction):
 def test_lora_wudi(three):
     """The closed form equals the dense pseudo-inverse solution and is the
     minimum of WUDI's loss (below the sum's, and below nearby points)."""
-    out = run(family_config("lora_wudi", rank=15, ridge=0.0))
+    out = run(family_config("lora_wudi", rank=15, ridge=0.0, match_norm="none"))
     for name, delta in adapter_delta(out / "adapter").items():
         pairs = present(three, name)
         deltas = [d for d, _ in pairs]
         expected = oracles.wudi(deltas, [w for _, w in pairs])
         assert rel_err(delta, expected) < 1e-4, name
     # at unit weights the solution minimises the loss
-    config = family_config("lora_wudi", rank=15, ridge=0.0)
+    config = family_config("lora_wudi", rank=15, ridge=0.0, match_norm="none")
     for m in config["models"]:
         m["parameters"]["weight"] = 1.0
     for name, delta in adapter_delta(run(config, "unit") / "adapter").items():
@@ -130,6 +130,17 @@ def test_lora_wudi_default_ridge_is_small(three):
     ridged = adapter_delta(run(family_config("lora_wudi", rank=15), "b") / "adapter")
     for name in exact:
         assert rel_err(ridged[name], exact[name]) < 1e-3, name
+
+
+def test_lora_wudi_matches_the_sums_norm_by_default(three):
+    """lora_wudi's match_norm defaults to sum (the other rules' to none):
+    the default merge is the explicit one, byte for byte."""
+    default = run(family_config("lora_wudi", rank=15), "default")
+    explicit = run(family_config("lora_wudi", rank=15, match_norm="sum"), "sum")
+    name = "adapter/adapter_model.safetensors"
+    assert (default / name).read_bytes() == (explicit / name).read_bytes()
+    plain = run(family_config("lora_wudi", rank=15, match_norm="none"), "none")
+    assert (default / name).read_bytes() != (plain / name).read_bytes()
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])

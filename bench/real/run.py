@@ -58,7 +58,7 @@ LATER_RULES = (
 STATE_OF_THE_ART = {
     "lora_iso_c": ("lora_iso_c", {}, ()),
     "lora_iso_cts": ("lora_iso_cts", {}, ()),
-    "lora_wudi": ("lora_wudi", {}, ()),
+    "lora_wudi": ("lora_wudi", {"match_norm": "none"}, ()),
     "lora_ctm task_arithmetic r 8": ("lora_ctm", {"rank": 8}, ()),
     "lora_ctm ties r 8": ("lora_ctm", {"rank": 8, "rule": "ties"}, ("density",)),
     "lora_ctm tsv_m r 8": ("lora_ctm", {"rank": 8, "rule": "tsv_m"}, ()),
@@ -69,7 +69,7 @@ STATE_OF_THE_ART = {
     "core lora_iso_c": ("lora_iso_c", {"space": "core"}, ()),
     "r 8 lora_tsv_m": ("lora_tsv_m", {"rank": 8, "match_norm": "none"}, ()),
     "r 8 lora_iso_c": ("lora_iso_c", {"rank": 8}, ()),
-    "r 8 lora_wudi": ("lora_wudi", {"rank": 8}, ()),
+    "r 8 lora_wudi": ("lora_wudi", {"rank": 8, "match_norm": "none"}, ()),
     "lora_iso_c norm sum": ("lora_iso_c", {"match_norm": "sum"}, ()),
     "lora_iso_cts norm sum": ("lora_iso_cts", {"match_norm": "sum"}, ()),
     "lora_wudi norm sum": ("lora_wudi", {"match_norm": "sum"}, ()),
