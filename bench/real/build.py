@@ -48,8 +48,11 @@ REGIME_SIZES = {  # the domain's rows are few: FOLDOC has 43 games entries
 # the language regime: French rows are scored (val, test) or read unlabelled
 # (train); English rows never share a source package with French val or test
 LANGUAGE_SIZES = {"train": 40, "val": 6, "test": 24}
-DOMAIN_TEXT = 720  # French descriptions of other sections, unlabelled
+DOMAIN_TEXT = 720  # translated descriptions of other sections, unlabelled
 LANGUAGE_FILES = ("topic_fr", "topic_en", "text_fr")
+# German has fewer translated math packages once topic_en's are left out (49)
+GERMAN_SIZES = {"train": 20, "val": 5, "test": 24}
+GERMAN_FILES = ("topic_de", "text_de")
 
 
 def build_base(out: Path) -> None:
@@ -133,12 +136,31 @@ def language_rows() -> dict[str, list[dict]]:
         "topic_fr": splits,
         "topic_en": balanced_splits(english, TASKS["topic_en"], SIZES, seed=0),
     }
+    return out | {"text_fr": other_sections(french, "text_fr")}
+
+
+def german_rows(english: list[dict]) -> dict[str, list[dict]]:
+    """topic_de (labelled, split; no source package of the English rows
+    ``english``, so the English task adapter saw none of its packages) and
+    text_de (the domain's unlabelled German text)."""
+    index = dumpavail()
+    source = {text: src for text, _, src in parse_packages(index)}
+    used = {source[r["text"]] for r in english}
+    german = list(translated_packages(index, translations("de")))
+    free = [r for r in german if r[2] not in used]
+    return {
+        "topic_de": balanced_splits(free, TASKS["topic_de"], GERMAN_SIZES, seed=0),
+        "text_de": other_sections(german, "text_de"),
+    }
+
+
+def other_sections(rows: list[tuple[str, str, str]], name: str) -> dict:
+    """DOMAIN_TEXT translated descriptions of the sections no topic uses."""
     other = sorted(
-        (r for r in french if r[1] not in TASKS["topic_fr"].classes),
+        (r for r in rows if r[1] not in TASKS["topic_fr"].classes),
         key=lambda r: (split_group(r[2]), r[0]),
     )
-    texts = [{"text": t, "task": "text_fr"} for t, _, _ in other[:DOMAIN_TEXT]]
-    return out | {"text_fr": {"train": texts}}
+    return {"train": [{"text": t, "task": name} for t, _, _ in other[:DOMAIN_TEXT]]}
 
 
 def write_rows(path: Path, splits: dict[str, list[dict]]) -> None:
@@ -174,12 +196,17 @@ def build_data(out: Path, tokenizer) -> dict[str, dict[str, int]]:
     if not all((out / f"{n}.jsonl").exists() for n in LANGUAGE_FILES):
         for name, splits in language_rows().items():
             write_rows(out / f"{name}.jsonl", splits)
+    if not all((out / f"{n}.jsonl").exists() for n in GERMAN_FILES):
+        english = [json.loads(x) for x in (out / "topic_en.jsonl").open()]
+        for name, splits in german_rows(english).items():
+            write_rows(out / f"{name}.jsonl", splits)
     for name in (
         *MULTITASK,
         *REGIME_SIZES,
         "topic_terms",
         "foldoc_tagged",
         *LANGUAGE_FILES,
+        *GERMAN_FILES,
     ):
         rows = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
         counts[name] = {s: sum(r["split"] == s for r in rows) for s in SIZES}

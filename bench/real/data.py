@@ -155,6 +155,13 @@ TASKS = {
         LANGUAGE_TOPICS,
         "Debian's Translation-fr: French descriptions of the same sections",
     ),
+    "topic_de": Task(
+        "topic_de",
+        LANGUAGE_INSTRUCTION,
+        LANGUAGE_TOPICS,
+        "Debian's Translation-de: German descriptions of the same sections "
+        "(no source package of topic_en)",
+    ),
 }
 MULTITASK = ("wn_noun", "wn_verb", "fortune", "debian", "foldoc")
 

@@ -130,6 +130,14 @@ REGIMES = {
         "topic_fr",
         (("text_fr", TRAIN, None), ("topic_fr", TRAIN, None)),
     ),
+    # the same in German, which the base and the English task adapter read
+    # worse than French
+    "german": Regime(
+        "german",
+        "topic_en",
+        "topic_de",
+        (("text_de", TRAIN, None), ("topic_de", TRAIN, None)),
+    ),
     # knowledge as the domain: the skill asked of a FOLDOC term by its name
     # alone; what the term is about is stated only in the domain's text (every
     # topic_foldoc entry, test terms included, without its subject tag), read

@@ -11,11 +11,13 @@ if ! [ -f /usr/share/wordnet/data.noun ] || ! [ -f /usr/share/dictd/foldoc.dict.
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q wordnet-base fortunes dict-foldoc
 fi
-# the language regime's French text: Debian's Translation-fr index (Docker
-# images switch translation indexes off; this asks apt for it once)
-if ! compgen -G "/var/lib/apt/lists/*_main_i18n_Translation-fr*" >/dev/null; then
+# the language regimes' French and German text: Debian's Translation-fr and
+# -de indexes (Docker images switch translation indexes off; this asks apt
+# for them once)
+if ! compgen -G "/var/lib/apt/lists/*_main_i18n_Translation-fr*" >/dev/null ||
+  ! compgen -G "/var/lib/apt/lists/*_main_i18n_Translation-de*" >/dev/null; then
   conf=$(mktemp)
-  printf '#clear Acquire::Languages;\nAcquire::Languages { "en"; "fr"; };\n' >"$conf"
+  printf '#clear Acquire::Languages;\nAcquire::Languages { "en"; "de"; "fr"; };\n' >"$conf"
   apt-get -c "$conf" update -q
   rm -f "$conf"
 fi
