@@ -10,14 +10,15 @@ span of the stacked A's (orthonormal basis V, n x K), so with C_t = A_t V
     H = sum_t C_t^T (B_t^T B_t) C_t / f_t,   f_t = ||B_t A_t||^2
     dW = [w_1 B_1 ... w_T B_T] . stack_t(C_t C_t^T (B_t^T B_t) C_t / f_t) . H^-1 . V^T
 
-(weights scale each task's term of the numerator; with w = 1, WUDI). Its
-``match_norm`` defaults to ``sum`` (the other rules': ``none``).
+(weights scale each task's term of the numerator; with w = 1, WUDI).
 Directions outside the span have no data and get no update (the minimum-norm
 solution). H is singular where some task's B kills part of its A's span;
 a ridge of ``ridge`` times H's mean diagonal makes it definite (default 1e-6).
 
 The authors run 300 Adam steps from the sum instead of solving
-(``nlp_roberta/lamassu.py``); this is the point those steps head for.
+(``nlp_roberta/lamassu.py``); this is the point those steps head for. That
+point's update is several times the sum's norm, so here ``match_norm``
+defaults to ``sum`` (the other rules': ``none``).
 """
 
 from __future__ import annotations
