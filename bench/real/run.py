@@ -165,6 +165,19 @@ REGIMES = {
 }
 
 
+# --quick's rows (with the base, the adapters alone and the joint): a check
+# that every part runs end to end in minutes, not the full method list
+QUICK_ROWS = (
+    "task arithmetic 1/1",
+    "task arithmetic (mean)",
+    "lora_tsv_m",
+    "lora_wudi norm sum",
+    "tada probe gates, r 8",
+    "tada uniform gates (the default)",
+    "regmean model 64",
+)
+
+
 def slug(name: str) -> str:
     """A file name for a method's row."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -645,7 +658,11 @@ def writable(work: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="bench/work/real")
-    ap.add_argument("--quick", action="store_true", help="1 seed, few rows: minutes")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 seed, a few examples per class, QUICK_ROWS' methods: minutes",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
         "--parts",
@@ -673,6 +690,8 @@ def main() -> None:
     writable(Path(args.work))
     bench = Bench(Path(args.work), args.quick)
     bench.skip, bench.only = tuple(args.skip), tuple(args.only)
+    if args.quick and not bench.only:
+        bench.only = QUICK_ROWS
     seeds = args.seeds[:1] if args.quick else args.seeds
     results_path = bench.work / ("quick" if args.quick else "full") / "results.json"
 
