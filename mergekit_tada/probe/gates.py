@@ -16,7 +16,7 @@ The median runs over the modules both adapters touch. A module in one adapter
 only, or where a probe is undefined (a zero update or zero inputs), gets the
 neutral delta = median (w = 0.5 before clipping and scaling).
 
-Ablation settings (docs/quality.md): ``statistic="raw"`` uses the raw
+Ablation settings: ``statistic="raw"`` uses the raw
 activation norm RMS_x ||dW_a x|| instead of the probe (not magnitude-invariant);
 the output-side probe RMS_x ||dW_a x|| / RMS_x ||W x|| would give the same
 gates as ``raw`` (the module's ||W x|| is shared by both adapters and cancels

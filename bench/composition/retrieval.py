@@ -27,9 +27,9 @@ uniform merge of all six (1/6 each and 1 each), the single best adapter, the
 oracle adapter (the right format adapter for a combination) and, for
 combinations, the oracle pair (format + domain at 1/1).
 
-    .venv/bin/python bench/quality/retrieval.py [--seed 0]
+    .venv/bin/python bench/composition/retrieval.py [--seed 0]
 
-The world is built once under bench/work/quality/retrieval-seed-N (about
+The world is built once under bench/work/composition/retrieval-seed-N (about
 12 minutes on 2 cores). Writes docs/retrieval-quality.md and .json.
 """
 
@@ -50,11 +50,10 @@ from mergekit_tada.methods.registry import FAMILY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from run import score  # noqa: E402
-from world import World, WorldSpec, train_base, train_lora  # noqa: E402
+from world import World, WorldSpec, score, train_base, train_lora  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-WORK = REPO / "bench" / "work" / "quality"
+WORK = REPO / "bench" / "work" / "composition"
 DOCS = REPO / "docs"
 FORMATS = {
     "repeat": lambda e, a, v: f"{v} {v}",
@@ -262,22 +261,21 @@ def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
         scaled = merged(
             {n: w * n_sel for n, w in routing.weights.items()}, f"scaled-{tag}"
         )
-        single_scores = {n: score(m, tok, pairs)["exact"] for n, m in singles.items()}
+        single_scores = {n: score(m, tok, pairs) for n, m in singles.items()}
         row["scores"] = {
-            "composed (retrieved weights)": score(composed, tok, pairs)["exact"],
-            "composed x n selected": score(scaled, tok, pairs)["exact"],
-            "uniform 1/6": score(uniform_avg, tok, pairs)["exact"],
-            "uniform 1 each": score(uniform_sum, tok, pairs)["exact"],
+            "composed (retrieved weights)": score(composed, tok, pairs),
+            "composed x n selected": score(scaled, tok, pairs),
+            "uniform 1/6": score(uniform_avg, tok, pairs),
+            "uniform 1 each": score(uniform_sum, tok, pairs),
             "single best adapter": max(single_scores.values()),
             "oracle adapter": single_scores[right[0]],
         }
         if len(right) == 2:
             pair = merged(dict.fromkeys(right, 1.0), f"oracle-pair-{tag}")
-            row["scores"]["oracle pair 1/1"] = score(pair, tok, pairs)["exact"]
+            row["scores"]["oracle pair 1/1"] = score(pair, tok, pairs)
         row["single_scores"] = single_scores
         row["library_merges"] = {
-            label: score(model, tok, pairs)["exact"]
-            for label, model in library_merges.items()
+            label: score(model, tok, pairs) for label, model in library_merges.items()
         }
         results[task] = row
         log(
@@ -293,7 +291,7 @@ def write_docs(seed: int, evaluated: dict, seconds: float) -> None:
     results = evaluated["tasks"]
     columns = list(next(iter(results.values()))["scores"])
     lines = [
-        "# Retrieval composition in a controlled world (bench/quality/retrieval.py)",
+        "# Retrieval composition in a controlled world (bench/composition/retrieval.py)",
         "",
         f"Seed {seed}, one world, {seconds:.0f} s of scoring. Exact match (%) of the "
         "answer; routing: the share of queries whose top adapter is a right one, and "

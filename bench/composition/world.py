@@ -1,39 +1,18 @@
-"""A controlled task x domain world, generated from a seed and trained here.
+"""A controlled world of facts, generated from a seed and trained here.
 
-Entities carry facts (attribute -> value). The *base* model is pre-trained on
-declarative text about the general entities, in several templates, so that
-its knowledge is stored in an extractable form. Then three PEFT LoRAs are
-trained on the base:
-
-- task: an output format on general entities only: after the marker
-  "repeat :", give the answer twice ("repeat : the color of g3 is red red ."),
-  a skill the base does not have. As in supervised fine-tuning, the loss is
-  on the response only: the prompt ends with the first answer word, so the
-  adapter learns the format, not the facts;
-- domain: plain declarative text about the domain entities only
-  ("the color of d7 is blue ."), knowledge the base does not have;
-- joint: both data sets (the upper reference).
-
-Every adapter's data is mixed about 1:1 with replayed base text.
-
-The combined evaluation asks task-format prompts about domain entities
-("repeat : the color of d7 is" -> "blue blue"): neither single adapter answers
-them. The task prompt keeps the declarative prefix so that the facts are
-retrieved at the same position as in the domain text (a question template
-makes even the jointly trained adapter fail to extract new facts; see
-docs/quality.md). Controls: task-format prompts about
-held-out general entities (the skill) and declarative completions about the
-domain entities (the knowledge). Calibration prompts are unlabeled domain
-sentences in a template the domain adapter never saw, so they are disjoint
-from the evaluation and from the training text.
+Entities carry facts (attribute -> value). The *base* model, a tiny Llama, is
+pre-trained on declarative text about the general entities, in several
+templates, so that its knowledge is stored in an extractable form; LoRAs are
+then trained on it (``train_lora``), every adapter's data mixed about 1:1 with
+replayed base text. retrieval.py builds its library of skills and domains in
+this world and scores merges with ``score``.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,9 +28,6 @@ DECLARATIVE = (
     "{e} has {attr} {v} .",
     "{e} {attr} = {v} .",
 )
-CALIBRATION = "we know that {e} has the {attr} {v} ."  # unseen by every adapter
-QUESTION = "repeat : the {attr} of {e} is"
-CONTROL = "the {attr} of {e} is"
 MENTION = "{e} is a name ."
 # Declarative text comes with varied openings (as real text does), so that
 # facts are retrievable behind any short prefix, the task marker included.
@@ -82,33 +58,6 @@ class WorldSpec:
     lora_validation: float = 0.0
     eval_every: int = 50
     patience: int = 4
-    extra: dict = field(default_factory=dict)
-
-
-# Named worlds (bench/quality/run.py --world NAME): WorldSpec overrides.
-WORLDS: dict[str, dict] = {
-    # adapters move a third to a half of the base weights' norm (v9)
-    "default": {},
-    # adapters as small perturbations, as a LoRA is in a real model: a wider
-    # base, 8 domain entities (32 facts), rank-4 adapters at a low learning
-    # rate, early-stopped on their own held-out rows (docs/quality.md)
-    "quiet": {
-        "hidden": 256,
-        "intermediate": 1024,
-        "heads": 8,
-        "base_steps": 2400,
-        "n_domain": 8,
-        "lora_rank": 4,
-        "lora_lr": 2e-4,
-        "lora_steps": 3000,
-        "lora_validation": 0.1,
-    },
-}
-
-
-def world_root(work: Path, world: str, seed: int) -> Path:
-    """Where a world is cached (the default world keeps its old folders)."""
-    return work / (f"seed-{seed}" if world == "default" else f"{world}-seed-{seed}")
 
 
 @dataclass
@@ -151,23 +100,11 @@ class World:
         text = self._declarative(self.general)
         return text + [MENTION.format(e=e) for e in self.general + self.domain]
 
-    def task_corpus(self) -> list[tuple[str, str]]:
-        prompts = self._fill(QUESTION + " {v}", self.task_entities)
-        return [(p, p.split()[-1] + " .") for p in prompts]
-
-    def domain_corpus(self) -> list[tuple[str, str]]:
-        return [("", t) for t in self._declarative(self.domain)]
-
-    def joint_corpus(self) -> list[tuple[str, str]]:
-        """Both data sets, the task one repeated so that each is half the samples."""
-        task, domain = self.task_corpus(), self.domain_corpus()
-        return task * max(1, round(len(domain) / len(task))) + domain
-
     def with_replay(self, corpus: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """``corpus`` mixed about 1:1 with the base's own text (a guard against forgetting).
 
         Without replay the adapters move 30-45 % of the base weights' norm and
-        every merge of the two scores about 0 (docs/quality.md, world v7).
+        every merge of two of them scores about 0.
         """
         replay = [("", t) for t in self.base_corpus()]
         replay = random.Random(self.spec.seed + 2).sample(
@@ -183,30 +120,20 @@ class World:
             for t in self._fill(tpl, entities)
         ]
 
-    def calibration_prompts(self) -> list[str]:
-        """All 4 x n_domain calibration sentences, shuffled (a run takes the first N)."""
-        prompts = self._fill(CALIBRATION, self.domain)
-        random.Random(self.spec.seed + 1).shuffle(prompts)
-        return prompts
 
-    def eval_sets(self) -> dict[str, list[tuple[str, str]]]:
-        """name -> [(prompt, answer)]; answers are words, one token each."""
+def score(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
+    """Greedy exact match of the whole answer, %.
 
-        def pairs(template: str, entities: list[str]) -> list[tuple[str, str]]:
-            return [
-                (template.format(e=e, attr=a), v)
-                for e in entities
-                for a, v in self.facts[e].items()
-            ]
-
-        def twice(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
-            return [(p, f"{v} {v}") for p, v in items]
-
-        return {
-            "combined": twice(pairs(QUESTION, self.domain)),
-            "task": twice(pairs(QUESTION, self.held_out)),
-            "domain": pairs(CONTROL, self.domain),
-        }
+    Prompts of one set have one length (one-token names), so a set is one batch.
+    """
+    x = torch.tensor([tokenizer(p)["input_ids"] for p, _ in pairs])
+    y = torch.tensor([tokenizer(a)["input_ids"] for _, a in pairs])
+    with torch.no_grad():
+        generated = x
+        for _ in range(y.shape[1]):
+            nxt = model(input_ids=generated).logits[:, -1].argmax(-1, keepdim=True)
+            generated = torch.cat([generated, nxt], 1)
+    return 100 * (generated[:, -y.shape[1] :] == y).all(1).float().mean().item()
 
 
 def _batches(
@@ -398,53 +325,3 @@ def train_lora(
     )
     peft_model.save_pretrained(str(root / f"lora-{name}"))
     return loss, round(time.perf_counter() - t0, 1), kept
-
-
-def update_sizes(root: Path) -> dict[str, float]:
-    """Per adapter: median and largest ||s B A||_F / ||W||_F over its modules."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(root / "base" / "model.safetensors"))
-    sizes = {}
-    for name in ("task", "domain"):
-        folder = root / f"lora-{name}"
-        config = json.loads((folder / "adapter_config.json").read_text())
-        tensors = load_file(str(folder / "adapter_model.safetensors"))
-        scaling = config["lora_alpha"] / config["r"]
-        ratios = sorted(
-            float(
-                (scaling * tensors[key.replace(".lora_A.", ".lora_B.")] @ A).norm()
-                / weights[
-                    key.removeprefix("base_model.model.").replace(".lora_A", "")
-                ].norm()
-            )
-            for key, A in tensors.items()
-            if ".lora_A." in key
-        )
-        sizes[f"{name}_median"] = ratios[len(ratios) // 2]
-        sizes[f"{name}_max"] = ratios[-1]
-    return sizes
-
-
-def build(world: World, root: Path, log=print) -> dict:
-    """Train the base and the three adapters of ``world`` under ``root``."""
-    spec = world.spec
-    info: dict = {"spec": asdict(spec)}
-    info["base_loss"], info["base_seconds"] = train_base(world, root)
-    log(f"  base: loss {info['base_loss']:.3f} in {info['base_seconds']} s")
-    corpora = {
-        "task": world.with_replay(world.task_corpus()),
-        "domain": world.with_replay(world.domain_corpus()),
-        "joint": world.with_replay(world.joint_corpus()),
-    }
-    for i, (name, corpus) in enumerate(corpora.items()):
-        steps = spec.lora_steps * (2 if name == "joint" else 1)
-        loss, seconds, kept = train_lora(root, spec, name, corpus, i, steps)
-        info[f"{name}_loss"], info[f"{name}_seconds"] = loss, seconds
-        info[f"{name}_kept_step"] = kept
-        log(f"  {name} LoRA: loss {loss:.3f} in {seconds} s (weights of step {kept})")
-    (root / "calibration.txt").write_text("\n".join(world.calibration_prompts()) + "\n")
-    (root / "world.json").write_text(
-        json.dumps(info | {"facts": world.facts}, indent=1)
-    )
-    return info
