@@ -220,6 +220,29 @@ def test_head_evaluator_scores_each_task_with_its_head(tmp_path, monkeypatch):
     assert ev.correct(rows)["toy"] != expected
 
 
+def test_rows_loss_weighs_every_row_alike(work):
+    """The joint's loss is the mean over rows of each row's mean token loss:
+    a one-token row weighs as much as a long one (each row scored alone by
+    transformers' own causal-LM loss)."""
+    import train
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained("base")
+    ids = torch.randint(1, model.config.vocab_size, (3, 9))
+    labels = torch.full_like(ids, -100)
+    labels[0, 8:] = ids[0, 8:]  # a labelled row: one scored token
+    labels[1, 1:] = ids[1, 1:]  # text rows: every token after the first
+    labels[2, 1:6] = ids[2, 1:6]  # a shorter text row (padding after)
+    got = train.rows_loss(model(input_ids=ids).logits, labels)
+    alone = [
+        model(input_ids=ids[i : i + 1], labels=labels[i : i + 1]).loss for i in range(3)
+    ]
+    torch.testing.assert_close(got, torch.stack(alone).mean())
+    by_token = model(input_ids=ids, labels=labels).loss  # what it replaces
+    assert abs(float(by_token) - float(got)) > 1e-4
+
+
 def test_trainers_save_loadable_adapters_that_moved(work, monkeypatch, tmp_path):
     """A task LoRA (SmolLM's trainer, on the toy Llama) and a LoRA + head (the
     MiniLM trainer) save PEFT folders that load and differ from the base;

@@ -98,7 +98,9 @@ class Regime:
     (domain inputs) and on ``task``'s test (the control). The jointly trained
     adapter is the reference: the task rows once and the domain rows
     ``domain_epochs`` times (each as often as its own adapter read it),
-    shuffled together, for ``joint_epochs`` at ``joint_lr``."""
+    shuffled together, for ``joint_epochs`` at ``joint_lr``, every row weighing
+    the same in the loss (not every token: a text row scores ~96 tokens, a
+    labelled row one, and by tokens the text swamped the labels)."""
 
     part: str  # the results part and the work folder
     task: str
@@ -475,6 +477,7 @@ def run_regime(
             seed,
             regime.joint_epochs,
             lr=regime.joint_lr,
+            row_mean=True,
         ),
     }
     evals = {t: bench.split(t, "val") for t in (regime.combined, regime.task)}

@@ -41,8 +41,14 @@ def train_lora(
     lr: float = 1e-3,
     batch_size: int = 16,
     quiet: bool = False,
+    row_mean: bool = False,
 ) -> Path:
-    """Train one LoRA on ``rows``: kind ("task" | "domain") -> rows; save a PEFT folder."""
+    """Train one LoRA on ``rows``: kind ("task" | "domain") -> rows; save a PEFT folder.
+
+    ``row_mean``: every row weighs the same in a batch's loss (the mean of its
+    scored tokens, then the mean over rows) instead of every scored token: in
+    a mixed batch a labelled row scores one token and a text row ~96, so by
+    tokens the labels would weigh ~1 % of the loss."""
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,10 +82,25 @@ def train_lora(
                 ids[j, : len(row)] = torch.tensor(row)
                 mask[j, : len(row)] = 1
                 labels[j, first : len(row)] = torch.tensor(row[first:])
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if row_mean:
+                loss = rows_loss(
+                    model(input_ids=ids, attention_mask=mask).logits, labels
+                )
+            else:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             step(optimizer, loss, bar)
     bar.close()
     return save_adapter(model, out)
+
+
+def rows_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, the mean over each row's scored tokens, then over rows."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    scored = labels != -100
+    nll = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels.clamp(min=0), reduction="none"
+    )
+    return ((nll * scored).sum(1) / scored.sum(1)).mean()
 
 
 def step(optimizer, loss, bar) -> None:
