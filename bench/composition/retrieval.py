@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_tada.methods.registry import FAMILY
+from mergekit_tada.methods.registry import FAMILY, get
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -152,6 +152,14 @@ def build_library(world: LibraryWorld, root: Path, log=print) -> None:
     )
 
 
+def inputs_of(method: str, names: list[str]) -> dict | None:
+    """Per-adapter parameters: density 0.5 where the method takes one."""
+    spec = get(method).spec
+    if any(p.name == "density" for p in spec.input_parameters):
+        return {n: {"weight": 1.0, "density": 0.5} for n in names}
+    return None
+
+
 def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -217,10 +225,9 @@ def evaluate(root: Path, world: LibraryWorld, log=print) -> dict:
         "task arithmetic 1/6": uniform_avg,
     }
     timings = {}
-    ties_inputs = {n: {"weight": 1.0, "density": 0.5} for n in names}
     for label, method, params, per_model in (
         *(  # every fusion rule; task arithmetic is the two uniform merges above
-            (m, m, rank, None if m == "lora_tsv_m" else ties_inputs)
+            (m, m, rank, inputs_of(m, names))
             for m in FAMILY
             if m != "lora_task_arithmetic"
         ),
