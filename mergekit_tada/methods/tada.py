@@ -243,7 +243,7 @@ class TadaMethod(LoraMergeMethod):
             Param("gate_max", float, SHARED, 0.9),
             # lambda = 2: uniform gates are task arithmetic 1/1, the sum that PEFT and
             # mergekit default to (scale 1 was no better on real weights:
-            # docs/quality-real.md, H 82.6 against 83.4)
+            # docs/quality-real.md, uniform gates H 82.8 against 83.4)
             Param("scale", float, SHARED, 2.0, "global lambda on both gates"),
             Param("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
             # gates: learned (TARA's objective, one loop: mergekit_tada/training/)
