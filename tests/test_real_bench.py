@@ -228,7 +228,7 @@ def test_rows_loss_weighs_every_row_alike(work):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained("base")
+    model = AutoModelForCausalLM.from_pretrained("base").requires_grad_(False)
     ids = torch.randint(1, model.config.vocab_size, (3, 9))
     labels = torch.full_like(ids, -100)
     labels[0, 8:] = ids[0, 8:]  # a labelled row: one scored token
