@@ -22,8 +22,8 @@ import os
 import re
 from pathlib import Path
 
-from build import dumpavail, translations
-from data import TASKS, _clean, parse_package_index, split_group
+from build import dumpavail, other_sections, translations
+from data import TASKS, _clean, _one_per_source, parse_package_index
 from evaluate import adapter_updates
 from run import Bench, accuracy, harmonic
 from train import train_lora
@@ -32,14 +32,18 @@ from train import train_lora
 def bilingual(bench: Bench) -> tuple[dict, list[dict], str, str]:
     """(labelled question rows per split, domain texts, combined task, control task)."""
     german = translations("de")
-    seen, rows = set(), []
-    for package, english, section, source in parse_package_index(dumpavail()):
-        if package in german and section not in TASKS["topic_fr"].classes:
-            if source not in seen:
-                seen.add(source)
-                text = f"Deutsch: {_clean(german[package], 150)}\nEnglish: {_clean(english, 150)}"
-                rows.append((split_group(source), text))
-    domain = [{"text": t} for _, t in sorted(rows)[:720]]
+    pairs = _one_per_source(
+        (
+            f"Deutsch: {_clean(german[package], 150)}\nEnglish: {_clean(english, 150)}",
+            section,
+            source,
+        )
+        for package, english, section, source in parse_package_index(dumpavail())
+        if package in german and section not in TASKS["topic_fr"].classes
+    )
+    domain = [
+        {"text": r["text"]} for r in other_sections(list(pairs), "text_de_en")["train"]
+    ]
     split = {s: bench.split("topic_de", s) for s in ("val", "test")}
     return split, domain, "topic_de", "topic_en"
 
