@@ -36,6 +36,17 @@ def test_stock_mergekit_yaml(work):
     assert rel_err(ours[name], d[name]) < 1e-5
 
 
+def test_both_clis_keep_the_users_files_in_the_adapter_folder(work):
+    Path("tada.yml").write_text(yaml.safe_dump(tada_config()))
+    for cli, extra in (("mergekit-yaml", []), ("mergekit-tada", ["--adapter-only"])):
+        (work / "out/adapter").mkdir(parents=True, exist_ok=True)
+        (work / "out/adapter/training_args.txt").write_text(cli)
+        done = sh(cli, "tada.yml", "out", "--quiet", *extra, cwd=work)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (work / "out/adapter/training_args.txt").read_text() == cli
+        assert (work / "out/adapter/adapter_model.safetensors").exists()
+
+
 def test_mergekit_tada_adapter_only_and_clear_errors(work):
     Path("tada.yml").write_text(yaml.safe_dump(tada_config(rank=4, gates="uniform")))
     done = sh("mergekit-tada", "tada.yml", "out", "--adapter-only", "--quiet", cwd=work)

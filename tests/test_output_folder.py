@@ -136,6 +136,51 @@ def test_adapter_only_into_an_earlier_full_merge(work):
     assert config["r"] == 4
 
 
+@pytest.mark.parametrize("adapter_only", [True, False])
+def test_rerun_keeps_the_users_files_inside_the_adapter_folder(work, adapter_only):
+    """Outputs move file by file: the adapter folder is not ours as a whole."""
+    mergekit_tada.merge(
+        tada_config(rank=8), "out", adapter_only=adapter_only, quiet=True
+    )
+    Path("out/adapter/training_args.txt").write_text("mine")
+    Path("out/adapter/checkpoints").mkdir()
+    Path("out/adapter/checkpoints/step-1.bin").write_bytes(b"\x00\x01")
+    mergekit_tada.merge(
+        tada_config(rank=4), "out", adapter_only=adapter_only, quiet=True
+    )
+    assert Path("out/adapter/training_args.txt").read_text() == "mine"
+    assert Path("out/adapter/checkpoints/step-1.bin").read_bytes() == b"\x00\x01"
+    config = json.loads(Path("out/adapter/adapter_config.json").read_text())
+    assert config["r"] == 4  # the new merge's adapter did arrive
+    # another adapter_out: ours leave the old folder, the user's files stay
+    mergekit_tada.merge(tada_config(rank=4, adapter_out="lora"), "out", quiet=True)
+    assert sorted(os.listdir("out/adapter")) == ["checkpoints", "training_args.txt"]
+    assert Path("out/lora/adapter_model.safetensors").exists()
+    # and a folder only ours were in is removed with them
+    mergekit_tada.merge(tada_config(rank=4), "out", quiet=True)
+    assert not Path("out/lora").exists()
+
+
+def test_an_older_manifest_naming_the_adapter_folder_keeps_user_files(work):
+    """Manifests before version 2 listed 'adapter' whole: only PEFT files go."""
+    mergekit_tada.merge(tada_config(), "out", adapter_only=True, quiet=True)
+    manifest = Path("out/.mergekit-tada-outputs.json")
+    manifest.write_text(json.dumps({"outputs": ["adapter", "tada_report.json"]}))
+    Path("out/adapter/notes.md").write_text("mine")
+    mergekit_tada.merge(
+        tada_config(adapter_out="lora"), "out", adapter_only=True, quiet=True
+    )
+    assert sorted(os.listdir("out/adapter")) == ["notes.md"]
+
+
+def test_a_user_file_where_the_adapter_folder_goes_is_refused(work):
+    Path("out").mkdir()
+    Path("out/adapter").write_text("a file of mine")
+    with pytest.raises(TadaError, match=r"adapter is a file, not the folder"):
+        mergekit_tada.merge(tada_config(), "out", adapter_only=True, quiet=True)
+    assert Path("out/adapter").read_text() == "a file of mine"
+
+
 def test_rerun_with_other_shards_leaves_no_stale_shards(work):
     mergekit_tada.merge(tada_config(), "out", quiet=True, out_shard_size=20_000)
     assert Path("out/model.safetensors.index.json").exists()

@@ -21,12 +21,16 @@ none of that may lose data or leave a mixed folder. One mechanism covers it:
   next run into the folder finishes the commit before it starts (roll forward).
   A stage without a journal is an unfinished run: the next run deletes it
   (the lock proves its owner is gone).
-* **What counts as an earlier merge's output.** The names listed in
-  ``.mergekit-tada-outputs.json`` (written by every commit), or, in a folder
-  written by stock mergekit or an older mergekit-tada, mergekit's files
-  (shards, index, config, tokenizer, ``mergekit_config.yml``, a README that is
-  a mergekit model card) and our report, plots and the adapter folder the old
-  report names. Nothing else in the folder is ever touched.
+* **What counts as an earlier merge's output.** The files listed in
+  ``.mergekit-tada-outputs.json`` (written by every commit, one relative path
+  per file, so ``adapter/adapter_config.json`` and never ``adapter/``), or, in
+  a folder written by stock mergekit or an older mergekit-tada, mergekit's
+  files (shards, index, config, tokenizer, ``mergekit_config.yml``, a README
+  that is a mergekit model card), our report and plots, and the PEFT files of
+  the adapter folder the old report names. Outputs are moved in and out file
+  by file: nothing else in the folder, nor in a sub-folder such as the
+  adapter's (``adapter/training_args.txt``), is ever touched; a sub-folder
+  left empty by a removal is removed.
 
 Inputs are guarded: a run whose commit would replace or remove one of its own
 inputs (``model: base+out/adapter`` with output ``out``) is refused before it
@@ -78,6 +82,10 @@ MERGEKIT_OUTPUTS = (
 )
 # Files mergekit-tada 0.1.0 wrote beside them (before the manifest existed).
 LEGACY_OUTPUTS = ("tada_report.json", "gates.png")
+# What an adapter writer puts into the adapter folder: all an older manifest's
+# (or report's) adapter folder is known to hold of ours.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MANIFEST_VERSION = 2  # 2: relative file paths; 1 (unversioned): top-level names
 CARD = "README.md"
 # The last names a commit moves in: the report is what readers trust.
 _LAST = (CARD, "tada_report.json", "merge_report.json", MANIFEST_NAME)
@@ -246,15 +254,26 @@ class OutputFolder:
     # ------------------------------------------------------- inputs
 
     def earlier_outputs(self) -> set[str]:
-        """Names in the folder that an earlier merge wrote (see module docstring)."""
-        names = set(os.listdir(self.path))
+        """Files an earlier merge wrote, as relative paths (module docstring)."""
         manifest = self.path / MANIFEST_NAME
         if manifest.exists():
             try:
-                listed = json.loads(manifest.read_text(encoding="utf-8"))["outputs"]
-                return {n for n in listed if n in names} | {MANIFEST_NAME}
-            except (OSError, ValueError, KeyError, TypeError):
+                data = json.loads(manifest.read_text(encoding="utf-8"))
+                listed = [str(n) for n in data["outputs"]]
+                versioned = data.get("version") == MANIFEST_VERSION
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 LOG.warning("ignoring unreadable %s", manifest)
+            else:
+                found = {MANIFEST_NAME}
+                for name in listed:
+                    if not _inside(name):
+                        continue  # a hand-edited manifest never reaches outside
+                    if versioned:
+                        found |= self._existing_files([name])
+                    else:  # an older manifest lists the adapter folder whole
+                        found |= self._existing_files([name], folder_files=True)
+                return found
+        names = set(os.listdir(self.path))
         found: set[str] = set()
         if "mergekit_config.yml" in names or "tada_report.json" in names:
             found |= {
@@ -265,7 +284,28 @@ class OutputFolder:
                 found.add(CARD)
             old_adapter = _legacy_adapter_name(self.path / "tada_report.json")
             if old_adapter in names:
-                found.add(old_adapter)
+                found |= self._existing_files([old_adapter], folder_files=True)
+        return {
+            n
+            for n in found
+            if (self.path / n).is_file() or (self.path / n).is_symlink()
+        }
+
+    def _existing_files(
+        self, names: Iterable[str], folder_files: bool = False
+    ) -> set[str]:
+        """The files among ``names``; a folder gives its PEFT adapter files
+        (``folder_files``) or nothing: a folder is never an output as a whole."""
+        found = set()
+        for name in names:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                if folder_files:
+                    found |= {
+                        f"{name}/{f}" for f in ADAPTER_FILES if (path / f).is_file()
+                    }
+            elif path.is_file() or path.is_symlink():
+                found.add(name)
         return found
 
     def guard_inputs(self, inputs: dict[str, str], writes: Iterable[str]) -> None:
@@ -286,8 +326,18 @@ class OutputFolder:
                 )
             if not target.is_relative_to(out):
                 continue
-            top = target.relative_to(out).parts[0]
-            if any(fnmatch.fnmatch(top, p) for p in touched):
+            parts = target.relative_to(out).parts
+            top = parts[0]
+            # an output at the input, above it or inside it replaces part of it
+            hit = any(
+                fnmatch.fnmatch(top, p.split("/")[0])
+                and all(
+                    fnmatch.fnmatch(a, b)
+                    for a, b in zip(parts[1:], p.split("/")[1:], strict=False)
+                )
+                for p in touched
+            )
+            if hit:
                 raise TadaError(
                     f"output folder {self.path} would replace the {what} {path} "
                     f"(its '{top}' is an output of this merge); copy the input "
@@ -312,12 +362,14 @@ class OutputFolder:
     def commit(self, produced: Path) -> list[str]:
         """Move the complete outputs into place; returns the earlier ones removed."""
         assert self.stage is not None and produced.parent == self.stage
-        new = sorted(os.listdir(produced))
+        new = _relative_files(produced)
         (produced / MANIFEST_NAME).write_text(
-            json.dumps({"outputs": new}, indent=1) + "\n", encoding="utf-8"
+            json.dumps({"version": MANIFEST_VERSION, "outputs": new}, indent=1) + "\n",
+            encoding="utf-8",
         )
         new.append(MANIFEST_NAME)
         new.sort(key=lambda n: (n in _LAST, _LAST.index(n) if n in _LAST else 0, n))
+        self._check_parents(new)
         old = sorted(self.earlier_outputs() - set(new))
         journal = {"produced": produced.name, "new": new, "old": old}
         _settle_tree(produced)
@@ -336,34 +388,67 @@ class OutputFolder:
         self._apply(self.stage, journal)
         return old
 
+    def _check_parents(self, new: list[str]) -> None:
+        """Refuse (before the journal) an output whose folder is a user's file."""
+        for name in new:
+            for depth in range(1, len(name.split("/"))):
+                parent = self.path.joinpath(*name.split("/")[:depth])
+                if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+                    raise TadaError(
+                        f"output folder {self.path}: {parent.name} is a file, not "
+                        f"the folder this merge writes {name} into; move it or "
+                        "choose another output folder"
+                    )
+
     def _apply(self, stage: Path, journal: dict) -> None:
-        """Apply a commit journal; idempotent, so an interrupted one can be rerun."""
+        """Apply a commit journal; idempotent, so an interrupted one can be rerun.
+
+        File by file: an earlier file goes into the stage's ``replaced/``, the
+        new one takes its place; a sub-folder is created where missing and
+        removed where a removal leaves it empty.
+        """
         produced = stage / journal["produced"]
         replaced = stage / _REPLACED
         replaced.mkdir(exist_ok=True)
+
+        def move_out(name: str) -> None:
+            final = self.path / name
+            if final.is_file() or final.is_symlink():
+                keep = replaced / name
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                _remove(keep)
+                os.rename(final, keep)
+
         # the earlier report and card go first and the new ones come last: a
         # folder caught mid-commit has no report beside outputs it does not
         # describe
         for name in _LAST:
-            final = self.path / name
-            if (produced / name).exists() and final.exists():
-                _remove(replaced / name)
-                os.rename(final, replaced / name)
-        for name in journal["new"]:
+            if (produced / name).exists():
+                move_out(name)
+        new = []
+        for name in journal["new"]:  # an older version's journal names folders
+            source = produced / name
+            if source.is_dir() and not source.is_symlink():
+                new += [f"{name}/{f}" for f in _relative_files(source)]
+            else:
+                new.append(name)
+        folders = set()
+        for name in new:
             source = produced / name
             if not (source.exists() or source.is_symlink()):
                 continue  # moved in by the interrupted attempt
+            move_out(name)
             final = self.path / name
-            if final.exists() or final.is_symlink():
-                _remove(replaced / name)
-                os.rename(final, replaced / name)
+            final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(source, final)
+            folders.add(final.parent)
         for name in journal["old"]:
-            final = self.path / name
-            if final.exists() or final.is_symlink():
-                _remove(replaced / name)
-                os.rename(final, replaced / name)
-        _fsync_dir(self.path)
+            move_out(name)
+            folders.add((self.path / name).parent)
+            _remove_empty_parents(self.path / name, self.path)
+        for folder in sorted(folders | {self.path}):
+            if folder.is_dir():
+                _fsync_dir(folder)
         shutil.rmtree(stage, ignore_errors=True)
         if stage == self.stage:
             self.stage = None
@@ -392,6 +477,36 @@ def _read_journal(stage: Path) -> dict | None:
         if isinstance(journal, dict) and all(k in journal for k in keys)
         else None
     )
+
+
+def _inside(name: str) -> bool:
+    """A relative path that stays inside the folder (no '..', not absolute)."""
+    parts = name.split("/")
+    return (
+        bool(name) and not os.path.isabs(name) and ".." not in parts and "" not in parts
+    )
+
+
+def _relative_files(root: Path) -> list[str]:
+    """Every file under root as a '/'-joined relative path, sorted."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        rel = Path(folder).relative_to(root)
+        found += [(rel / f).as_posix() for f in files]
+        found += [(rel / d).as_posix() for d in dirs if (Path(folder) / d).is_symlink()]
+    return sorted(found)
+
+
+def _remove_empty_parents(path: Path, top: Path) -> None:
+    """Remove path's folders up to (not including) top while they are empty."""
+    folder = path.parent
+    while folder != top and top in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty: someone's files are in it
+        folder = folder.parent
 
 
 def _terminate(signum: int, _frame) -> None:
