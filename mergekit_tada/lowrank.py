@@ -131,7 +131,14 @@ class ThinSVD:
         return ThinSVD(self.left, self.S[:k], self.right, self.x[:, :k], self.y[:, :k])
 
     def scaled(self, weight: float) -> ThinSVD:
-        return ThinSVD(self.left, self.S * weight, self.right, self.x, self.y)
+        """weight times the matrix; a negative weight flips U, so S stays >= 0
+        (truncation takes S^1/2)."""
+        S = self.S * abs(weight)
+        if weight >= 0:
+            return ThinSVD(self.left, S, self.right, self.x, self.y)
+        if self.x is None:
+            return ThinSVD(-self.left, S, self.right)
+        return ThinSVD(self.left, S, self.right, -self.x, self.y)
 
     def energy(self) -> float:
         return float(torch.sum(self.S.double() ** 2))

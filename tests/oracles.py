@@ -106,10 +106,19 @@ def polar(X: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def iso_cts(deltas, weights, fraction: float, stacked_rank: int, scale: float = 1.0):
+def iso_cts(
+    deltas,
+    weights,
+    fraction: float,
+    stacked_rank: int,
+    scale: float = 1.0,
+    keep: int | None = None,
+):
     """Iso-CTS: the sum's top directions as the common space, each task's top
     directions off it, polar-orthogonalised, spectrum flattened; the space
-    sizes from ``stacked_rank`` (sum r) as min(d_out, d_in) in the paper."""
+    sizes from ``stacked_rank`` (sum r) as min(d_out, d_in) in the paper.
+    ``keep``: only the directions with the ``keep`` largest singular values
+    (before flattening) are orthogonalised, at the mean of all."""
     T = len(deltas)
     common = int(stacked_rank * fraction)
     per_task = round((stacked_rank - common) / T)
@@ -123,8 +132,12 @@ def iso_cts(deltas, weights, fraction: float, stacked_rank: int, scale: float = 
         us.append(ut[:, :per_task])
         ss.append(st[:per_task])
         vs.append(vt[:per_task].T)
-    sigma = torch.cat(ss).mean()
-    return scale * sigma * polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).T
+    values = torch.cat(ss)
+    U, V = torch.cat(us, 1), torch.cat(vs, 1)
+    if keep is not None and keep < len(values):
+        order = sorted(range(len(values)), key=lambda i: -float(values[i]))[:keep]
+        U, V = U[:, order], V[:, order]
+    return scale * values.mean() * polar(U) @ polar(V).T
 
 
 def least_squares_merge(deltas, grams, weights=None) -> torch.Tensor:

@@ -421,7 +421,7 @@ def test_float16_overflow_is_refused_naming_the_module(work):
     config["dtype"] = "float16"
     expect_error(
         config,
-        r"model\.layers\.\d+\.\S+: the merged weight overflows torch.float16 .*bfloat16 or float32",
+        r"model\.layers\.\d+\.\S+: W \+ dW overflows torch.float16 .*bfloat16 or float32",
     )
     config["dtype"] = "float32"
     mergekit_tada.merge(config, "out32", quiet=True)  # fine in float32

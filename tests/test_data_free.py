@@ -91,6 +91,61 @@ def test_lora_iso_cts(three, fraction):
         assert rel_err(delta, expected) < 1e-4, name
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.8])
+def test_lora_iso_cts_below_the_stacked_rank_is_order_independent(three, fraction):
+    """Below sum r a flat spectrum ties every direction: the directions kept are
+    chosen before flattening (the strongest), whatever the inputs' order."""
+    config = family_config("lora_iso_cts", rank=5, common_space_fraction=fraction)
+    forward = adapter_delta(run(config, "forward") / "adapter")
+    config["models"].reverse()
+    backward = adapter_delta(run(config, "backward") / "adapter")
+    ranks = {"lora-task": 4, "lora-domain": 6, "lora-third": 5}
+    for name, delta in forward.items():
+        assert rel_err(backward[name], delta) < 1e-4, name
+        pairs = present(three, name)
+        stacked_rank = sum(ranks[n] for n in INPUTS if name in three[n])
+        expected = oracles.iso_cts(
+            [d for d, _ in pairs],
+            [w for _, w in pairs],
+            fraction,
+            stacked_rank,
+            keep=5,
+        )
+        assert rel_err(delta, expected) < 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "method, key, match_norm",
+    [
+        ("lora_iso_c", "lambda", "none"),
+        ("lora_iso_c", "lambda", "sum"),
+        ("lora_iso_cts", "lambda", "none"),
+        ("lora_iso_cts", "lambda", "mean"),
+        ("lora_ctm", "lambda", None),
+        ("lora_wudi", "lambda", "sum"),
+        ("lora_wudi", "lambda", "none"),
+        ("lora_tsv_m", "alpha", "none"),
+        ("lora_tsv_m", "alpha", "sum"),
+        ("lora_ties", "lambda", None),
+    ],
+)
+def test_a_negative_global_scale_negates_the_merge(three, method, key, match_norm):
+    """The update is linear in the global scale, sign included (a negative one
+    used to write NaN, or lose its sign under match_norm)."""
+    extra = {} if match_norm is None else {"match_norm": match_norm}
+    rank = 4 if method == "lora_ctm" else 15
+    plus = adapter_delta(
+        run(family_config(method, rank, **extra, **{key: 1.0}), "p") / "adapter"
+    )
+    minus = adapter_delta(
+        run(family_config(method, rank, **extra, **{key: -1.0}), "m") / "adapter"
+    )
+    for name, delta in minus.items():
+        assert torch.isfinite(delta).all(), name
+        assert float(plus[name].norm()) > 0, name
+        assert rel_err(delta, -plus[name]) < 1e-4, name
+
+
 def test_lora_wudi(three):
     """The closed form equals the dense pseudo-inverse solution and is the
     minimum of WUDI's loss (below the sum's, and below nearby points)."""

@@ -227,8 +227,9 @@ class LoraMergeMethod:
     def match_norm(self, job: ModuleJob, merged: ThinSVD) -> tuple[ThinSVD, float]:
         """A label-free scale: the merged update rescaled to the Frobenius norm of
         the weighted sum sum_t w_t dW_t (``sum``) or to the mean of the weighted
-        updates' norms (``mean``, Pico's restoration), times the rule's own
-        global scale; computed from factors."""
+        updates' norms (``mean``, Pico's restoration), times the size of the
+        rule's own global scale (its sign is in the rule's output already);
+        computed from factors."""
         pairs = [
             (u, job.inputs[label].get("weight", 1.0))
             for label, u in job.updates.items()
@@ -241,9 +242,9 @@ class LoraMergeMethod:
             target = sum(abs(w) * math.sqrt(frobenius_sq(u)) for u, w in pairs)
             target /= len(pairs)
         norm = math.sqrt(merged.energy())
-        factor = (
-            target * job.params.get(self.scale_key, 1.0) / norm if norm > 0 else 0.0
-        )
+        # the rule applied its scale already, sign included: only its size here
+        size = abs(job.params.get(self.scale_key, 1.0))
+        factor = target * size / norm if norm > 0 else 0.0
         return merged.scaled(factor), float(f"{factor:.6g}")
 
     # --------------------------------------------------- what the outputs say

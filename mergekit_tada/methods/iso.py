@@ -40,8 +40,8 @@ def flatten(s: ThinSVD, scale: float) -> ThinSVD:
     """The same singular vectors, every singular value their mean times ``scale``."""
     if len(s) == 0:
         return s
-    mean = float(s.S.double().mean()) * scale
-    return ThinSVD(s.left, torch.full_like(s.S, mean), s.right, s.x, s.y)
+    mean = float(s.S.double().mean())
+    return ThinSVD(s.left, torch.full_like(s.S, mean), s.right, s.x, s.y).scaled(scale)
 
 
 def iso_c(
@@ -64,7 +64,13 @@ def iso_cts(
     weights: Sequence[float],
     fraction: float,
     scale: float,
+    keep: int | None = None,
 ) -> ThinSVD:
+    """``keep``: the output rank. A flat spectrum ties every direction, so a
+    truncation after it would keep an arbitrary (input-order dependent)
+    subspace: the ``keep`` directions with the largest singular values before
+    flattening (the common space's and each task's own, ranked together) are
+    chosen first, and keep the mean of all (the untruncated merge's value)."""
     pairs = [(u, w) for u, w in zip(updates, weights, strict=True) if u is not None]
     stacked_rank = sum(u.rank_bound for u, _ in pairs)
     common, per_task = space_sizes(stacked_rank, len(pairs), fraction)
@@ -79,10 +85,14 @@ def iso_cts(
         sigmas.append(own.S)
     sigma = torch.cat(sigmas)
     if sigma.numel() == 0:
-        return shared
-    mean = float(sigma.double().mean()) * scale
+        return shared.scaled(scale)
+    mean = float(sigma.double().mean())
     U, V = torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
-    return svd(Factored(polar(U) * mean, polar(V).T))
+    if keep is not None and keep < sigma.numel():
+        # strongest first; a stable sort breaks exact ties by position
+        chosen = torch.sort(-sigma.double(), stable=True).indices[:keep]
+        U, V = U[:, chosen], V[:, chosen]
+    return svd(Factored(polar(U) * mean, polar(V).T)).scaled(scale)
 
 
 class LoraIsoC(FamilyMethod):
@@ -133,5 +143,6 @@ class LoraIsoCts(FamilyMethod):
             weights,
             job.params["common_space_fraction"],
             job.params["lambda"],
+            keep=job.rank,
         )
         return merged, {"weights": weights}

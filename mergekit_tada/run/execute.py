@@ -120,8 +120,9 @@ class Execution:
         merged = add_product(W, lora.B, lora.A)
         if not torch.isfinite(merged).all():
             raise TadaError(
-                f"{plan.module}: the merged weight overflows {W.dtype} (inf or NaN "
-                "in W + dW); set dtype: bfloat16 or float32"
+                f"{plan.module}: W + dW overflows {W.dtype} (the merged update is "
+                "finite, its sum with the base weight is not); set dtype: "
+                "bfloat16 or float32, or lower the scale"
             )
         return merged
 
@@ -178,6 +179,16 @@ class Execution:
         )
         with single_thread(device):
             result = self.method.merge_module(job)
+        if not (
+            torch.isfinite(result.lora.B).all() and torch.isfinite(result.lora.A).all()
+        ):
+            # the inputs were checked finite: the settings took the maths out of
+            # range (or a rule failed); never written as an adapter of NaN
+            raise TadaError(
+                f"{self.method.spec.name}: the merged update of {plan.module} is "
+                "not finite (inf or NaN) with these settings; check the scale "
+                "(lambda, alpha, weights) and the inputs"
+            )
         with self._lock:
             self.writer.add(plan.module, result.lora.B, result.lora.A)
             self.records[plan.module] = result.record
