@@ -9,9 +9,11 @@ sampling and truncation: the token ids), the settings, the base weights the
 pass reads, the device kind and the package version. Settings applied after
 the cache (TaDA's tau, clipping and scale; the output rank) reuse it.
 
-Entries are JSON with a checksum over their payload, written to a temporary
-file and renamed into place (atomic; concurrent writers each rename a complete
-file). A corrupt, partial or mismatched entry is ignored and recomputed.
+Entries are JSON with a checksum over their payload, or safetensors with a
+sha256 of their tensors' bytes in the metadata, written to a temporary file
+and renamed into place (atomic; concurrent writers each rename a complete
+file). A corrupt, partial, damaged (bytes changed in place, same size) or
+mismatched entry is ignored with one warning and recomputed.
 Hashing multi-GB base shards on every run would dominate warm runs, so file
 hashes are memoized in the cache folder, keyed by path, size and mtime.
 """
@@ -25,6 +27,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from mergekit_tada.files import sha256_file, write_text_atomic
 from mergekit_tada.version import __version__
 
@@ -35,6 +39,16 @@ _FORMAT = 2  # 2: generic payloads (stats and tara)
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, by name."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class ContentCache:
@@ -112,7 +126,9 @@ class ContentCache:
             return None
 
     def load_tensors(self, key: str, kind: str) -> dict | None:
-        """The tensors stored under key, or None (missing, corrupt, another key)."""
+        """The tensors stored under key, or None (missing, another key, or
+        damaged: a digest of the tensors' bytes that does not match, or a value
+        that is not finite); a damaged entry is recomputed after one warning."""
         from safetensors import safe_open
 
         path = self.dir / f"{kind}-{key}.safetensors"
@@ -120,11 +136,19 @@ class ContentCache:
             return None
         try:
             with safe_open(str(path), "pt") as fh:
-                if (fh.metadata() or {}).get("key") != key:
+                metadata = fh.metadata() or {}
+                if metadata.get("key") != key:
                     raise ValueError("key mismatch")
-                return {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+            if metadata.get("sha256") != tensors_digest(tensors):
+                raise ValueError("its tensors do not match their digest")
+            if not all(bool(t.isfinite().all()) for t in tensors.values()):
+                raise ValueError("inf or NaN in its tensors")
+            return tensors
         except Exception as error:  # safetensors raises its own types on damage
-            LOG.warning("ignoring corrupt cache entry %s (%s)", path, error)
+            LOG.warning(
+                "ignoring damaged cache entry %s (%s); recomputing it", path, error
+            )
             return None
 
     def store_tensors(self, key: str, tensors: dict, kind: str) -> Path | None:
@@ -135,9 +159,9 @@ class ContentCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_file(
-                {k: v.contiguous() for k, v in tensors.items()}, str(tmp), {"key": key}
-            )
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+            metadata = {"key": key, "sha256": tensors_digest(tensors)}
+            save_file(tensors, str(tmp), metadata)
             os.replace(tmp, path)
         except OSError as error:
             tmp.unlink(missing_ok=True)

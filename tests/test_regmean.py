@@ -182,6 +182,34 @@ def test_deterministic_cached_and_thread_independent(work):
     assert hits == [False, True]
 
 
+@pytest.mark.parametrize("damage", ["zeros", "nan"])
+def test_a_damaged_gram_cache_entry_is_recomputed(work, caplog, damage):
+    """Bytes changed in place (same size, valid header) are caught by the
+    entry's digest: one warning, a fresh pass, the same adapter."""
+    import numpy as np
+
+    data = {n: (write_prompts(work, n, t), {}) for n, t in PROMPTS.items()}
+    config = regmean_config(data)
+    a = Path(mergekit_tada.merge(config, "a", quiet=True, adapter_only=True))
+    (entry,) = Path("cache").glob("regmean-*.safetensors")
+    raw = bytearray(entry.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    span = slice(header + 64, header + 64 + 4000)
+    if damage == "zeros":
+        raw[span] = bytes(4000)
+    else:
+        raw[span] = np.full(1000, np.nan, dtype=np.float32).tobytes()
+    entry.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        b = Path(mergekit_tada.merge(config, "b", quiet=True, adapter_only=True))
+    assert any("ignoring damaged cache entry" in r.getMessage() for r in caplog.records)
+    report = json.loads((b / "merge_report.json").read_text())["training"]["regmean"]
+    assert report["cache_hit"] is False
+    assert (a / "adapter/adapter_model.safetensors").read_bytes() == (
+        b / "adapter/adapter_model.safetensors"
+    ).read_bytes()
+
+
 def test_generate_writes_texts_per_model(work):
     data = {n: ("generate", {}) for n in PROMPTS}
     config = regmean_config(data, samples=6, generate_length=12)

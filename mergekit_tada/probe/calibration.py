@@ -41,8 +41,9 @@ LOG = logging.getLogger(__name__)
 PASS_KEYS = ("calibration_samples", "calibration_max_length", "calibration_batch_size")
 """What a calibration pass's statistics depend on besides data, adapters, base."""
 # in every cache key of the pass's statistics: raised when its arithmetic
-# changes (2: the factors' B^T B and ||dW||^2 on one thread, thread-independent)
-CALIBRATION_PASS_VERSION = 2
+# changes (2: the factors' B^T B and ||dW||^2 on one thread, thread-independent;
+# 3: the forward on one thread too)
+CALIBRATION_PASS_VERSION = 3
 
 
 @dataclass
@@ -257,7 +258,10 @@ def run_calibration(
     stats: Stats = {label: {} for label in adapters}
     acc = _Accumulator(adapters, stats, device)
     on_device = [b.to(device) for b in batches]
-    with torch.inference_mode():
+    # on one torch thread, forward included: a linear over a short chunk (11
+    # tokens) rounds differently at 1 and 2 threads on some CPUs (AMD EPYC),
+    # and the cached statistics must not depend on which run wrote them
+    with single_thread(device), torch.inference_mode():
         # 1. the exact inputs and kwargs of every block, per chunk
         records = model.block_inputs(on_device)
         hidden = [r[0][0] for r in records]

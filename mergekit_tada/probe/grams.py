@@ -41,8 +41,8 @@ ROWS = 256  # tokens per float32 product (accumulated in float64)
 SLAB = 128  # Gram columns per product: the upper triangle in slabs
 # in every cache key of the pass's results: raised when its arithmetic changes
 # (3: one Gram sum per distinct input, float64 diagonals, one thread;
-# 4: upper-triangle slabs, the forward on torch's threads)
-GRAM_PASS_VERSION = 4
+# 4: upper-triangle slabs; 5: the forward on one thread too, digests)
+GRAM_PASS_VERSION = 5
 Reduced = dict[tuple[str, str], torch.Tensor]  # (label, module) -> R_t
 
 
@@ -269,11 +269,11 @@ def gram_pass(
             yield
         finish([n for n, _ in named])
 
-    # the blocks' forward runs on torch's threads (its linears and attention
-    # give the same bits at 1 and 2 threads); the sums and solves on one
-    # (with them on 2, 1016 of SmolLM2's 1050 R_t differed): the cached R_t
-    # must not depend on which run wrote them
-    with torch.inference_mode():
+    # the whole pass on one torch thread: the sums and solves (with them on 2,
+    # 1016 of SmolLM2's 1050 R_t differed) and the blocks' forward too (a
+    # linear over a short chunk rounds differently at 1 and 2 threads on some
+    # CPUs, AMD EPYC): the cached R_t must not depend on which run wrote them
+    with single_thread(device), torch.inference_mode():
         records = model.block_inputs(chunks)
         hidden = [r[0][0] for r in records]
         model.model.get_input_embeddings().to("meta")

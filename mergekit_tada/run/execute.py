@@ -23,7 +23,7 @@ from mergekit_tada.adapter_writer import StreamingAdapterWriter, lora_adapter_co
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
 from mergekit_tada.methods.base import ModuleJob
-from mergekit_tada.run.folder import CARD
+from mergekit_tada.run.outputs import CARD
 from mergekit_tada.run.plan import MergePlan, TensorPlan
 from mergekit_tada.run.plots import draw, preload_plotting
 from mergekit_tada.run.prepare import Prepared

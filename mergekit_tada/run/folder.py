@@ -21,16 +21,11 @@ none of that may lose data or leave a mixed folder. One mechanism covers it:
   next run into the folder finishes the commit before it starts (roll forward).
   A stage without a journal is an unfinished run: the next run deletes it
   (the lock proves its owner is gone).
-* **What counts as an earlier merge's output.** The files listed in
-  ``.mergekit-tada-outputs.json`` (written by every commit, one relative path
-  per file, so ``adapter/adapter_config.json`` and never ``adapter/``), or, in
-  a folder written by stock mergekit or an older mergekit-tada, mergekit's
-  files (shards, index, config, tokenizer, ``mergekit_config.yml``, a README
-  that is a mergekit model card), our report and plots, and the PEFT files of
-  the adapter folder the old report names. Outputs are moved in and out file
-  by file: nothing else in the folder, nor in a sub-folder such as the
-  adapter's (``adapter/training_args.txt``), is ever touched; a sub-folder
-  left empty by a removal is removed.
+* **What counts as an earlier merge's output** (run/outputs.py): the files
+  the last commit's manifest lists, or mergekit's known file names. Outputs
+  move in and out file by file: nothing else in the folder, nor in a
+  sub-folder such as the adapter's (``adapter/training_args.txt``), is ever
+  touched; a sub-folder left empty by a removal is removed.
 
 Inputs are guarded: a run whose commit would replace or remove one of its own
 inputs (``model: base+out/adapter`` with output ``out``) is refused before it
@@ -55,38 +50,22 @@ from pathlib import Path
 
 from mergekit_tada.errors import TadaError
 from mergekit_tada.files import follow_umask
+from mergekit_tada.run.outputs import (
+    CARD,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    MERGEKIT_OUTPUTS,
+    earlier_outputs,
+    relative_files,
+)
 
 LOG = logging.getLogger(__name__)
 
 LOCK_NAME = ".mergekit-tada.lock"
-MANIFEST_NAME = ".mergekit-tada-outputs.json"
 STAGE_PREFIX = ".mergekit-tada-stage-"
 JOURNAL_NAME = "commit.json"
 _REPLACED = "replaced"  # earlier outputs moved here during a commit
 
-# Files stock mergekit writes into an output folder.
-MERGEKIT_OUTPUTS = (
-    "model*.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model*.bin",
-    "pytorch_model.bin.index.json",
-    "config.json",
-    "generation_config.json",
-    "mergekit_config.yml",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "chat_template.jinja",
-)
-# Files mergekit-tada 0.1.0 wrote beside them (before the manifest existed).
-LEGACY_OUTPUTS = ("tada_report.json", "gates.png")
-# What an adapter writer puts into the adapter folder: all an older manifest's
-# (or report's) adapter folder is known to hold of ours.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MANIFEST_VERSION = 2  # 2: relative file paths; 1 (unversioned): top-level names
-CARD = "README.md"
 # The last names a commit moves in: the report is what readers trust.
 _LAST = (CARD, "tada_report.json", "merge_report.json", MANIFEST_NAME)
 
@@ -253,61 +232,6 @@ class OutputFolder:
 
     # ------------------------------------------------------- inputs
 
-    def earlier_outputs(self) -> set[str]:
-        """Files an earlier merge wrote, as relative paths (module docstring)."""
-        manifest = self.path / MANIFEST_NAME
-        if manifest.exists():
-            try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-                listed = [str(n) for n in data["outputs"]]
-                versioned = data.get("version") == MANIFEST_VERSION
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                LOG.warning("ignoring unreadable %s", manifest)
-            else:
-                found = {MANIFEST_NAME}
-                for name in listed:
-                    if not _inside(name):
-                        continue  # a hand-edited manifest never reaches outside
-                    if versioned:
-                        found |= self._existing_files([name])
-                    else:  # an older manifest lists the adapter folder whole
-                        found |= self._existing_files([name], folder_files=True)
-                return found
-        names = set(os.listdir(self.path))
-        found: set[str] = set()
-        if "mergekit_config.yml" in names or "tada_report.json" in names:
-            found |= {
-                n for n in names if any(fnmatch.fnmatch(n, p) for p in MERGEKIT_OUTPUTS)
-            }
-            found |= {n for n in LEGACY_OUTPUTS if n in names}
-            if CARD in names and _is_mergekit_card(self.path / CARD):
-                found.add(CARD)
-            old_adapter = _legacy_adapter_name(self.path / "tada_report.json")
-            if old_adapter in names:
-                found |= self._existing_files([old_adapter], folder_files=True)
-        return {
-            n
-            for n in found
-            if (self.path / n).is_file() or (self.path / n).is_symlink()
-        }
-
-    def _existing_files(
-        self, names: Iterable[str], folder_files: bool = False
-    ) -> set[str]:
-        """The files among ``names``; a folder gives its PEFT adapter files
-        (``folder_files``) or nothing: a folder is never an output as a whole."""
-        found = set()
-        for name in names:
-            path = self.path / name
-            if path.is_dir() and not path.is_symlink():
-                if folder_files:
-                    found |= {
-                        f"{name}/{f}" for f in ADAPTER_FILES if (path / f).is_file()
-                    }
-            elif path.is_file() or path.is_symlink():
-                found.add(name)
-        return found
-
     def guard_inputs(self, inputs: dict[str, str], writes: Iterable[str]) -> None:
         """Refuse a run whose commit would replace or remove one of its inputs.
 
@@ -315,7 +239,7 @@ class OutputFolder:
         ``writes``: names (or glob patterns) this run may write into the folder.
         """
         out = self.path.resolve()
-        touched = [*writes, *self.earlier_outputs(), *MERGEKIT_OUTPUTS, CARD]
+        touched = [*writes, *earlier_outputs(self.path), *MERGEKIT_OUTPUTS, CARD]
         for what, path in inputs.items():
             target = Path(path).resolve()
             if target == out:
@@ -362,7 +286,7 @@ class OutputFolder:
     def commit(self, produced: Path) -> list[str]:
         """Move the complete outputs into place; returns the earlier ones removed."""
         assert self.stage is not None and produced.parent == self.stage
-        new = _relative_files(produced)
+        new = relative_files(produced)
         (produced / MANIFEST_NAME).write_text(
             json.dumps({"version": MANIFEST_VERSION, "outputs": new}, indent=1) + "\n",
             encoding="utf-8",
@@ -370,7 +294,7 @@ class OutputFolder:
         new.append(MANIFEST_NAME)
         new.sort(key=lambda n: (n in _LAST, _LAST.index(n) if n in _LAST else 0, n))
         self._check_parents(new)
-        old = sorted(self.earlier_outputs() - set(new))
+        old = sorted(earlier_outputs(self.path) - set(new))
         journal = {"produced": produced.name, "new": new, "old": old}
         _settle_tree(produced)
         # written whole or not at all: a journal is what makes a stage a commit
@@ -429,7 +353,7 @@ class OutputFolder:
         for name in journal["new"]:  # an older version's journal names folders
             source = produced / name
             if source.is_dir() and not source.is_symlink():
-                new += [f"{name}/{f}" for f in _relative_files(source)]
+                new += [f"{name}/{f}" for f in relative_files(source)]
             else:
                 new.append(name)
         folders = set()
@@ -479,25 +403,6 @@ def _read_journal(stage: Path) -> dict | None:
     )
 
 
-def _inside(name: str) -> bool:
-    """A relative path that stays inside the folder (no '..', not absolute)."""
-    parts = name.split("/")
-    return (
-        bool(name) and not os.path.isabs(name) and ".." not in parts and "" not in parts
-    )
-
-
-def _relative_files(root: Path) -> list[str]:
-    """Every file under root as a '/'-joined relative path, sorted."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        rel = Path(folder).relative_to(root)
-        found += [(rel / f).as_posix() for f in files]
-        found += [(rel / d).as_posix() for d in dirs if (Path(folder) / d).is_symlink()]
-    return sorted(found)
-
-
 def _remove_empty_parents(path: Path, top: Path) -> None:
     """Remove path's folders up to (not including) top while they are empty."""
     folder = path.parent
@@ -530,19 +435,3 @@ def _settle_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         _fsync_dir(Path(folder))
-
-
-def _is_mergekit_card(path: Path) -> bool:
-    try:
-        head = path.read_text(encoding="utf-8", errors="replace")[:4096]
-    except OSError:
-        return False
-    return "mergekit" in head
-
-
-def _legacy_adapter_name(report: Path) -> str | None:
-    try:
-        name = json.loads(report.read_text(encoding="utf-8"))["settings"]["adapter_out"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return name if isinstance(name, str) and "/" not in name and name else None

@@ -21,14 +21,8 @@ from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 from mergekit_tada.methods import registry
-from mergekit_tada.run.folder import (
-    CARD,
-    LOCK_NAME,
-    MANIFEST_NAME,
-    MERGEKIT_OUTPUTS,
-    STAGE_PREFIX,
-    check_folder_name,
-)
+from mergekit_tada.run.folder import LOCK_NAME, STAGE_PREFIX, check_folder_name
+from mergekit_tada.run.outputs import CARD, MANIFEST_NAME, MERGEKIT_OUTPUTS
 
 if TYPE_CHECKING:  # mergekit is imported only where its executor runs
     from mergekit.common import ModelReference
