@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from torch import nn
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 
+LOG = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "bert")
 
 
@@ -273,9 +275,16 @@ class Batch:
 
 
 def make_batches(
-    tokenizer, texts: Sequence[str], max_length: int, batch_size: int
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    what: str = "prompts",
 ) -> list[Batch]:
-    """Right-padded chunks (causal masks keep valid tokens blind to padding)."""
+    """Right-padded chunks (causal masks keep valid tokens blind to padding).
+
+    ``what`` names the prompts (key and file) in the error when they give no
+    token at all, and in the warning when every token is the unknown token."""
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -292,6 +301,24 @@ def make_batches(
             k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")
         }
         batches.append(Batch(enc["input_ids"], enc["attention_mask"], extra))
+    tokens = token_count(batches)
+    if tokens == 0:
+        raise TadaError(
+            f"{what}: its {len(texts)} prompt(s) tokenize to no tokens with the "
+            "base model's tokenizer (its normalizer removes every character?); "
+            "give prompts in text the base's tokenizer reads"
+        )
+    unknown = tokenizer.unk_token_id
+    if unknown is not None and tokens == sum(
+        int((b.input_ids[b.attention_mask.bool()] == unknown).sum()) for b in batches
+    ):
+        LOG.warning(
+            "%s: every one of its %d tokens is the unknown token %r: the "
+            "prompts say nothing to the base model (another script or alphabet?)",
+            what,
+            tokens,
+            tokenizer.unk_token,
+        )
     return batches
 
 
@@ -309,13 +336,17 @@ def token_count(batches: Sequence[Batch]) -> int:
     return int(sum(int(b.attention_mask.sum()) for b in batches))
 
 
-def tokenizer_for(base_path: str):
+def tokenizer_for(base_path: str, needed_by: str = "prompts"):
+    """The base's tokenizer; ``needed_by`` (method and key, as ``lora_regmean:
+    data``) says in the error what needs it."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(base_path)
     except Exception as error:
         raise TadaError(
-            f"calibration: base model {base_path} has no usable tokenizer ({error}); "
-            "gates: probe tokenizes the calibration prompts with the base's tokenizer"
+            f"{needed_by}: base model {base_path} has no usable tokenizer "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+            "these prompts are tokenized with the base's tokenizer: put its "
+            "tokenizer files in the base folder"
         ) from None

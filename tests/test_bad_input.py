@@ -593,3 +593,177 @@ def test_a_lora_input_without_base_plus_shows_the_form(work):
         r"model ./lora-task in models\[0\] is not a LoRA input: LoRA inputs are written "
         r"base\+adapter, e.g. model: ./base\+./lora-task",
     )
+
+
+# ------------------------------------------- round 5 (issue 38): 2025-26 methods
+
+
+def regmean_pair(data: str, **params) -> dict:
+    return {
+        "merge_method": "lora_regmean",
+        "base_model": "./base",
+        "models": [
+            {"model": f"./base+./{n}", "parameters": {"data": data}}
+            for n in ("lora-task", "lora-domain")
+        ],
+        "parameters": {"rank": 6, "cache_dir": "cache", **params},
+        "dtype": "float32",
+    }
+
+
+def prompts(name: str, lines) -> str:
+    Path(name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return name
+
+
+def test_one_adapter_listed_twice_is_one_line_through_both_clis(work):
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tada_config()
+    config["merge_method"] = "lora_task_arithmetic"
+    config["parameters"] = {"rank": 6}
+    config["models"] = [
+        {"model": "./base+./lora-task"},
+        {"model": "./base+./lora-domain"},
+        {"model": "./base+lora-task"},  # the same folder, spelled otherwise
+    ]
+    expect_error(
+        config, r"adapter lora-task is listed twice in models \(entries 0 and 2\)"
+    )
+    expect_error(config, r"listed twice", adapter_only=True)
+    Path("dup.yml").write_text(yaml.safe_dump(config))
+    bin_dir = Path(sys.executable).parent
+    for cli, extra in (("mergekit-yaml", []), ("mergekit-tada", ["--adapter-only"])):
+        done = subprocess.run(
+            [str(bin_dir / cli), "dup.yml", "out", *extra],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        assert "listed twice in models" in done.stderr.strip().splitlines()[-1]
+    assert not Path("out/adapter").exists()
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"samples": True}, r"samples: expected an integer, got True"),
+        ({"lambda": True}, r"lambda: expected a number, got True"),
+        ({"seed": 10**20}, r"seed: 100000000000000000000 is out of range"),
+        ({"max_length": 10**20}, r"max_length: 100000000000000000000 is out of range"),
+    ],
+)
+def test_integer_settings_are_integers_in_range(work, params, match):
+    expect_error(regmean_pair(prompts("p.txt", ["a question"] * 4), **params), match)
+
+
+def test_pico_with_match_norm_is_refused(work):
+    config = tada_config()
+    config["merge_method"] = "lora_iso_c"
+    config["models"] = [{"model": m["model"]} for m in config["models"]]
+    config["parameters"] = {"rank": 6, "pico": True, "match_norm": "sum"}
+    expect_error(config, r"lora_iso_c: pico and match_norm both set")
+
+
+def test_pico_keeps_the_global_scale(work):
+    """Pico's magnitude restoration used to undo lambda: now it is the
+    restored merge times lambda, sign included."""
+    from conftest import adapter_delta, rel_err
+
+    def config(scale):
+        c = tada_config()
+        c["merge_method"] = "lora_iso_c"
+        c["models"] = [{"model": m["model"]} for m in c["models"]]
+        c["parameters"] = {"rank": 10, "pico": True, "lambda": scale}
+        return c
+
+    one = adapter_delta(
+        Path(mergekit_tada.merge(config(1.0), "one", quiet=True)) / "adapter"
+    )
+    half = adapter_delta(
+        Path(mergekit_tada.merge(config(-0.5), "half", quiet=True)) / "adapter"
+    )
+    for name, delta in one.items():
+        assert rel_err(half[name], -0.5 * delta) < 1e-4, name
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_cache_dir_that_is_a_file_is_refused_before_any_work(work, where, monkeypatch):
+    from mergekit_tada.probe import grams
+
+    Path("somefile").write_text("mine")
+    calls = count_calls_of(monkeypatch, grams, "gram_pass")
+    cache = "somefile" if where == "a file" else "somefile/cache"
+    config = regmean_pair(prompts("p.txt", ["a question"] * 4), cache_dir=cache)
+    expect_error(config, r"lora_regmean: cache_dir .*somefile is a file, not a folder")
+    assert not calls
+    assert Path("somefile").read_text() == "mine"
+
+
+def count_calls_of(monkeypatch, module, name):
+    from conftest import count_calls
+
+    return count_calls(monkeypatch, module, name)
+
+
+def stripping_base(work: Path) -> str:
+    """A copy of the toy base whose tokenizer's normalizer deletes every digit."""
+    from tokenizers import Regex, normalizers
+
+    from mergekit_tada.toy import build_tokenizer
+
+    folder = work / "base-strip"
+    folder.mkdir()
+    for item in Path("base").iterdir():
+        if not item.name.startswith("tokenizer"):
+            (folder / item.name).symlink_to(item.resolve())
+    tok = build_tokenizer(folder)
+    tok.backend_tokenizer.normalizer = normalizers.Replace(Regex("[0-9]"), "")
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("method", ["lora_regmean", "tada"])
+def test_prompts_that_tokenize_to_nothing_are_one_line(work, method):
+    base = stripping_base(work)
+    path = prompts("digits.txt", ["123 456", "7 8 9"])
+    if method == "lora_regmean":
+        config = regmean_pair(path)
+    else:
+        config = tada_config(gates="probe", calibration=path, cache_dir="cache")
+        (
+            config["parameters"].pop("task_weight"),
+            config["parameters"].pop("domain_weight"),
+        )
+    config["base_model"] = base
+    for m in config["models"]:
+        m["model"] = m["model"].replace("./base", base)
+    expect_error(
+        config, r"digits.txt.*tokenize to no tokens with the base model's tokenizer"
+    )
+
+
+def test_prompts_of_unknown_tokens_warn(work, caplog):
+    config = regmean_pair(prompts("odd.txt", ["zzqx yyqv", "qqqq wwxx zzzz"]))
+    with caplog.at_level("WARNING"):
+        mergekit_tada.merge(config, "out", quiet=True, adapter_only=True)
+    assert any("is the unknown token" in r.getMessage() for r in caplog.records)
+
+
+def test_a_base_without_tokenizer_names_the_method_and_key(work):
+    folder = work / "base-bare"
+    folder.mkdir()
+    for item in Path("base").iterdir():
+        if not item.name.startswith(("tokenizer", "special_tokens")):
+            (folder / item.name).symlink_to(item.resolve())
+    config = regmean_pair(prompts("p.txt", ["a question"] * 4))
+    config["base_model"] = str(folder)
+    for m in config["models"]:
+        m["model"] = m["model"].replace("./base", str(folder))
+    expect_error(
+        config, r"^lora_regmean: data: base model .*base-bare has no usable tokenizer"
+    )

@@ -17,7 +17,9 @@ writers turn those into files.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,6 +93,22 @@ class Plot:
     data: Any
 
 
+def check_cache_dir(method: str, value: str | None) -> None:
+    """A cache_dir must be a folder or creatable as one: checked before any
+    work (a file in its path failed only when the pass stored its result)."""
+    if not value:
+        return
+    path = Path(os.path.expanduser(value))
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise TadaError(
+                    f"{method}: cache_dir {value}: {part} is a file, not a folder; "
+                    "give a folder (it is created if missing)"
+                )
+            return
+
+
 class LoraMergeMethod:
     """A merge done on LoRA factors; mergekit sees only ``W -> W + dW``."""
 
@@ -114,6 +132,12 @@ class LoraMergeMethod:
                         f"{name}: {key} must be a finite number (got {value}) "
                         f"in {where} for {tensor}"
                     )
+        if params.get("pico") and params.get("match_norm", "none") != "none":
+            raise TadaError(
+                f"{name}: pico and match_norm both set the merged update's size "
+                f"(pico restores the inputs' mean norm); choose one for {tensor}"
+            )
+        check_cache_dir(name, params.get("cache_dir"))
         rank = params.get("rank")
         if rank is not None and rank <= 0:
             raise TadaError(
@@ -212,7 +236,11 @@ class LoraMergeMethod:
         if job.params.get("match_norm", "none") != "none":
             merged, record["norm_factor"] = self.match_norm(job, merged)
         if job.params["pico"]:
-            merged, gamma = pico.restore_magnitude(merged, list(job.updates.values()))
+            merged, gamma = pico.restore_magnitude(
+                merged,
+                list(job.updates.values()),
+                job.params.get(self.scale_key, 1.0),
+            )
             record["pico_gamma"] = gamma
         return self._truncated(merged, job, record)
 

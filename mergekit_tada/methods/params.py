@@ -30,8 +30,8 @@ class Param:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_adapter", TypeAdapter(self.value_type))
 
-    def validate(self, value: Any) -> Any:
-        return self._adapter.validate_python(value)
+    def validate(self, value: Any, strict: bool = False) -> Any:
+        return self._adapter.validate_python(value, strict=strict)
 
 
 @dataclass(frozen=True)

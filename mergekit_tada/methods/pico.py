@@ -45,12 +45,14 @@ def calibrate(
 
 
 def restore_magnitude(
-    merged: ThinSVD, originals: Sequence[Factored | None]
+    merged: ThinSVD, originals: Sequence[Factored | None], scale: float = 1.0
 ) -> tuple[ThinSVD, float]:
-    """Scale the merged update to the mean Frobenius norm of the original updates."""
+    """Scale the merged update to the mean Frobenius norm of the original
+    updates, times ``scale`` (the size of the rule's global scale, which the
+    restoration would otherwise undo; its sign is in ``merged`` already)."""
     norms = [math.sqrt(frobenius_sq(u)) for u in originals if u is not None]
     merged_norm = math.sqrt(merged.energy())
     if merged_norm == 0:
         return merged, 1.0
-    gamma = (sum(norms) / len(norms)) / merged_norm
+    gamma = abs(scale) * (sum(norms) / len(norms)) / merged_norm
     return merged.scaled(gamma), gamma

@@ -144,10 +144,14 @@ class LoraRegMean(FamilyMethod):
 
         cache = ContentCache(shared["cache_dir"])
         texts = self._texts(run, shared, data, cache)
-        tokenizer = tokenizer_for(run.base_path)
+        tokenizer = tokenizer_for(run.base_path, "lora_regmean: data")
         batches = {
             t: make_batches(
-                tokenizer, texts[t], shared["max_length"], shared["batch_size"]
+                tokenizer,
+                texts[t],
+                shared["max_length"],
+                shared["batch_size"],
+                f"lora_regmean: data of {t} ({data[t]})",
             )
             for t in run.adapters
         }

@@ -76,7 +76,7 @@ def calibrate(
     """Every pass in ``settings["passes"]`` (prompt set -> prompts file), each
     from the cache or computed and stored: (prompt set -> statistics, what the
     report says of the calibration)."""
-    tokenizer = tokenizer_for(base_path)
+    tokenizer = tokenizer_for(base_path, "tada: calibration (gates: probe or learned)")
     cache = StatsCache(settings["cache_dir"])
     # what every pass depends on besides its own prompts (gate-only
     # settings would only miss)
@@ -95,6 +95,7 @@ def calibrate(
             texts,
             settings["calibration_max_length"],
             settings["calibration_batch_size"],
+            f"tada: {'task_calibration' if prompts == 'task' else 'calibration'} {path}",
         )
         key = cache.key(
             common

@@ -81,6 +81,33 @@ def _parameter_blocks(
             yield f"slices[{i}]", src.model, src.parameters or {}
 
 
+def _check_no_duplicates(name: str, config: MergeConfiguration) -> None:
+    """One adapter twice in one list of inputs is refused, whatever its
+    spelling: mergekit keys inputs by reference (it raised a traceback, and the
+    adapter-only path kept one of them); a weight says what a repeat meant."""
+    lists = [("models", [m.model for m in config.models or []])]
+    slices = list(config.slices or [])
+    for module in (config.modules or {}).values():
+        lists.append(("modules", [m.model for m in module.models or []]))
+        slices += module.slices or []
+    lists += [
+        (f"slices[{i}]", [src.model for src in s.sources]) for i, s in enumerate(slices)
+    ]
+    for where, refs in lists:
+        seen: dict[str, int] = {}
+        for i, ref in enumerate(refs):
+            if ref is None or ref.lora is None:
+                continue
+            key = os.path.realpath(os.path.expanduser(ref.lora.path))
+            if key in seen:
+                raise TadaError(
+                    f"{name}: adapter {ref.lora.path} is listed twice in {where} "
+                    f"(entries {seen[key]} and {i}); list it once and give it "
+                    "weight: 2 (or the weight you meant)"
+                )
+            seen[key] = i
+
+
 def check_model_path(what: str, path: str) -> None:
     """A model path must be a local folder, or a Hub id we may look up.
 
@@ -110,6 +137,7 @@ def check_model_path(what: str, path: str) -> None:
         )
 
 
+INT_MAX = 2**31 - 1  # an integer setting beyond this overflowed deep in a pass
 _EXPECTED = {
     "int": "an integer",
     "float": "a number",
@@ -137,8 +165,11 @@ def _check_type(spec: Any, where: str, key: str, value: Any) -> None:
         inner = value.get("value") if isinstance(value, dict) else value.value
         _check_type(spec, where, key, inner)
         return
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+        raise TadaError(f"{where}: {value} is out of range (at most {INT_MAX})")
     try:
-        param.validate(value)
+        # strict for true/false: pydantic would read `samples: true` as 1
+        param.validate(value, strict=isinstance(value, bool))
     except pydantic.ValidationError as error:
         kind = error.errors()[0]["type"].split("_")[0]
         expected = _EXPECTED.get(kind, error.errors()[0]["msg"].lower())
@@ -286,6 +317,7 @@ class MergePlan:
                 )
             for key, value in block.items():
                 _check_type(self.method.spec, f"{where}.{key}", key, value)
+        _check_no_duplicates(name, config)
         for ref in config.referenced_models():
             if ref == config.base_model:
                 continue

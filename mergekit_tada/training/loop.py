@@ -164,11 +164,13 @@ def read_tasks(
     Returns the tasks, a description per input (path, rows, tokens) and a
     digest of every token id used (for cache keys).
     """
-    tokenizer = tokenizer_for(base_path)
+    tokenizer = tokenizer_for(base_path, sources[0][2] if sources else "training")
     tasks, described = [], {}
     for name, path, what in sources:
         texts = read_texts(path, what)[:samples]
-        batches = make_batches(tokenizer, texts, max_length, batch_size)
+        batches = make_batches(
+            tokenizer, texts, max_length, batch_size, f"{what} {path}"
+        )
         tasks.append(Task(name, batches))
         described[name] = {
             "path": path,
