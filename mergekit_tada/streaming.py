@@ -195,6 +195,8 @@ class StreamedModel:
         | None = None,
         before_chunk: Callable[[int], None] | None = None,
         keep_all: bool = False,
+        restream: Callable[[nn.Module, str], contextlib.AbstractContextManager]
+        | None = None,
     ) -> list[list[torch.Tensor]]:
         """Stream every block over every chunk from its recorded inputs.
 
@@ -202,8 +204,12 @@ class StreamedModel:
         hidden states, and with ``keep_all`` those at every block boundary
         (n_layers + 1; what gradient checkpointing recomputes from).
         ``attach(layer, prefix)`` wraps a block's run (hooks on its linears);
-        ``before_chunk(c)`` runs before chunk c enters a block. Runs in the
-        caller's grad mode.
+        ``before_chunk(c)`` runs before chunk c enters a block. With
+        ``restream(layer, prefix)`` every chunk runs through the block a second
+        time, wrapped by it, after ``attach``'s run has closed: that run's
+        outputs are the next block's inputs (RegMean++: the first run reads the
+        models' own blocks, the second the merged block). Runs in the caller's
+        grad mode.
         """
         from tqdm import tqdm
 
@@ -212,17 +218,22 @@ class StreamedModel:
         for i in bar:
             with self.block(i) as layer:
                 prefix = f"{self.blocks_name}.{i}."
-                with attach(layer, prefix) if attach else contextlib.nullcontext():
-                    for c, sink in enumerate(records):
-                        if before_chunk:
-                            before_chunk(c)
-                        _, args, kwargs = sink[i]
-                        out = layer(boundaries[c][-1], *args, **kwargs)
-                        out = out[0] if isinstance(out, tuple) else out
-                        if keep_all:
-                            boundaries[c].append(out)
-                        else:
-                            boundaries[c] = [out]
+                runs = [attach] + ([restream] if restream else [])
+                for n, wrap in enumerate(runs):
+                    last = n == len(runs) - 1  # its outputs go on; others are dropped
+                    with wrap(layer, prefix) if wrap else contextlib.nullcontext():
+                        for c, sink in enumerate(records):
+                            if before_chunk:
+                                before_chunk(c)
+                            _, args, kwargs = sink[i]
+                            out = layer(boundaries[c][-1], *args, **kwargs)
+                            out = out[0] if isinstance(out, tuple) else out
+                            if not last:
+                                continue
+                            if keep_all:
+                                boundaries[c].append(out)
+                            else:
+                                boundaries[c] = [out]
         return boundaries
 
     def tail(self, batch: Batch, final: torch.Tensor, head: bool = False):

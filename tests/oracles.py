@@ -207,3 +207,46 @@ def tucker2(tensors, rank: int, tol: float = 1e-6, max_iter: int = 1000):
         if abs(previous - error) < tol:
             break
     return P, Q
+
+
+def regmean_plusplus(n_blocks, states, deltas, alpha, run_block, weights=None):
+    """RegMean++ (Nguyen et al., TMLR 2026) as a plain loop over blocks.
+
+    ``states``: model -> its prompts' inputs to block 0 (one tensor per prompt);
+    ``deltas``: model -> {module: dense dW} (a module a model lacks: absent);
+    ``run_block(l, dws, h, seen)``: block l with W + dws[module] on states h,
+    its linears' inputs appended to ``seen[module]``; returns the block's output.
+    At each block: every model's own block on the *merged* states of its
+    prompts gives its Grams (per-token mean); each module is merged by the
+    closed form; every model's states go through the merged block. Returns
+    {module: merged dW}.
+    """
+    names = list(states)
+    weights = weights or [1.0] * len(names)
+    merged: dict[str, torch.Tensor] = {}
+    for block in range(n_blocks):
+        grams: dict[str, dict[str, torch.Tensor]] = {}
+        for t in names:
+            seen: dict[str, list] = {}
+            for h in states[t]:
+                run_block(block, deltas[t], h, seen)
+            for module, rows in seen.items():
+                x = torch.cat(rows).double()
+                grams.setdefault(module, {})[t] = regmean_grams(x.T @ x / len(x), alpha)
+        for module, per_model in grams.items():
+            if not any(module in deltas[t] for t in names):
+                continue
+            zero = torch.zeros_like(
+                next(deltas[t][module] for t in names if module in deltas[t])
+            )
+            merged[module] = least_squares_merge(
+                [deltas[t].get(module, zero) for t in names],
+                [per_model[t] for t in names],
+                weights,
+            )
+        block_merge = {m: d for m, d in merged.items()}
+        states = {
+            t: [run_block(block, block_merge, h, {}) for h in hs]
+            for t, hs in states.items()
+        }
+    return merged

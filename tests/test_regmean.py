@@ -106,6 +106,90 @@ def test_lora_regmean_model_grams(work, alpha):
     }
 
 
+def dense_regmean_plusplus(texts: dict, alpha: float, weights=None) -> dict:
+    """RegMean++ from the paper as a plain loop over transformers' own decoder
+    layers (oracles.regmean_plusplus): dense dW, one unpadded prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained("base", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained("base")
+    layers = model.model.layers
+    states = {}
+    for name, prompts in texts.items():
+        states[name] = []
+        for text in prompts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=256)
+            got = {}
+            handle = layers[0].register_forward_pre_hook(
+                lambda _m, a, kw, got=got: got.update(a=a, kw=kw),
+                with_kwargs=True,
+            )
+            with torch.no_grad():
+                model(**ids, use_cache=False)  # no cache for the blocks to extend
+            handle.remove()
+            assert got["a"], "the block's hidden states come first, positionally"
+            states[name].append((got["a"][0], (got["a"][1:], got["kw"])))
+
+    def run_block(index, dws, state, seen):
+        h, (args, kw) = state
+        layer = layers[index]
+        linears = {
+            f"model.layers.{index}.{n}.weight": m
+            for n, m in layer.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+        saved = {k: m.weight.detach().clone() for k, m in linears.items()}
+        hooks = [
+            m.register_forward_hook(
+                lambda _m, i, _o, k=k: seen.setdefault(k, []).append(i[0][0].double())
+            )
+            for k, m in linears.items()
+        ]
+        with torch.no_grad():
+            for k, m in linears.items():
+                if k in dws:
+                    m.weight += dws[k].float()
+            out = layer(h, *args, **kw)
+            for k, m in linears.items():
+                m.weight.copy_(saved[k])
+        for handle in hooks:
+            handle.remove()
+        return (out[0] if isinstance(out, tuple) else out), (args, kw)
+
+    deltas = {n: adapter_delta(n) for n in texts}
+    return oracles.regmean_plusplus(
+        len(layers), states, deltas, alpha, run_block, weights
+    )
+
+
+@pytest.mark.parametrize("weights", [None, (0.7, 1.2)])
+def test_lora_regmean_plusplus_against_the_papers_loop(work, weights):
+    data = {
+        n: (write_prompts(work, n, t), {"weight": w} if weights else {})
+        for (n, t), w in zip(PROMPTS.items(), weights or (1, 1), strict=True)
+    }
+    config = regmean_config(data, grams="merged")
+    out = Path(mergekit_tada.merge(config, "out", quiet=True))
+    written = adapter_delta(out / "adapter")
+    expected = dense_regmean_plusplus(PROMPTS, 0.9, list(weights) if weights else None)
+    plain = dense_regmean({n: model_inputs(n, t) for n, t in PROMPTS.items()}, 0.9)
+    for module, delta in written.items():
+        print(
+            module,
+            rel_err(delta, expected[module]),
+            rel_err(delta, plain[module]),
+            rel_err(expected[module], plain[module]),
+        )
+    for module, delta in written.items():
+        assert rel_err(delta, expected[module]) < 1e-4, module
+    # past the first block RegMean++ is not RegMean
+    deep = "model.layers.2.self_attn.q_proj.weight"
+    assert rel_err(expected[deep], plain[deep]) > 1e-3
+    assert_adapter_matches_model(out)
+    report = json.loads((out / "merge_report.json").read_text())["training"]["regmean"]
+    assert report["grams"] == "merged"
+
+
 def test_lora_regmean_base_grams_and_weights(work):
     data = {
         "lora-task": (

@@ -78,6 +78,13 @@ STATE_OF_THE_ART = {
     "regmean model 64": ("lora_regmean", {}, ("data",)),
     "regmean base 64": ("lora_regmean", {"grams": "base"}, ("data",)),
     "regmean model 16": ("lora_regmean", {"samples": 16}, ("data",)),
+    "regmean base 16": ("lora_regmean", {"grams": "base", "samples": 16}, ("data",)),
+    "regmean merged 64": ("lora_regmean", {"grams": "merged"}, ("data",)),
+    "regmean merged 16": (
+        "lora_regmean",
+        {"grams": "merged", "samples": 16},
+        ("data",),
+    ),
     "regmean model 256": ("lora_regmean", {"samples": 256}, ("data",)),
     "regmean model 64 alpha 0.5": ("lora_regmean", {"alpha": 0.5}, ("data",)),
     "regmean generate": ("lora_regmean", {}, ("generate",)),

@@ -16,7 +16,12 @@ content; a merge then costs a factored SVD per module.
 
 ``grams: base`` takes the inputs from the base model instead (cheaper to
 reason about, and what the probe's pass sees): measured against ``model`` in
-docs/quality-real.md. Weights scale each model's term of the numerator (at
+docs/quality-real.md. ``grams: merged`` is RegMean++ (Nguyen et al., TMLR
+2026): block by block, model t's Grams come from its own block (base +
+adapter t) run on the states of the merged model (every block below already
+merged) for t's prompts; each merged block is the closed form
+sum_t w_t B_t R_t as solved, before truncation to ``rank`` and before
+``lambda`` (so one cached pass serves every rank and scale). Weights scale each model's term of the numerator (at
 1, RegMean); ``lambda`` scales the merged update.
 
 Where this differs from FusionBench's RegMean (docs/parity.md): padding
@@ -41,7 +46,7 @@ from mergekit_tada.methods.params import NON_BASE, SHARED, Param
 
 LOG = logging.getLogger(__name__)
 GENERATE = "generate"
-GRAMS = ("model", "base")
+GRAMS = ("model", "base", "merged")
 
 
 @dataclass
@@ -61,7 +66,7 @@ class LoraRegMean(FamilyMethod):
             WEIGHT,
             Param("data", str | None, NON_BASE, None, "prompts file, or generate"),
             Param("alpha", float, SHARED, 0.9, "off-diagonal scaling of each Gram"),
-            Param("grams", str, SHARED, "model", "model | base: whose inputs"),
+            Param("grams", str, SHARED, "model", "model | base | merged: whose inputs"),
             Param("samples", int, SHARED, 64, "prompts read (or written) per model"),
             Param("max_length", int, SHARED, 256, "tokens per prompt at most"),
             Param("batch_size", int, SHARED, 8),
@@ -142,6 +147,14 @@ class LoraRegMean(FamilyMethod):
             tokenizer_for,
         )
 
+        merged_weights = None
+        if shared["grams"] == "merged":
+            merged_weights = {
+                (label, source): float(p.inputs[label]["weight"])
+                for p in plans
+                for label, source in p.sources.items()
+                if source
+            }
         cache = ContentCache(shared["cache_dir"])
         texts = self._texts(run, shared, data, cache)
         tokenizer = tokenizer_for(run.base_path, "lora_regmean: data")
@@ -162,6 +175,8 @@ class LoraRegMean(FamilyMethod):
                 "tokens": {t: batches_digest(b) for t, b in batches.items()},
                 "alpha": shared["alpha"],
                 "grams": shared["grams"],
+                # RegMean++'s states flow through the merge, which the weights shape
+                "weights": sorted(merged_weights.items()) if merged_weights else None,
                 "device": torch.device(run.device).type,
                 "pass": GRAM_PASS_VERSION,
             }
@@ -174,7 +189,8 @@ class LoraRegMean(FamilyMethod):
                 batches,
                 run.adapters,
                 shared["alpha"],
-                shared["grams"] == "model",
+                shared["grams"] != "base",
+                merged_weights=merged_weights,
                 device=run.device,
                 quiet=run.quiet,
             )
@@ -238,7 +254,11 @@ class LoraRegMean(FamilyMethod):
         self, records: dict[str, dict], calibration: dict | None, context: Any = None
     ) -> list:
         report = context.report
-        whose = {"model": "each model (base + its adapter)", "base": "the base model"}
+        whose = {
+            "model": "each model (base + its adapter)",
+            "base": "the base model",
+            "merged": "each model's blocks on the merged model's states (RegMean++)",
+        }
         return [
             *super().card_lines(records, calibration, context),
             f"RegMean: module-input Grams of {whose[report['grams']]} (alpha "

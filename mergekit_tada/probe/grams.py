@@ -5,8 +5,10 @@ module's inputs over model t's prompts (n_t valid tokens: FusionBench's
 per-token mean, so each model weighs the same whatever its prompt count).
 X_t comes from the base with adapter t's update added to every LoRA'd
 linear (``grams: model``, as in the RegMean paper: the inputs model t sees)
-or from the base alone (``grams: base``). The base streams block by block
-(streaming.py, as the probe's pass), every model's chunks through each block.
+or from the base alone (``grams: base``), or, RegMean++ (``grams: merged``),
+from model t's block on the states of the model merged so far (the blocks
+below already merged). The base streams block by block (streaming.py, as the
+probe's pass), every model's chunks through each block.
 
 The merge needs, per module, only sum_t G~_t and A_t G~_t, where
 G~ = alpha G + (1 - alpha) diag(G) is linear in G. So one d_in x d_in sum is
@@ -225,6 +227,29 @@ class _Accumulator(ModuleHooks):
         self._memo = None  # no input tensor outlives its block
 
 
+class _MergedBlock(ModuleHooks):
+    """Hooks that add each module's merged update sum_t w_t B_t R_t (RegMean's
+    closed form, factored; before truncation and the global scale) to its
+    output: the block as merged, which RegMean++ streams the states through."""
+
+    def __init__(self, adapters, reduced: Reduced, weights: dict, device) -> None:
+        super().__init__(adapters, device)
+        self.reduced, self.weights = reduced, weights
+
+    def hook(self, module: str):
+        labels = self.targets[module]
+        factors = {t: self.adapters[t].factors(module, self.device) for t in labels}
+        B = torch.cat([self.weights[(t, module)] * f.B for t, f in factors.items()], 1)
+        A = torch.cat([self.reduced[(t, module)].to(B.device) for t in factors])
+        merged = Factored(B, A)
+
+        def add(_module: nn.Module, inputs: tuple, output):
+            with single_thread(inputs[0].device):
+                return with_update(output, inputs[0], merged)
+
+        return add
+
+
 @large_allocations_unmapped()
 def gram_pass(
     base_path: str,
@@ -233,10 +258,18 @@ def gram_pass(
     alpha: float,
     apply: bool,
     *,
+    merged_weights: dict[tuple[str, str], float] | None = None,
     device: str | torch.device = "cpu",
     quiet: bool = False,
 ) -> Reduced:
-    """Stream the base over every model's batches; R_t per (model, module)."""
+    """Stream the base over every model's batches; R_t per (model, module).
+
+    ``merged_weights`` ((model, module) -> weight): RegMean++ (Nguyen et al.,
+    2026). Each block's Grams come from model t's block (``apply``) run on the
+    *merged* model's states for t's prompts; right after the block is solved,
+    every chunk runs through the merged block (:class:`_MergedBlock`), and
+    those states enter the next block. One more forward per block and chunk.
+    """
     device = torch.device(device)
     model = StreamedModel(
         base_path, device, torch.float32, progress="RegMean Grams", quiet=quiet
@@ -269,6 +302,13 @@ def gram_pass(
             yield
         finish([n for n, _ in named])
 
+    restream = None
+    if merged_weights is not None:
+        merged = _MergedBlock(adapters, reduced, merged_weights, device)
+
+        def restream(layer, prefix):
+            return merged.attached(list(model.linear_modules(layer, prefix)))
+
     # the whole pass on one torch thread: the sums and solves (with them on 2,
     # 1016 of SmolLM2's 1050 R_t differed) and the blocks' forward too (a
     # linear over a short chunk rounds differently at 1 and 2 threads on some
@@ -279,7 +319,9 @@ def gram_pass(
         model.model.get_input_embeddings().to("meta")
         finals = [
             states[-1]
-            for states in model.forward_blocks(records, hidden, block, before_chunk)
+            for states in model.forward_blocks(
+                records, hidden, block, before_chunk, restream=restream
+            )
         ]
         # modules outside the blocks (the pooler; the LM head on the final states)
         stem = model.stem_linear_modules()
