@@ -86,6 +86,26 @@ STATE_OF_THE_ART = {
         ("data",),
     ),
     "regmean model 256": ("lora_regmean", {"samples": 256}, ("data",)),
+    # lambda: auto (issue 40): the scale chosen on each task's unlabelled
+    # prompts, against the same rule's label-tuned scale
+    "regmean model 64 auto": ("lora_regmean", {"lambda": "auto"}, ("data",)),
+    "regmean merged 64 auto": (
+        "lora_regmean",
+        {"grams": "merged", "lambda": "auto"},
+        ("data",),
+    ),
+    "lora_tsv_m auto": (
+        "lora_tsv_m",
+        {"alpha": "auto", "match_norm": "none"},
+        ("data",),
+    ),
+    "lora_iso_c auto": ("lora_iso_c", {"lambda": "auto"}, ("data",)),
+    "lora_wudi auto": (
+        "lora_wudi",
+        {"lambda": "auto", "match_norm": "none"},
+        ("data",),
+    ),
+    "task arithmetic auto": ("lora_task_arithmetic", {"lambda": "auto"}, ("data",)),
     "regmean model 64 alpha 0.5": ("lora_regmean", {"alpha": 0.5}, ("data",)),
     "regmean generate": ("lora_regmean", {}, ("generate",)),
     "regmean generate base": ("lora_regmean", {"grams": "base"}, ("generate",)),

@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -138,6 +138,16 @@ class LoraMergeMethod:
                 f"(pico restores the inputs' mean norm); choose one for {tensor}"
             )
         check_cache_dir(name, params.get("cache_dir"))
+        if params.get(self.scale_key) == AUTO:
+            missing = [label for label, p in inputs.items() if not p.get("data")]
+            if missing or any(p.get("data") == "generate" for p in inputs.values()):
+                raise TadaError(
+                    f"{name}: {self.scale_key}: auto chooses the scale on each "
+                    "model's prompts: give every model parameters: {data: path} "
+                    f"(a prompts file; missing for {', '.join(missing) or 'none'}"
+                    f"{'; data: generate is not read here' if not missing else ''}) "
+                    f"at {tensor}"
+                )
         rank = params.get("rank")
         if rank is not None and rank <= 0:
             raise TadaError(
@@ -191,7 +201,11 @@ class LoraMergeMethod:
 
     def data_paths(self, plans: list) -> dict[str, str]:
         """Data files the merge reads: described -> path (guarded against the output)."""
-        paths = {}
+        paths = {
+            f"data of {label}": p["data"]
+            for label, p in plans[0].inputs.items()
+            if p.get("data") and p["data"] != "generate"
+        }
         for plan in plans:
             settings = self.calibration(plan.params)
             if settings and settings.get("calibration"):
@@ -307,6 +321,27 @@ class LoraMergeMethod:
 # ------------------------------------------------- the multi-adapter family
 
 WEIGHT = Param("weight", float, NON_BASE, 1.0, "per-adapter weight")
+AUTO = "auto"  # a global scale chosen on each model's prompts (run/scale.py)
+
+
+def scale_param(key: str = "lambda") -> Param:
+    """A rule's global scale: a number, or ``auto``."""
+    return Param(
+        key,
+        float | Literal["auto"],
+        SHARED,
+        1.0,
+        "global scale, or auto: chosen where the merge agrees best with each "
+        "model on its own prompts (data)",
+    )
+
+
+# what lambda: auto reads (RegMean's own data and settings are its own)
+AUTO_DATA = Param("data", str | None, NON_BASE, None, "prompts file (lambda: auto)")
+AUTO_SETTINGS = (
+    Param("auto_samples", int, SHARED, 16, "prompts per model read by lambda: auto"),
+    Param("auto_max_length", int, SHARED, 128, "tokens per prompt for lambda: auto"),
+)
 DENSITY = Param("density", float, NON_BASE, 1.0, "fraction of entries kept")
 SPACE = Param("space", str, SHARED, "full", "full | core: where the rule decides")
 MATCH_NORM = Param(
@@ -327,7 +362,9 @@ def gta_parameters(normalize: bool, rescale: bool) -> tuple[Param, ...]:
         Param("normalize", bool, SHARED, normalize),
         Param("rescale", bool, SHARED, rescale),
         Param("int8_mask", bool, SHARED, False),
-        Param("lambda", float, SHARED, 1.0),
+        scale_param(),
+        AUTO_DATA,
+        *AUTO_SETTINGS,
     )
 
 

@@ -26,7 +26,15 @@ from dataclasses import replace
 import torch
 
 from mergekit_tada.lowrank import Factored
-from mergekit_tada.methods.base import DENSITY, WEIGHT, FamilyMethod, family_spec
+from mergekit_tada.methods.base import (
+    AUTO_DATA,
+    AUTO_SETTINGS,
+    DENSITY,
+    WEIGHT,
+    FamilyMethod,
+    family_spec,
+    scale_param,
+)
 from mergekit_tada.methods.core_space import CoreSpace, core_space
 from mergekit_tada.methods.gta import METHODS as GTA
 from mergekit_tada.methods.iso import LoraIsoC
@@ -80,7 +88,9 @@ class LoraCtm(FamilyMethod):
             DENSITY,
             Param("rule", str, SHARED, "task_arithmetic", ", ".join(RULES)),
             Param("beta", float, SHARED, 0.0, "0: equal task norms for the fit"),
-            Param("lambda", float, SHARED, 1.0, "global scale"),
+            scale_param(),
+            AUTO_DATA,
+            *AUTO_SETTINGS,
             Param("tol", float, SHARED, 1e-6, "HOOI: stop below this error change"),
             Param("max_iter", int, SHARED, 1000, "HOOI sweeps at most"),
         ),

@@ -25,15 +25,18 @@ import torch
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, ThinSVD, polar, stack, svd
 from mergekit_tada.methods.base import (
+    AUTO_DATA,
+    AUTO_SETTINGS,
     MATCH_NORM,
     SPACE,
     WEIGHT,
     FamilyMethod,
     family_spec,
+    scale_param,
 )
 from mergekit_tada.methods.params import SHARED, Param
 
-LAMBDA = Param("lambda", float, SHARED, 1.0, "global scale")
+LAMBDA = (scale_param(), AUTO_DATA, *AUTO_SETTINGS)
 
 
 def flatten(s: ThinSVD, scale: float) -> ThinSVD:
@@ -99,7 +102,7 @@ class LoraIsoC(FamilyMethod):
     spec = family_spec(
         "lora_iso_c",
         "Iso-C (isotropic merge of the summed update)",
-        (WEIGHT, LAMBDA, SPACE, MATCH_NORM),
+        (WEIGHT, *LAMBDA, SPACE, MATCH_NORM),
     )
 
     def combine(self, job, updates):
@@ -114,7 +117,7 @@ class LoraIsoCts(FamilyMethod):
         "Iso-CTS (isotropic merge with common and task-specific spaces)",
         (
             WEIGHT,
-            LAMBDA,
+            *LAMBDA,
             Param(
                 "common_space_fraction",
                 float,

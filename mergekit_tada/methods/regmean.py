@@ -41,7 +41,14 @@ import torch
 from mergekit_tada.cache import DEFAULT_CACHE_DIR, ContentCache
 from mergekit_tada.errors import TadaError, same_for_every_tensor
 from mergekit_tada.lowrank import Factored, svd
-from mergekit_tada.methods.base import WEIGHT, FamilyMethod, RunInputs, family_spec
+from mergekit_tada.methods.base import (
+    AUTO_SETTINGS,
+    WEIGHT,
+    FamilyMethod,
+    RunInputs,
+    family_spec,
+    scale_param,
+)
 from mergekit_tada.methods.params import NON_BASE, SHARED, Param
 
 LOG = logging.getLogger(__name__)
@@ -72,7 +79,8 @@ class LoraRegMean(FamilyMethod):
             Param("batch_size", int, SHARED, 8),
             Param("generate_length", int, SHARED, 64, "tokens per written text"),
             Param("seed", int, SHARED, 0, "sampling seed of data: generate"),
-            Param("lambda", float, SHARED, 1.0, "global scale"),
+            scale_param(),
+            *AUTO_SETTINGS,
             Param("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
         ),
     )
@@ -119,13 +127,6 @@ class LoraRegMean(FamilyMethod):
                 f"{{data: path}}{given}: a file of unlabelled prompts (.txt, .jsonl "
                 "with a 'text' field, or a saved dataset), or data: generate"
             )
-
-    def data_paths(self, plans: list) -> dict[str, str]:
-        return {
-            f"data of {label}": p["data"]
-            for label, p in plans[0].inputs.items()
-            if p.get("data") and p["data"] != GENERATE
-        }
 
     def prepare(self, stats: Any, plans: list, run: RunInputs) -> Reduced:
         shared, data = same_for_every_tensor(

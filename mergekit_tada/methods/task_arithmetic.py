@@ -12,15 +12,22 @@ from collections.abc import Sequence
 
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, ThinSVD, stack, svd
-from mergekit_tada.methods.base import WEIGHT, FamilyMethod, family_spec
+from mergekit_tada.methods.base import (
+    AUTO_DATA,
+    AUTO_SETTINGS,
+    WEIGHT,
+    FamilyMethod,
+    family_spec,
+    scale_param,
+)
 from mergekit_tada.methods.params import SHARED, Param
 
 
 def task_arithmetic(
-    updates: Sequence[Factored | None], weights: Sequence[float]
+    updates: Sequence[Factored | None], weights: Sequence[float], scale: float = 1.0
 ) -> ThinSVD:
     pairs = [(u, w) for u, w in zip(updates, weights, strict=True) if u is not None]
-    return svd(stack([u for u, _ in pairs], [w for _, w in pairs]))
+    return svd(stack([u for u, _ in pairs], [w * scale for _, w in pairs]))
 
 
 class LoraTaskArithmetic(FamilyMethod):
@@ -30,6 +37,9 @@ class LoraTaskArithmetic(FamilyMethod):
         (
             WEIGHT,
             Param("lossless", bool, SHARED, False, "rank = sum of input ranks"),
+            scale_param(),
+            AUTO_DATA,
+            *AUTO_SETTINGS,
         ),
     )
 
@@ -49,4 +59,5 @@ class LoraTaskArithmetic(FamilyMethod):
 
     def combine(self, job, updates):
         weights = self.per_input(job, updates, "weight")
-        return task_arithmetic(list(updates.values()), weights), {"weights": weights}
+        merged = task_arithmetic(list(updates.values()), weights, job.params["lambda"])
+        return merged, {"weights": weights}

@@ -17,13 +17,15 @@ import torch
 
 from mergekit_tada.lowrank import Factored, ThinSVD, polar, svd
 from mergekit_tada.methods.base import (
+    AUTO_DATA,
+    AUTO_SETTINGS,
     MATCH_NORM,
     SPACE,
     WEIGHT,
     FamilyMethod,
     family_spec,
+    scale_param,
 )
-from mergekit_tada.methods.params import SHARED, Param
 
 
 def tsv_m(
@@ -49,7 +51,9 @@ class LoraTsvM(FamilyMethod):
         "TSV-M (task singular vectors merge) on LoRA factors",
         (
             WEIGHT,
-            Param("alpha", float, SHARED, 1.0, "global scale"),
+            scale_param("alpha"),
+            AUTO_DATA,
+            *AUTO_SETTINGS,
             SPACE,
             MATCH_NORM,
         ),

@@ -38,7 +38,15 @@ from mergekit_tada.lowrank import (
     right_solve,
     svd,
 )
-from mergekit_tada.methods.base import MATCH_NORM, WEIGHT, FamilyMethod, family_spec
+from mergekit_tada.methods.base import (
+    AUTO_DATA,
+    AUTO_SETTINGS,
+    MATCH_NORM,
+    WEIGHT,
+    FamilyMethod,
+    family_spec,
+    scale_param,
+)
 from mergekit_tada.methods.params import SHARED, Param
 
 
@@ -78,7 +86,9 @@ class LoraWudi(FamilyMethod):
         "WUDI-Merging, data-free closed form",
         (
             WEIGHT,
-            Param("lambda", float, SHARED, 1.0, "global scale"),
+            scale_param(),
+            AUTO_DATA,
+            *AUTO_SETTINGS,
             Param("ridge", float, SHARED, 1e-6, "ridge, times H's mean diagonal"),
             # sum by default: the closed form's update is 4-8x the sum's norm,
             # and rescaled to it WUDI beats lambda 1 on every seed of both

@@ -22,11 +22,10 @@ import torch
 from mergekit_tada.adapter_writer import StreamingAdapterWriter, lora_adapter_config
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
-from mergekit_tada.methods.base import ModuleJob
 from mergekit_tada.run.outputs import CARD
 from mergekit_tada.run.plan import MergePlan, TensorPlan
 from mergekit_tada.run.plots import draw, preload_plotting
-from mergekit_tada.run.prepare import Prepared
+from mergekit_tada.run.prepare import Prepared, module_job
 from mergekit_tada.run.report import (
     MergeFacts,
     build_report,
@@ -49,6 +48,7 @@ class Execution:
         self.method = plan.method
         self.context = prepared.context
         self.calibration = prepared.calibration
+        self.scale = prepared.scale
         self.records: dict[str, dict] = {}
         self.output_rank = 0
         self._lock = threading.Lock()
@@ -108,8 +108,15 @@ class Execution:
             records=records,
             summary=method.summary(dict(sorted(records.items()))),
             card_lines=method.card_lines(records, self.calibration, self.context),
-            training=method.run_report(self.context),
+            training=self._training(),
         )
+
+    def _training(self) -> dict | None:
+        """What the method's prepare did, and the scale lambda: auto chose."""
+        training = self.method.run_report(self.context)
+        if self.scale is None:
+            return training
+        return {**(training or {}), "scale_search": self.scale}
 
     def merge_tensor(self, name: str, W: torch.Tensor) -> torch.Tensor:
         """mergekit's per-tensor call: ``W + B A`` for LoRA targets, else ``W``."""
@@ -163,20 +170,7 @@ class Execution:
             pool.shutdown(cancel_futures=True)
 
     def _merge_plan(self, plan: TensorPlan, device: torch.device) -> Truncated:
-        updates = {
-            label: self.plan.adapters[label].factors(module, device) if module else None
-            for label, module in plan.sources.items()
-        }
-        job = ModuleJob(
-            module=plan.module,
-            updates=updates,
-            params=plan.params,
-            inputs=plan.inputs,
-            sources=plan.sources,
-            rank=plan.rank,
-            seed=self.plan.options.random_seed or 0,
-            context=self.context,
-        )
+        job = module_job(self.plan, plan, self.context, device)
         with single_thread(device):
             result = self.method.merge_module(job)
         if not (

@@ -1,27 +1,58 @@
-"""What a method needs before merging: calibration passes, learned coefficients.
+"""What a method needs before merging: calibration passes, learned coefficients,
+a global scale chosen on data.
 
 Runs after planning, before any output exists: the calibration passes a
 method asks for (probe/cache.py: from the cache or computed), then the
-method's own ``prepare`` (TaDA's probe table, TARA's learned phi).
+method's own ``prepare`` (TaDA's probe table, TARA's learned phi), then, for
+``lambda: auto`` (TSV-M: ``alpha: auto``), the scale: every module merged at
+scale 1, the candidates scored on each model's prompts in one streamed pass
+(probe/agreement.py), and the winner written into every tensor's parameters.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mergekit_tada.errors import TadaError
-from mergekit_tada.methods.base import RunInputs
-from mergekit_tada.run.plan import MergePlan
+from mergekit_tada.errors import TadaError, same_for_every_tensor
+from mergekit_tada.lowrank import Factored, single_thread
+from mergekit_tada.methods.base import AUTO, ModuleJob, RunInputs
+from mergekit_tada.run.plan import MergePlan, TensorPlan
 
 
 @dataclass(frozen=True)
 class Prepared:
     context: Any  # what the method's prepare() returned
     calibration: dict | None  # what the report says of the calibration
+    scale: dict | None = None  # what the report says of lambda: auto
+
+
+def module_job(
+    plan: MergePlan,
+    target: TensorPlan,
+    context: Any,
+    device: torch.device,
+    params: dict | None = None,
+) -> ModuleJob:
+    """One module's merge job: its factors read from every adapter."""
+    updates = {
+        label: plan.adapters[label].factors(module, device) if module else None
+        for label, module in target.sources.items()
+    }
+    return ModuleJob(
+        module=target.module,
+        updates=updates,
+        params=target.params if params is None else params,
+        inputs=target.inputs,
+        sources=target.sources,
+        rank=target.rank,
+        seed=plan.options.random_seed or 0,
+        context=context,
+    )
 
 
 def prepare(plan: MergePlan) -> Prepared:
@@ -37,7 +68,79 @@ def prepare(plan: MergePlan) -> Prepared:
         device=device,
         quiet=plan.options.quiet,
     )
-    return Prepared(plan.method.prepare(stats, targets, run), calibration)
+    context = plan.method.prepare(stats, targets, run)
+    return Prepared(context, calibration, _choose_scale(plan, context, run))
+
+
+def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
+    """``lambda: auto``: the grid's scale whose merge agrees best with each
+    model on its prompts, written into every target's parameters."""
+    method, key = plan.method, plan.method.scale_key
+    name = method.spec.name
+    targets = plan.targets
+    auto = [t.params.get(key) == AUTO for t in targets]
+    if not any(auto):
+        return None
+    settings, data = same_for_every_tensor(
+        [
+            (
+                {k: t.params[k] for k in ("auto_samples", "auto_max_length")},
+                {label: i["data"] for label, i in t.inputs.items()},
+            )
+            for t in targets
+        ]
+        + ([] if all(auto) else [None]),
+        f"{name}: {key}: auto, its data and settings must be the same for every "
+        "tensor: give them as plain values (no gradients or filters)",
+    )
+    from mergekit_tada.probe.agreement import GRID, agreement_pass, is_causal_lm
+    from mergekit_tada.streaming import make_batches, tokenizer_for
+    from mergekit_tada.texts import read_texts
+
+    device = torch.device(run.device)
+    merged = {}
+    for target in targets:
+        job = module_job(plan, target, context, device, {**target.params, key: 1.0})
+        with single_thread(device):
+            lora = method.merge_module(job).lora
+        source = next(m for m in target.sources.values() if m)
+        merged[source] = Factored(lora.B, lora.A)
+    tokenizer = tokenizer_for(run.base_path, f"{name}: {key}: auto")
+    batches = {
+        label: make_batches(
+            tokenizer,
+            read_texts(
+                path, f"{name}: data of {label}", limit=settings["auto_samples"]
+            ),
+            settings["auto_max_length"],
+            8,
+            f"{name}: data of {label} ({path})",
+        )
+        for label, path in data.items()
+    }
+    start = time.perf_counter()
+    scores = agreement_pass(
+        run.base_path,
+        batches,
+        run.adapters,
+        merged,
+        GRID,
+        device=device,
+        quiet=run.quiet,
+    )
+    chosen = min(GRID, key=lambda c: (scores[c], GRID.index(c)))
+    for target in targets:
+        target.params[key] = chosen
+    return {
+        "key": key,
+        "chosen": chosen,
+        "objective": "kl" if is_causal_lm(run.base_path) else "hidden_states",
+        "candidates": {str(c): float(f"{scores[c]:.6g}") for c in GRID},
+        "prompts": {
+            label: sum(len(b.input_ids) for b in bs) for label, bs in batches.items()
+        },
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def _calibrate(

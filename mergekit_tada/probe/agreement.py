@@ -1,0 +1,151 @@
+"""How well a merge agrees with each model on that model's own prompts, at
+several global scales, in one streamed pass (``lambda: auto``, run/scale.py).
+
+Every rule with a global scale c gives c times its merge at c = 1 (the scale
+multiplies the merged update last; truncation and ``match_norm`` commute with
+it), so the candidates need one merged update, dW*, and one pass: each chunk
+of model t's prompts is streamed once as model t (base + dW_t) and once per
+candidate as base + c dW* (chunks and candidates side by side through every
+block). The objective, per model on its own prompts, then averaged over models:
+
+* a causal LM: the mean over tokens of KL(p_t || p_c), model t's next-token
+  distribution against the merged model's (self-distillation);
+* an encoder: ||H_c - H_t||^2 / ||H_t||^2 over the final hidden states (what
+  a task head reads).
+
+The smallest objective wins (ties: the earlier candidate). Runs on one thread,
+as the other passes: the choice must not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.lowrank import Factored, single_thread
+from mergekit_tada.probe.calibration import ModuleHooks, large_allocations_unmapped
+from mergekit_tada.probe.grams import with_update
+from mergekit_tada.streaming import Batch, StreamedModel
+
+GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # every label-tuned scale we measured
+
+
+class _Variants(ModuleHooks):
+    """Adds to each module the update of the current item: model t's own
+    (``scale`` None) or the merged update times ``scale``."""
+
+    def __init__(self, adapters, merged: dict[str, Factored], device) -> None:
+        super().__init__(adapters, device)
+        for module in merged:
+            self.targets.setdefault(module, [])
+        self.merged = merged
+        self.owner: str = ""
+        self.scale: float | None = None
+
+    def hook(self, module: str):
+        own = {
+            t: self.adapters[t].factors(module, self.device)
+            for t in self.targets[module]
+        }
+        merged = self.merged.get(module)
+
+        def add(_module: nn.Module, inputs: tuple, output):
+            with single_thread(inputs[0].device):
+                if self.scale is None:
+                    f = own.get(self.owner)
+                    return None if f is None else with_update(output, inputs[0], f)
+                if merged is None:
+                    return None
+                scaled = Factored(merged.B * self.scale, merged.A)
+                return with_update(output, inputs[0], scaled)
+
+        return add
+
+
+def is_causal_lm(base_path: str) -> bool:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_path)
+    return any(a.endswith("ForCausalLM") for a in config.architectures or [])
+
+
+@large_allocations_unmapped()
+def agreement_pass(
+    base_path: str,
+    batches: dict[str, Sequence[Batch]],
+    adapters: dict[str, LoraAdapter],
+    merged: dict[str, Factored],
+    scales: Sequence[float] = GRID,
+    *,
+    device: str | torch.device = "cpu",
+    quiet: bool = False,
+) -> dict[float, float]:
+    """The objective (module docstring) at every scale, for the merged update
+    ``merged`` (module -> dW* at scale 1, factored)."""
+    device = torch.device(device)
+    causal = is_causal_lm(base_path)
+    model = StreamedModel(
+        base_path,
+        device,
+        torch.float32,
+        causal_lm=causal,
+        progress="Scale search",
+        quiet=quiet,
+    )
+    variants: list[float | None] = [None, *scales]
+    chunks = [(t, b.to(device)) for t, bs in batches.items() for b in bs]
+    items = [(c, v) for c in range(len(chunks)) for v in variants]
+    hooks = _Variants(adapters, merged, device)
+
+    def before(i: int) -> None:
+        c, v = items[i]
+        hooks.owner, hooks.scale = chunks[c][0], v
+
+    sums = {t: [0.0] * len(scales) for t in batches}
+    norms = dict.fromkeys(batches, 0.0)
+    with single_thread(device), torch.inference_mode():
+        records = model.block_inputs([b for _, b in chunks])
+        model.model.get_input_embeddings().to("meta")
+        finals = [
+            states[-1]
+            for states in model.forward_blocks(
+                [records[c] for c, _ in items],
+                [records[c][0][0] for c, _ in items],
+                lambda layer, prefix: hooks.attached(
+                    model.linear_modules(layer, prefix)
+                ),
+                before,
+            )
+        ]
+        stem = model.stem_linear_modules()
+        if causal and "lm_head" in hooks.targets:
+            stem.append(("lm_head", model.root.get_output_embeddings()))
+        with hooks.attached(iter(stem)):
+            for c, (t, batch) in enumerate(chunks):
+                mask = batch.attention_mask.bool()
+                reference = None
+                for v in range(len(variants)):  # the model's own output first
+                    i = c * len(variants) + v
+                    before(i)
+                    out = model.tail(batch, finals[i], head=causal)
+                    finals[i] = None  # freed as it is used
+                    rows = (out.logits if causal else out.last_hidden_state)[mask]
+                    rows = rows.double()
+                    if causal:
+                        rows = torch.log_softmax(rows, -1)
+                    if reference is None:
+                        reference = rows
+                        norms[t] += float(mask.sum() if causal else rows.square().sum())
+                    elif causal:  # KL(p_t || p_c) summed over tokens
+                        sums[t][v - 1] += float(
+                            (reference.exp() * (reference - rows)).sum()
+                        )
+                    else:
+                        sums[t][v - 1] += float((rows - reference).square().sum())
+    return {
+        scale: sum(sums[t][k] / norms[t] for t in batches) / len(batches)
+        for k, scale in enumerate(scales)
+    }
