@@ -7,21 +7,25 @@
 bench/real/run.py --parts multitask first), each task's first ``samples``
 training prompts. Three passes over the same tokens, each in its own process,
 one after another: TaDA's probe statistics (probe/calibration.py, every
-adapter), RegMean's Grams with each model's own inputs (``grams: model``) and
-with the base's (``grams: base``). Prints the pass seconds (printed by the
-child: the pass alone), wall time and peak anonymous memory of each process,
-and the ratios to the probe pass.
+adapter), RegMean's Grams with each model's own inputs (``grams: model``),
+with the base's (``grams: base``) and RegMean++'s (``grams: merged``: each
+model's blocks on the merged states, one more forward per block). Prints the
+pass seconds (printed by the child: the pass alone), wall time and peak
+anonymous memory of each process, and the ratios to the probe pass and to
+``grams: model``.
 
 ``limited``: a model larger than the memory it is allowed. bench/generate.py's
 ``medium`` Llama (2.9 GB bf16) and two rank-16 LoRAs; ``mergekit-yaml`` with
 ``lora_regmean`` in a cgroup whose hard limit is ``fraction`` of the model's
-size; prints rc, wall time and the cgroup's peak.
+size (``--grams merged``: RegMean++); prints rc, wall time and the cgroup's
+peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,7 +78,18 @@ def phase(name: str, seed: int, samples: int) -> None:
         every = [b for bs in batches.values() for b in bs]
         run_calibration(base, every, adapters, quiet=True)
     else:
-        gram_pass(base, batches, adapters, 0.9, name == "model", quiet=True)
+        weights = None
+        if name == "merged":
+            weights = {(t, m): 1.0 for t, a in adapters.items() for m in a.modules}
+        gram_pass(
+            base,
+            batches,
+            adapters,
+            0.9,
+            name != "base",
+            merged_weights=weights,
+            quiet=True,
+        )
     seconds = time.perf_counter() - start
     print(
         json.dumps(
@@ -86,7 +101,7 @@ def phase(name: str, seed: int, samples: int) -> None:
 def real(seed: int, samples: int) -> None:
     measure = _measure()
     rows = {}
-    for name in ("probe", "model", "base"):
+    for name in ("probe", "model", "base", "merged"):
         cmd = [sys.executable, __file__, "phase", name, "--seed", str(seed)]
         result = measure([*cmd, "--samples", str(samples)], ROOT)
         if result["rc"] != 0:
@@ -95,16 +110,19 @@ def real(seed: int, samples: int) -> None:
         rows[name] = {**json.loads(line), **result}
     probe = rows["probe"]["seconds"]
     print(f"SmolLM2-135M, 5 adapters, {samples} prompts per task, seed {seed}")
-    print("| pass | pass s | ratio to probe | process wall s | peak anon GB |")
-    print("|---|---|---|---|---|")
+    model = rows["model"]["seconds"]
+    print(
+        "| pass | pass s | ratio to probe | ratio to model | process wall s | peak anon GB |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(
             f"| {name} | {r['seconds']:.1f} | {r['seconds'] / probe:.2f} | "
-            f"{r['wall']:.1f} | {r['peak_anon_gb']:.2f} |"
+            f"{r['seconds'] / model:.2f} | {r['wall']:.1f} | {r['peak_anon_gb']:.2f} |"
         )
 
 
-def limited(fraction: float) -> None:
+def limited(fraction: float, grams: str) -> None:
     import yaml
     from generate import make_base, make_lora
 
@@ -126,13 +144,20 @@ def limited(fraction: float) -> None:
             {"model": "./base+./lora-a", "parameters": {"data": "prompts-a.txt"}},
             {"model": "./base+./lora-b", "parameters": {"data": "prompts-b.txt"}},
         ],
-        "parameters": {"rank": 16, "cache_dir": "./cache", "max_length": 32},
+        "parameters": {
+            "rank": 16,
+            "cache_dir": "./cache",
+            "max_length": 32,
+            "grams": grams,
+        },
         "dtype": "bfloat16",
     }
     (work / "regmean.yml").write_text(yaml.safe_dump(config))
     size = sum(p.stat().st_size for p in (work / "base").glob("*.safetensors"))
     limit = int(size * fraction)
     cmd = [str(Path(sys.executable).parent / "mergekit-yaml"), "regmean.yml", "out"]
+    for stale in ("out", "cache"):  # a cold pass, into a fresh folder
+        shutil.rmtree(work / stale, ignore_errors=True)
     result = measure([*cmd, "--out-shard-size", "500M"], work, memory_limit=limit)
     print(
         f"model {size / 1e9:.2f} GB, limit {limit / 1e9:.2f} GB: rc {result['rc']}, "
@@ -150,13 +175,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--fraction", type=float, default=0.6)
+    ap.add_argument("--grams", default="model", choices=["model", "base", "merged"])
     args = ap.parse_args()
     if args.what == "phase":
         phase(args.name, args.seed, args.samples)
     elif args.what == "real":
         real(args.seed, args.samples)
     else:
-        limited(args.fraction)
+        limited(args.fraction, args.grams)
 
 
 if __name__ == "__main__":
