@@ -17,6 +17,9 @@ the config's ``merge_method`` is ours.
   with aliases (``[name] + aliases`` with a tuple; every BertModel merge);
   aliases are handed over as a tuple that list concatenation accepts. This
   one applies to every method, stock ones included (tested on MiniLM).
+* ``mergekit.merge.get_architecture_info``: during our runs, the base's
+  architecture (every LoRA input's): mergekit's inference for an architecture
+  without a definition would open each ``base+lora`` input and assert.
 * ``mergekit.card.is_hf``: the model card asks the Hugging Face Hub whether a
   local relative path such as ``lora-a`` is a repository, which crashes the
   run after the weights are written when offline; an existing local path is
@@ -268,6 +271,18 @@ def install() -> None:
             check_method_name(merge_config.merge_method)
             return original_run_merge(merge_config, out_path, options, config_source)
         run_ours(merge_config, options, out_path, config_source)
+
+    original_architecture = merge_module.get_architecture_info
+
+    @functools.wraps(original_architecture)
+    def get_architecture_info(config, options):
+        if current() is None:
+            return original_architecture(config, options)
+        from mergekit_tada.run.planners import base_architecture
+
+        return base_architecture(config, options)
+
+    merge_module.get_architecture_info = get_architecture_info
 
     original_get = LoaderCache.get
 

@@ -26,7 +26,6 @@ from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 
 LOG = logging.getLogger(__name__)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "bert")
 
 
 class _Recorder(nn.Module):
@@ -45,12 +44,23 @@ class _Recorder(nn.Module):
         return hidden_states if self.final is None else self.final
 
 
-def _block_list(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+STREAMING_ADVICE = (
+    "the methods that read only the adapters (lora_task_arithmetic, lora_tsv_m, "
+    "lora_wudi, ...) merge it with --adapter-only"
+)
+
+
+def _block_list(
+    model: nn.Module, n_layers: int, what: str
+) -> tuple[str, nn.ModuleList]:
+    """The model's blocks: the one ``nn.ModuleList`` of ``num_hidden_layers``."""
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return name, module
     raise TadaError(
-        f"calibration: no block list of {n_layers} layers found in {type(model).__name__}"
+        f"streamed pass: {what} has no list of its {n_layers} blocks "
+        f"({type(model).__name__}), so it cannot be streamed block by block; "
+        + STREAMING_ADVICE
     )
 
 
@@ -81,22 +91,17 @@ class StreamedModel:
         self.progress, self.quiet = progress, quiet  # the blocks' progress bar
         self.headers = HeaderIndex(base_path)
         config = AutoConfig.from_pretrained(base_path)
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise TadaError(
-                f"calibration: architecture {config.model_type!r} "
-                f"({', '.join(config.architectures or [])}) is not supported by the "
-                f"streamed calibration pass; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
-                "Use gates: uniform or fixed."
-            )
+        self.what = f"{base_path} ({config.model_type})"
         auto = AutoModelForCausalLM if causal_lm else AutoModel
         with init_empty_weights(include_buffers=False):
             self.root = auto.from_config(config)
         self.root.eval()
         self.model = self.root.get_decoder() if causal_lm else self.root
         self.n_layers = config.num_hidden_layers
-        self.blocks_name, self.blocks = _block_list(self.root, self.n_layers)
+        self.blocks_name, self.blocks = _block_list(self.root, self.n_layers, self.what)
         self.real_blocks = list(self.blocks)
         self.prefix = self._checkpoint_prefix()
+        self._check_block_weights()
         stem = {
             name: p
             for name, p in self.root.named_parameters()
@@ -106,6 +111,21 @@ class StreamedModel:
         self.resident_blocks = 0  # for tests: never more than one at a time
         self.max_resident_blocks = 0
 
+    def _check_block_weights(self) -> None:
+        """Every weight of a block must be in the checkpoint under the module's
+        own name: where transformers renames or fuses weights when it loads a
+        model (MoE experts stored one by one, held as one 3-D tensor), a block
+        cannot be read on its own."""
+        for name, _ in self.real_blocks[0].named_parameters():
+            key = self.checkpoint_name(f"{self.blocks_name}.0.{name}")
+            if key not in self.headers.index.tensor_paths:
+                raise TadaError(
+                    f"streamed pass: {self.what} has no weight {key} in its "
+                    "checkpoint (transformers renames or fuses it when loading, "
+                    "as it does for MoE experts), so its blocks cannot be read "
+                    "one at a time; " + STREAMING_ADVICE
+                )
+
     def _checkpoint_prefix(self) -> str:
         name = next(
             n for n, _ in self.root.named_parameters() if n.startswith(self.blocks_name)
@@ -114,7 +134,8 @@ class StreamedModel:
             if prefix + name in self.headers.index.tensor_paths:
                 return prefix
         raise TadaError(
-            f"calibration: {self.headers.path} has no weight named like {name}"
+            f"streamed pass: {self.what} has no weight named like {name} in its "
+            "checkpoint; " + STREAMING_ADVICE
         )
 
     def lm_head_weight(self) -> torch.Tensor:
@@ -184,6 +205,14 @@ class StreamedModel:
             sink: dict = {}
             with self.recorders(sink):
                 self.model(**batch.forward_kwargs())
+            if len(sink) != self.n_layers or not all(
+                isinstance(sink[i][0], torch.Tensor) for i in sink
+            ):
+                raise TadaError(
+                    f"streamed pass: {self.what} does not call its blocks one after "
+                    "the other with the hidden states first, so they cannot be "
+                    "streamed; " + STREAMING_ADVICE
+                )
             records.append(sink)
         return records
 

@@ -89,21 +89,47 @@ def build_decoder(path: str | os.PathLike, model_type: str) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = build_tokenizer(path)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    sizes = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 128,
+        "pad_token_id": tok.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    if model_type == "falcon":  # head_dim is derived; grouped kv heads as below
+        del sizes["head_dim"], sizes["num_key_value_heads"]
+        sizes |= {"new_decoder_architecture": True, "num_kv_heads": 2}
+    config = AutoConfig.for_model(model_type, **sizes)
     torch.manual_seed(3)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
+    return str(path)
+
+
+def build_encoder(path: str | os.PathLike, model_type: str) -> str:
+    """A random two-layer encoder (bert, roberta, xlm-roberta, distilbert, ...)."""
+    from transformers import AutoConfig, AutoModel
+
+    tok = build_tokenizer(path)
+    sizes = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 48,
+        "max_position_embeddings": 136,
+        "pad_token_id": tok.pad_token_id,
+    }
+    if model_type == "distilbert":  # its own names for the sizes
+        del sizes["intermediate_size"]
+        sizes["hidden_dim"] = 48
+    config = AutoConfig.for_model(model_type, **sizes)
+    torch.manual_seed(3)
+    AutoModel.from_config(config).save_pretrained(str(path))
     return str(path)
 
 
@@ -113,7 +139,7 @@ def build_lora(
     *,
     r: int = 4,
     alpha: float = 8,
-    targets: Sequence[str] = LLAMA_TARGETS,
+    targets: Sequence[str] | str = LLAMA_TARGETS,
     seed: int = 1,
     std: float = 0.1,
     use_rslora: bool = False,
@@ -131,7 +157,7 @@ def build_lora(
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
-        target_modules=list(targets),
+        target_modules=targets if isinstance(targets, str) else list(targets),
         use_rslora=use_rslora,
         rank_pattern=rank_pattern or {},
         alpha_pattern=alpha_pattern or {},

@@ -29,10 +29,36 @@ if TYPE_CHECKING:
     from mergekit_tada.run.plan import MergePlan
 
 
+def base_architecture(config: Any, options: Any) -> Any:
+    """mergekit's architecture of the base, which is every LoRA input's (checked).
+
+    mergekit's own lookup opens every referenced model, and for an architecture
+    without a JSON definition (xlm-roberta) its inference reads each
+    ``base+lora`` input's tensor index, which asserts; the base alone suffices.
+    Where a definition's required weights are not in the base's checkpoint,
+    the architecture is inferred from the checkpoint's own names.
+    """
+    from mergekit.architecture import arch_info_for_config, infer_architecture_info
+
+    from mergekit_tada.loading import HeaderIndex
+
+    base = config.base_model
+    hf_config = base.config(trust_remote_code=options.trust_remote_code)
+    found = arch_info_for_config(hf_config)
+    if found is not None:
+        # a definition whose required weights the checkpoint lacks (mergekit's
+        # RobertaModel and DistilBertModel name them "roberta.", "distilbert.";
+        # a bare encoder saves them without): the base's own names instead
+        present = set(HeaderIndex(base.model.path).index.tensor_paths)
+        required = [w for w in found.all_weights(hf_config) if not w.optional]
+        if all({w.name, *(w.aliases or ())} & present for w in required):
+            return found
+    return infer_architecture_info((base,), base, options)
+
+
 def with_mergekit(plan: MergePlan) -> list[PlannedTensor]:
     """mergekit's planner on a copy of the config (run with the plan active:
     ``integration.mergekit_planner``)."""
-    from mergekit.architecture import get_architecture_info
     from mergekit.io.tasks import LoaderCache
     from mergekit.merge import _model_out_config
     from mergekit.plan import MergePlanner
@@ -40,7 +66,7 @@ def with_mergekit(plan: MergePlan) -> list[PlannedTensor]:
     config = plan.config.model_copy(deep=True)  # the planner rewrites it
     options = plan.options
     LoaderCache().setup(options=options)
-    arch = get_architecture_info(config, options)
+    arch = base_architecture(config, options)
     with transformers_errors_only():  # mergekit sets the deprecated torch_dtype
         out_cfg = _model_out_config(
             config, arch, trust_remote_code=options.trust_remote_code
