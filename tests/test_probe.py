@@ -689,12 +689,6 @@ def test_base_without_tokenizer(work):
         mergekit_tada.merge(config, "out", quiet=True)
 
 
-def test_unsupported_architecture(tmp_path):
-    build_decoder(tmp_path / "g", "gemma")
-    with pytest.raises(TadaError, match=r"architecture 'gemma' .* is not supported"):
-        StreamedModel(str(tmp_path / "g"), torch.device("cpu"), torch.float32)
-
-
 def test_stock_cli_with_probe_gates(work):
     write_prompts()
     Path("tada.yml").write_text(yaml.safe_dump(probe_config()))

@@ -1,0 +1,220 @@
+"""The test matrix: every architecture of tests/architectures.py, a tiny random
+model built from transformers' own config, two random PEFT LoRAs, and each
+method family checked against an oracle that is not our code:
+
+* data-free (adapter-only) and the full model through mergekit's executor:
+  Σ ΔW_t from PEFT's own ``merge_and_unload``;
+* the streamed pass: TaDA's probe statistics and RegMean's merge against plain
+  full-model forwards of transformers' model with hooks (PEFT-merged models
+  for RegMean's inputs), dense maths from the paper.
+
+MoE models: attention LoRAs merge exactly; the streamed methods and expert
+LoRAs are refused in one line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from architectures import ARCHS, Arch, supported_table
+from conftest import adapter_delta, load_weights, rel_err
+
+import mergekit_tada
+from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.errors import TadaError
+from mergekit_tada.probe.calibration import run_calibration
+from mergekit_tada.streaming import make_batches, tokenizer_for
+from mergekit_tada.toy import build_decoder, build_encoder, build_llama, build_lora
+
+PROMPTS = [f"the protein {i} binds the cell receptor and the gene" for i in range(5)]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def auto_class(arch: Arch):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModel if arch.kind == "encoder" else AutoModelForCausalLM
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Every architecture's base and two LoRAs, built once (lazily)."""
+    cache: dict[str, Path] = {}
+
+    def get(arch: Arch) -> Path:
+        if arch.model_type not in cache:
+            root = tmp_path_factory.mktemp(arch.model_type)
+            if arch.model_type == "llama":
+                build_llama(root / "base", seed=3)
+            elif arch.kind == "encoder":
+                build_encoder(root / "base", arch.model_type)
+            else:
+                build_decoder(root / "base", arch.model_type)
+            task = None if arch.kind == "encoder" else "CAUSAL_LM"
+            for name, seed, r in (("lora-a", 1, 3), ("lora-b", 2, 4)):
+                build_lora(
+                    root / "base",
+                    root / name,
+                    r=r,
+                    seed=seed,
+                    targets=arch.targets,
+                    task_type=task,
+                )
+            (root / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+            cache[arch.model_type] = root
+        return cache[arch.model_type]
+
+    return get
+
+
+def peft_deltas(arch: Arch, root: Path) -> dict[str, torch.Tensor]:
+    """Σ_t (merge_and_unload() - base) over both adapters, by weight name."""
+    from peft import PeftModel
+
+    total: dict[str, torch.Tensor] = {}
+    for name in ("lora-a", "lora-b"):
+        model = auto_class(arch).from_pretrained(
+            str(root / "base"), dtype=torch.float32
+        )
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        after = PeftModel.from_pretrained(model, str(root / name)).merge_and_unload()
+        for k, v in after.state_dict().items():
+            if not torch.equal(v, before[k]):
+                total[k] = total.get(k, 0) + (v - before[k]).double()
+    return total
+
+
+def config(root: Path, method: str, **params) -> dict:
+    data = params.pop("data", None)
+    return {
+        "merge_method": method,
+        "base_model": str(root / "base"),
+        "models": [
+            {
+                "model": f"{root / 'base'}+{root / n}",
+                "parameters": {"data": data} if data else {},
+            }
+            for n in ("lora-a", "lora-b")
+        ],
+        "parameters": params,
+        "dtype": "float32",
+    }
+
+
+def strip(name: str) -> str:
+    """A weight's name without the checkpoint's model prefix, as PEFT's keys."""
+    return re.sub(r"^(model\.|transformer\.|gpt_neox\.)?", "", name)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.model_type)
+def test_data_free_adapter_and_full_model(built, arch, tmp_path):
+    root = built(arch)
+    expected = {strip(k): v for k, v in peft_deltas(arch, root).items()}
+    cfg = config(root, "lora_task_arithmetic", lossless=True)
+    out = Path(mergekit_tada.merge(cfg, tmp_path / "a", adapter_only=True, quiet=True))
+    written = {strip(k): v for k, v in adapter_delta(out / "adapter").items()}
+    assert set(written) == set(expected)
+    for name, delta in expected.items():
+        assert rel_err(written[name], delta) < 1e-5, name
+    full = Path(mergekit_tada.merge(cfg, tmp_path / "f", quiet=True))
+    merged, base = load_weights(full), load_weights(root / "base")
+    for name, delta in expected.items():
+        key = next(k for k in merged if strip(k) == name)
+        assert rel_err(merged[key].double() - base[key].double(), delta) < 1e-4, name
+
+
+def dense_inputs(arch: Arch, root: Path, adapter: str | None):
+    """Every linear's inputs (tokens x d_in) in base (+ adapter, PEFT-merged),
+    one unpadded prompt at a time."""
+    from peft import PeftModel
+
+    model = auto_class(arch).from_pretrained(str(root / "base"), dtype=torch.float32)
+    if adapter:
+        model = PeftModel.from_pretrained(model, str(root / adapter)).merge_and_unload()
+    tokenizer = tokenizer_for(str(root / "base"))
+    rows: dict[str, list] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            m.register_forward_hook(
+                lambda _m, i, _o, n=name: rows.setdefault(n, []).append(
+                    i[0].reshape(-1, i[0].shape[-1]).double()
+                )
+            )
+    with torch.no_grad():
+        for text in PROMPTS:
+            model(**tokenizer(text, return_tensors="pt"))
+    return {strip(n): torch.cat(v) for n, v in rows.items()}
+
+
+STREAMED = [a for a in ARCHS if a.streamed]
+
+
+@pytest.mark.parametrize("arch", STREAMED, ids=lambda a: a.model_type)
+def test_regmean_against_plain_forwards(built, arch, tmp_path):
+    import oracles
+
+    root = built(arch)
+    cfg = config(
+        root, "lora_regmean", rank=7, data=str(root / "p.txt"), cache_dir=str(tmp_path)
+    )
+    out = Path(mergekit_tada.merge(cfg, tmp_path / "o", adapter_only=True, quiet=True))
+    written = {strip(k): v for k, v in adapter_delta(out / "adapter").items()}
+    deltas = {
+        n: {strip(k): v for k, v in adapter_delta(root / n).items()}
+        for n in ("lora-a", "lora-b")
+    }
+    inputs = {n: dense_inputs(arch, root, n) for n in deltas}
+    for module, delta in written.items():
+        name = module.removesuffix(".weight")
+        grams = [
+            oracles.regmean_grams(
+                inputs[n][name].T @ inputs[n][name] / len(inputs[n][name]), 0.9
+            )
+            for n in deltas
+        ]
+        zero = torch.zeros_like(next(d[module] for d in deltas.values() if module in d))
+        expected = oracles.least_squares_merge(
+            [deltas[n].get(module, zero) for n in deltas], grams
+        )
+        assert rel_err(delta, expected) < 1e-4, module
+
+
+@pytest.mark.parametrize("arch", STREAMED, ids=lambda a: a.model_type)
+def test_probe_statistics_against_plain_forwards(built, arch):
+    from test_probe import assert_stats_match, reference_stats
+
+    root = built(arch)
+    adapters = {n: LoraAdapter(root / n) for n in ("lora-a", "lora-b")}
+    batches = make_batches(tokenizer_for(str(root / "base")), PROMPTS, 16, batch_size=2)
+    stats = run_calibration(str(root / "base"), batches, adapters, quiet=True)
+    auto = "base" if arch.kind == "encoder" else "causal"
+    assert_stats_match(stats, reference_stats(root / "base", batches, adapters, auto))
+
+
+@pytest.mark.parametrize(
+    "arch", [a for a in ARCHS if a.kind == "moe"], ids=lambda a: a.model_type
+)
+def test_moe_refusals_are_one_line(built, arch, tmp_path):
+    root = built(arch)
+    cfg = config(
+        root, "lora_regmean", data=str(root / "p.txt"), cache_dir=str(tmp_path)
+    )
+    with pytest.raises(
+        TadaError,
+        match=r"streamed pass: .* cannot be read one at a time; .*--adapter-only",
+    ) as info:
+        mergekit_tada.merge(cfg, tmp_path / "o", adapter_only=True, quiet=True)
+    assert "\n" not in str(info.value)
+    build_lora(root / "base", tmp_path / "experts", r=2, targets="all-linear")
+    cfg = config(root, "lora_task_arithmetic")
+    cfg["models"][1]["model"] = f"{root / 'base'}+{tmp_path / 'experts'}"
+    with pytest.raises(TadaError, match=r"target_parameters .* is not supported"):
+        mergekit_tada.merge(cfg, tmp_path / "o", adapter_only=True, quiet=True)
+
+
+def test_readme_table_is_the_matrix():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert supported_table() in readme
