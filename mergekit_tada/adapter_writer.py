@@ -183,6 +183,7 @@ def lora_adapter_config(
     rank_pattern: dict[str, int],
     base_model: str,
     task_type: str | None,
+    fan_in_fan_out: bool = False,
 ) -> dict:
     """The adapter_config.json of a merged adapter, made without importing peft.
 
@@ -191,7 +192,7 @@ def lora_adapter_config(
     what ``peft.LoraConfig(...).to_dict()`` holds for the same arguments
     (``tests/test_planning.py``), so the file reads the same either way.
     """
-    return {
+    config = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model,
@@ -206,3 +207,6 @@ def lora_adapter_config(
         "use_rslora": False,
         "use_dora": False,
     }
+    if fan_in_fan_out:  # GPT-2's Conv1D modules (PEFT's default is false)
+        config["fan_in_fan_out"] = True
+    return config

@@ -32,7 +32,6 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (use_dora) adds a magnitude vector",
     "lora_bias": "LoRA biases (lora_bias) add a bias update",
-    "fan_in_fan_out": "fan_in_fan_out (transposed Conv1D weights)",
     "modules_to_save": "modules_to_save stores full copies of modules",
     "layer_replication": "layer_replication changes the model's layers",
     "target_parameters": "target_parameters (LoRA on raw parameters)",
@@ -58,6 +57,16 @@ class LoraModule:
     out_features: int
     a_key: str
     b_key: str
+    # fan_in_fan_out (GPT-2's Conv1D): the base weight is in x out, its
+    # update (s B A)^T; the factors keep PEFT's layout (A: r x in, B: out x r)
+    transposed: bool = False
+
+    @property
+    def base_shape(self) -> list[int]:
+        """The shape of the base weight this module updates."""
+        if self.transposed:
+            return [self.in_features, self.out_features]
+        return [self.out_features, self.in_features]
 
 
 class LoraAdapter:
@@ -230,6 +239,7 @@ class LoraAdapter:
                 out_features=b[0],
                 a_key=a_key,
                 b_key=b_key,
+                transposed=bool(self.config.get("fan_in_fan_out")),
             )
         return modules
 

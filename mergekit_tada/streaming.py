@@ -178,9 +178,12 @@ class StreamedModel:
 
     def linear_modules(
         self, root: nn.Module, prefix: str
-    ) -> Iterator[tuple[str, nn.Linear]]:
+    ) -> Iterator[tuple[str, nn.Module]]:
+        """Every linear map a LoRA can sit on: nn.Linear and GPT-2's Conv1D."""
+        from transformers.pytorch_utils import Conv1D
+
         for name, module in root.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear | Conv1D):
                 yield self.checkpoint_name(prefix + name), module
 
     def stem_linear_modules(self) -> list[tuple[str, nn.Linear]]:

@@ -101,6 +101,10 @@ def build_decoder(path: str | os.PathLike, model_type: str) -> str:
         "pad_token_id": tok.pad_token_id,
         "tie_word_embeddings": False,
     }
+    if model_type == "gpt2":  # its own names for the sizes; no grouped kv heads
+        for key in ("head_dim", "num_key_value_heads", "intermediate_size"):
+            del sizes[key]
+        sizes |= {"n_inner": 48, "n_positions": 128}
     if model_type == "falcon":  # head_dim is derived; grouped kv heads as below
         del sizes["head_dim"], sizes["num_key_value_heads"]
         sizes |= {"new_decoder_architecture": True, "num_kv_heads": 2}

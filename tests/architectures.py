@@ -42,6 +42,7 @@ ARCHS = (
     Arch("cohere", "decoder"),
     Arch("gpt_neox", "decoder"),
     Arch("falcon", "decoder"),
+    Arch("gpt2", "decoder", note="Conv1D LoRAs (`fan_in_fan_out: true`)"),
     Arch(
         "mixtral",
         "moe",

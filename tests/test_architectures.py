@@ -14,6 +14,7 @@ LoRAs are refused in one line.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def test_data_free_adapter_and_full_model(built, arch, tmp_path):
     cfg = config(root, "lora_task_arithmetic", lossless=True)
     out = Path(mergekit_tada.merge(cfg, tmp_path / "a", adapter_only=True, quiet=True))
     written = {strip(k): v for k, v in adapter_delta(out / "adapter").items()}
+    config_file = json.loads((out / "adapter/adapter_config.json").read_text())
+    if config_file.get("fan_in_fan_out"):  # Conv1D weights are in x out
+        written = {k: v.T for k, v in written.items()}
     assert set(written) == set(expected)
     for name, delta in expected.items():
         assert rel_err(written[name], delta) < 1e-5, name
@@ -124,6 +128,15 @@ def test_data_free_adapter_and_full_model(built, arch, tmp_path):
     for name, delta in expected.items():
         key = next(k for k in merged if strip(k) == name)
         assert rel_err(merged[key].double() - base[key].double(), delta) < 1e-4, name
+    # the written adapter loads in PEFT, and its merge is the written model
+    from peft import PeftModel
+
+    model = auto_class(arch).from_pretrained(str(root / "base"), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(model, str(full / "adapter")).merge_and_unload()
+    by_name = {strip(k): v for k, v in merged.items()}
+    for name, tensor in peft.state_dict().items():
+        if strip(name) in by_name:
+            assert torch.allclose(tensor, by_name[strip(name)], atol=1e-5), name
 
 
 def dense_inputs(arch: Arch, root: Path, adapter: str | None):
@@ -136,8 +149,10 @@ def dense_inputs(arch: Arch, root: Path, adapter: str | None):
         model = PeftModel.from_pretrained(model, str(root / adapter)).merge_and_unload()
     tokenizer = tokenizer_for(str(root / "base"))
     rows: dict[str, list] = {}
+    from transformers.pytorch_utils import Conv1D
+
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+        if isinstance(m, torch.nn.Linear | Conv1D) and name != "lm_head":
             m.register_forward_hook(
                 lambda _m, i, _o, n=name: rows.setdefault(n, []).append(
                     i[0].reshape(-1, i[0].shape[-1]).double()

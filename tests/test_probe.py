@@ -91,8 +91,10 @@ def reference_stats(model_dir, batches, adapters, auto="causal"):
 
         return fn
 
+    from transformers.pytorch_utils import Conv1D
+
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear | Conv1D):
             module.register_forward_hook(hook(name))
     with torch.no_grad():
         for b in batches:

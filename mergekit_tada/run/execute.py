@@ -124,7 +124,10 @@ class Execution:
         if plan is None or not plan.is_lora_target:
             return W
         lora = self._merge_plan(plan, W.device)
-        merged = add_product(W, lora.B, lora.A)
+        if self._transposed(plan):  # a Conv1D weight (in x out): W + (B A)^T
+            merged = add_product(W, lora.A.T.contiguous(), lora.B.T.contiguous())
+        else:
+            merged = add_product(W, lora.B, lora.A)
         if not torch.isfinite(merged).all():
             raise TadaError(
                 f"{plan.module}: W + dW overflows {W.dtype} (the merged update is "
@@ -201,6 +204,12 @@ class Execution:
                 layout[plan.module] = (plan.rank, spec.out_features, spec.in_features)
         return layout
 
+    def _transposed(self, plan: TensorPlan) -> bool:
+        """The module's base weight is in x out (fan_in_fan_out; plan.py checks
+        that every input agrees)."""
+        label, module = next((t, m) for t, m in plan.sources.items() if m)
+        return self.plan.adapters[label].modules[module].transposed
+
     def _adapter_config(self) -> dict:
         ranks = self.writer.ranks
         counts: dict[int, int] = {}
@@ -215,6 +224,7 @@ class Execution:
             rank_pattern={m: r for m, r in sorted(ranks.items()) if r != rank},
             base_model=str(self.plan.base.model),
             task_type=first.get("task_type"),  # the first input's (plan.py warns)
+            fan_in_fan_out=any(self._transposed(p) for p in self.plan.targets),
         )
 
     def _target_modules(self) -> list[str]:

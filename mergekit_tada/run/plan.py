@@ -415,13 +415,24 @@ class MergePlan:
                     continue
                 used.add((label, module))
                 spec = self.adapters[label].modules[module]
-                if base_shape != [spec.out_features, spec.in_features]:
+                if base_shape != spec.base_shape:
+                    rows, cols = spec.base_shape
                     raise TadaError(
                         f"{self.adapters[label].weights_path}: module {module} updates a "
-                        f"{spec.out_features}x{spec.in_features} weight, but "
+                        f"{rows}x{cols} weight, but "
                         f"{plan.out_name} in {self.base_path} is {base_shape}: "
                         "was the adapter trained on a different base model?"
                     )
+            layouts = {
+                self.adapters[label].modules[m].transposed
+                for label, m in plan.sources.items()
+                if m
+            }
+            if len(layouts) > 1:
+                raise TadaError(
+                    f"{plan.module}: some LoRA inputs set fan_in_fan_out and others "
+                    "do not; adapters of one base module agree on its layout"
+                )
         sliced = bool(self.config.slices) or any(
             m.slices for m in (self.config.modules or {}).values()
         )
