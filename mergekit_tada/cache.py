@@ -20,6 +20,7 @@ hashes are memoized in the cache folder, keyed by path, size and mtime.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -57,6 +58,14 @@ class ContentCache:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(os.path.expanduser(str(directory)))
         self._warned = False
+        # a file where the folder (or one above it) should be: said at once,
+        # before the pass whose result could not be stored
+        blocking = next(
+            (p for p in (self.dir, *self.dir.parents) if p.exists() and not p.is_dir()),
+            None,
+        )
+        if blocking is not None:
+            self._unusable("use it", NotADirectoryError(f"{blocking} is a file"))
 
     def _unusable(self, doing: str, error: BaseException) -> None:
         if not self._warned:
@@ -164,7 +173,8 @@ class ContentCache:
             save_file(tensors, str(tmp), metadata)
             os.replace(tmp, path)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a file in the path: no tmp either
+                tmp.unlink(missing_ok=True)
             self._unusable("store an entry", error)
             return None
         return path

@@ -17,9 +17,7 @@ writers turn those into files.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -93,22 +91,6 @@ class Plot:
     data: Any
 
 
-def check_cache_dir(method: str, value: str | None) -> None:
-    """A cache_dir must be a folder or creatable as one: checked before any
-    work (a file in its path failed only when the pass stored its result)."""
-    if not value:
-        return
-    path = Path(os.path.expanduser(value))
-    for part in (path, *path.parents):
-        if part.exists():
-            if not part.is_dir():
-                raise TadaError(
-                    f"{method}: cache_dir {value}: {part} is a file, not a folder; "
-                    "give a folder (it is created if missing)"
-                )
-            return
-
-
 class LoraMergeMethod:
     """A merge done on LoRA factors; mergekit sees only ``W -> W + dW``."""
 
@@ -137,7 +119,6 @@ class LoraMergeMethod:
                 f"{name}: pico and match_norm both set the merged update's size "
                 f"(pico restores the inputs' mean norm); choose one for {tensor}"
             )
-        check_cache_dir(name, params.get("cache_dir"))
         if params.get(self.scale_key) == AUTO:
             missing = [label for label, p in inputs.items() if not p.get("data")]
             if missing or any(p.get("data") == "generate" for p in inputs.values()):
