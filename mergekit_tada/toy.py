@@ -84,57 +84,52 @@ def build_llama(
     return str(path)
 
 
-def build_decoder(path: str | os.PathLike, model_type: str) -> str:
-    """A random two-layer causal LM of another family (mistral, qwen2, gemma, ...)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _build_tiny(path: str | os.PathLike, model_type: str, causal: bool, **sizes) -> str:
+    """A random two-layer model of ``model_type`` from transformers' own config;
+    ``sizes`` change the shared tiny sizes (a value of None drops the key)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     tok = build_tokenizer(path)
-    sizes = {
+    values = {
         "vocab_size": len(tok),
         "hidden_size": 32,
         "intermediate_size": 48,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
+        "pad_token_id": tok.pad_token_id,
+        **sizes,
+    }
+    values = {k: v for k, v in values.items() if v is not None}
+    config = AutoConfig.for_model(model_type, **values)
+    torch.manual_seed(3)
+    auto = AutoModelForCausalLM if causal else AutoModel
+    auto.from_config(config).save_pretrained(str(path))
+    return str(path)
+
+
+def build_decoder(path: str | os.PathLike, model_type: str) -> str:
+    """A random two-layer causal LM of another family (mistral, qwen2, gemma, ...)."""
+    sizes = {
         "num_key_value_heads": 2,
         "head_dim": 8,
         "max_position_embeddings": 128,
-        "pad_token_id": tok.pad_token_id,
         "tie_word_embeddings": False,
     }
     if model_type == "gpt2":  # its own names for the sizes; no grouped kv heads
-        for key in ("head_dim", "num_key_value_heads", "intermediate_size"):
-            del sizes[key]
-        sizes |= {"n_inner": 48, "n_positions": 128}
+        sizes = {"n_inner": 48, "n_positions": 128, "intermediate_size": None}
+        sizes["tie_word_embeddings"] = False
     if model_type == "falcon":  # head_dim is derived; grouped kv heads as below
-        del sizes["head_dim"], sizes["num_key_value_heads"]
         sizes |= {"new_decoder_architecture": True, "num_kv_heads": 2}
-    config = AutoConfig.for_model(model_type, **sizes)
-    torch.manual_seed(3)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
-    return str(path)
+        sizes |= {"head_dim": None, "num_key_value_heads": None}
+    return _build_tiny(path, model_type, True, **sizes)
 
 
 def build_encoder(path: str | os.PathLike, model_type: str) -> str:
     """A random two-layer encoder (bert, roberta, xlm-roberta, distilbert, ...)."""
-    from transformers import AutoConfig, AutoModel
-
-    tok = build_tokenizer(path)
-    sizes = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 48,
-        "max_position_embeddings": 136,
-        "pad_token_id": tok.pad_token_id,
-    }
-    if model_type == "distilbert":  # its own names for the sizes
-        del sizes["intermediate_size"]
-        sizes["hidden_dim"] = 48
-    config = AutoConfig.for_model(model_type, **sizes)
-    torch.manual_seed(3)
-    AutoModel.from_config(config).save_pretrained(str(path))
-    return str(path)
+    sizes: dict = {"max_position_embeddings": 136}
+    if model_type == "distilbert":  # its own name for the MLP's size
+        sizes |= {"hidden_dim": 48, "intermediate_size": None}
+    return _build_tiny(path, model_type, False, **sizes)
 
 
 def build_lora(

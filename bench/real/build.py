@@ -213,6 +213,14 @@ def build_data(out: Path, tokenizer) -> dict[str, dict[str, int]]:
     return counts
 
 
+# the unlabelled data sets' sources, as the build prints them
+UNLABELLED = {
+    "text_fr": "unlabelled French text (Translation-fr)",
+    "text_de": "unlabelled German text (Translation-de)",
+    "foldoc_tagged": "FOLDOC entries as printed, subject tag after the term",
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="bench/work/real")
@@ -228,7 +236,7 @@ def main() -> None:
         f"base: {work / 'base'} (SmolLM2-135M-Instruct, float32, {size / 1e6:.0f} MB)"
     )
     for name, c in counts.items():
-        source = TASKS[name].source if name in TASKS else "unlabelled French text"
+        source = TASKS[name].source if name in TASKS else UNLABELLED.get(name, "text")
         print(f"data: {name:13s} {c}  ({source})")
 
 
