@@ -29,19 +29,22 @@ LOG = logging.getLogger(__name__)
 
 
 class _Recorder(nn.Module):
-    """Stands in for block i: keeps the block's kwargs, passes hidden states on."""
+    """Stands in for block i: keeps the block's kwargs, passes hidden states on
+    (as a 1-tuple where the model reads ``block(...)[0]``, as Falcon does)."""
 
     def __init__(
-        self, index: int, sink: dict, final: torch.Tensor | None = None
+        self, index: int, sink: dict, final: torch.Tensor | None, as_tuple: bool
     ) -> None:
         super().__init__()
         self.index = index
         self.sink = sink
         self.final = final
+        self.as_tuple = as_tuple
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         self.sink[self.index] = (hidden_states, args, kwargs)
-        return hidden_states if self.final is None else self.final
+        out = hidden_states if self.final is None else self.final
+        return (out,) if self.as_tuple else out
 
 
 STREAMING_ADVICE = (
@@ -95,11 +98,16 @@ class StreamedModel:
         auto = AutoModelForCausalLM if causal_lm else AutoModel
         with init_empty_weights(include_buffers=False):
             self.root = auto.from_config(config)
+        # On the meta device transformers leaves a tied LM head untied: tie it,
+        # so the head is read as the input embedding it is (tied checkpoints
+        # have no lm_head.weight), once here and again after loading.
+        self.root.tie_weights()
         self.root.eval()
         self.model = self.root.get_decoder() if causal_lm else self.root
         self.n_layers = config.num_hidden_layers
         self.blocks_name, self.blocks = _block_list(self.root, self.n_layers, self.what)
         self.real_blocks = list(self.blocks)
+        self.renamed = self._renamed_on_load()
         self.prefix = self._checkpoint_prefix()
         self._check_block_weights()
         stem = {
@@ -108,8 +116,37 @@ class StreamedModel:
             if not name.startswith(self.blocks_name + ".")
         }
         self._load(self.root, stem)
+        self.root.tie_weights()
+        self.blocks_return_tuples: bool | None = None  # found by block_inputs
         self.resident_blocks = 0  # for tests: never more than one at a time
         self.max_resident_blocks = 0
+
+    def _renamed_on_load(self) -> dict[str, str]:
+        """Weights transformers renames when it loads the checkpoint (gpt_neox's
+        ``embed_out`` is the model's ``lm_head``; legacy ``gamma``/``beta``):
+        the model's name -> the checkpoint's key. Only renames: weights it fuses
+        (MoE experts) have no key of their own (``_check_block_weights``)."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [
+            t
+            for t in get_model_conversion_mapping(self.root)
+            if isinstance(t, WeightRenaming)
+        ]
+        renamed = {}
+        for key in self.headers.index.tensor_paths:
+            name, _ = rename_source_key(key, renamings, [])
+            if name != key:
+                renamed[name] = key
+        return renamed
+
+    def stored(self, key: str) -> str | None:
+        """The checkpoint's key for the weight the model calls ``key``
+        (checkpoint-prefixed), or None where the checkpoint lacks it."""
+        if key in self.headers.index.tensor_paths:
+            return key
+        return self.renamed.get(key)
 
     def _check_block_weights(self) -> None:
         """Every weight of a block must be in the checkpoint under the module's
@@ -118,7 +155,7 @@ class StreamedModel:
         cannot be read on its own."""
         for name, _ in self.real_blocks[0].named_parameters():
             key = self.checkpoint_name(f"{self.blocks_name}.0.{name}")
-            if key not in self.headers.index.tensor_paths:
+            if self.stored(key) is None:
                 raise TadaError(
                     f"streamed pass: {self.what} has no weight {key} in its "
                     "checkpoint (transformers renames or fuses it when loading, "
@@ -131,7 +168,7 @@ class StreamedModel:
             n for n, _ in self.root.named_parameters() if n.startswith(self.blocks_name)
         )
         for prefix in ("", self.root.base_model_prefix + "."):
-            if prefix + name in self.headers.index.tensor_paths:
+            if self.stored(prefix + name) is not None:
                 return prefix
         raise TadaError(
             f"streamed pass: {self.what} has no weight named like {name} in its "
@@ -139,9 +176,10 @@ class StreamedModel:
         )
 
     def lm_head_weight(self) -> torch.Tensor:
-        """The LM head's weight from the checkpoint (the input embedding's if tied)."""
-        key = "lm_head.weight"
-        if key not in self.headers.index.tensor_paths:
+        """The LM head's weight from the checkpoint (the input embedding's if
+        tied; under its stored name if transformers renames it)."""
+        key = self.stored("lm_head.weight")
+        if key is None:
             embedding = self.model.get_input_embeddings()
             name = next(n for n, m in self.model.named_modules() if m is embedding)
             key = self.checkpoint_name(f"{name}.weight")
@@ -156,9 +194,12 @@ class StreamedModel:
     ) -> None:
         state = {}
         for name in params:
-            key = self.checkpoint_name(prefix + name)
-            if key not in self.headers.index.tensor_paths:
-                raise TadaError(f"calibration: {self.headers.path} lacks weight {key}")
+            key = self.stored(self.checkpoint_name(prefix + name))
+            if key is None:
+                raise TadaError(
+                    f"streamed pass: {self.headers.path} lacks weight "
+                    f"{self.checkpoint_name(prefix + name)}"
+                )
             state[name] = self.headers.read(key, self.dtype, self.device)
         root.load_state_dict(state, strict=False, assign=True)
 
@@ -206,18 +247,37 @@ class StreamedModel:
         records = []
         for batch in batches:
             sink: dict = {}
-            with self.recorders(sink):
-                self.model(**batch.forward_kwargs())
-            if len(sink) != self.n_layers or not all(
-                isinstance(sink[i][0], torch.Tensor) for i in sink
-            ):
+            for as_tuple in self._output_forms():
+                sink = {}
+                with self.recorders(sink, as_tuple=as_tuple):
+                    self.model(**batch.forward_kwargs())
+                if self._chained(sink):
+                    self.blocks_return_tuples = as_tuple
+                    break
+            else:
                 raise TadaError(
-                    f"streamed pass: {self.what} does not call its blocks one after "
-                    "the other with the hidden states first, so they cannot be "
-                    "streamed; " + STREAMING_ADVICE
+                    f"streamed pass: {self.what} does not hand each block's output "
+                    "straight to the next block, hidden states first, so its blocks "
+                    "cannot be streamed; " + STREAMING_ADVICE
                 )
             records.append(sink)
         return records
+
+    def _output_forms(self) -> tuple[bool, ...]:
+        """Whether blocks return tuples: found on the first batch, then known."""
+        if self.blocks_return_tuples is None:
+            return (False, True)
+        return (self.blocks_return_tuples,)
+
+    def _chained(self, sink: dict) -> bool:
+        """Every block called, hidden states first, each on the very tensor the
+        block before returned (the recorders pass their input on): what
+        :meth:`forward_blocks` assumes when it streams the states."""
+        return (
+            len(sink) == self.n_layers
+            and all(isinstance(sink[i][0], torch.Tensor) for i in sink)
+            and all(sink[i][0] is sink[i - 1][0] for i in range(1, self.n_layers))
+        )
 
     def forward_blocks(
         self,
@@ -274,18 +334,17 @@ class StreamedModel:
         kwargs = batch.forward_kwargs()
         ids = kwargs.pop("input_ids")
         zeros = torch.zeros(*ids.shape, final.shape[-1], device=self.device)
-        with self.recorders({}, final=final):
+        with self.recorders({}, final, bool(self.blocks_return_tuples)):
             return (self.root if head else self.model)(inputs_embeds=zeros, **kwargs)
 
     @contextlib.contextmanager
     def recorders(
-        self, sink: dict, final: torch.Tensor | None = None
+        self, sink: dict, final: torch.Tensor | None = None, as_tuple: bool = False
     ) -> Iterator[None]:
         """Swap blocks for recorders (the last may return ``final``) for one forward."""
         for i in range(self.n_layers):
-            self.blocks[i] = _Recorder(
-                i, sink, final if i == self.n_layers - 1 else None
-            )
+            last = i == self.n_layers - 1
+            self.blocks[i] = _Recorder(i, sink, final if last else None, as_tuple)
         try:
             yield
         finally:
@@ -377,6 +436,19 @@ def batches_digest(batches: Sequence[Batch]) -> str:
 def token_count(batches: Sequence[Batch]) -> int:
     """Valid (non-padding) tokens in the batches."""
     return int(sum(int(b.attention_mask.sum()) for b in batches))
+
+
+def is_causal_lm(base_path: str) -> bool:
+    """Whether the base's checkpoint is a causal LM (``...ForCausalLM``,
+    GPT-2's ``GPT2LMHeadModel``: a class transformers' AutoModelForCausalLM
+    builds), by the architectures its config names."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(
+        a in causal for a in AutoConfig.from_pretrained(base_path).architectures or []
+    )
 
 
 def tokenizer_for(base_path: str, needed_by: str = "prompts"):

@@ -108,16 +108,11 @@ def _build_tiny(path: str | os.PathLike, model_type: str, causal: bool, **sizes)
 
 
 def build_decoder(path: str | os.PathLike, model_type: str) -> str:
-    """A random two-layer causal LM of another family (mistral, qwen2, gemma, ...)."""
-    sizes = {
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-        "max_position_embeddings": 128,
-        "tie_word_embeddings": False,
-    }
+    """A random two-layer causal LM of another family (mistral, qwen2, gemma, ...),
+    its LM head tied or not as the family's config has it by default."""
+    sizes = {"num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 128}
     if model_type == "gpt2":  # its own names for the sizes; no grouped kv heads
         sizes = {"n_inner": 48, "n_positions": 128, "intermediate_size": None}
-        sizes["tie_word_embeddings"] = False
     if model_type == "falcon":  # head_dim is derived; grouped kv heads as below
         sizes |= {"new_decoder_architecture": True, "num_kv_heads": 2}
         sizes |= {"head_dim": None, "num_key_value_heads": None}

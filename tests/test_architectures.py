@@ -168,6 +168,31 @@ STREAMED = [a for a in ARCHS if a.streamed]
 
 
 @pytest.mark.parametrize("arch", STREAMED, ids=lambda a: a.model_type)
+def test_streamed_forward_is_the_models_forward(built, arch):
+    """Block by block from the checkpoint, then the stem's tail (with the LM
+    head for a causal LM: TARA's and ``lambda: auto``'s logits), equals
+    transformers' own forward of the loaded model on padded batches."""
+    from mergekit_tada.streaming import StreamedModel
+
+    root = built(arch)
+    causal = arch.kind != "encoder"
+    batches = make_batches(tokenizer_for(str(root / "base")), PROMPTS, 16, 2)
+    model = StreamedModel(
+        str(root / "base"), torch.device("cpu"), torch.float32, causal
+    )
+    plain = auto_class(arch).from_pretrained(str(root / "base"), dtype=torch.float32)
+    with torch.no_grad():
+        records = model.block_inputs(batches)
+        finals = model.forward_blocks(records, [r[0][0] for r in records])
+        for batch, (final,) in zip(batches, finals, strict=True):
+            out = model.tail(batch, final, head=causal)
+            expected = plain.eval()(**batch.forward_kwargs())
+            name = "logits" if causal else "last_hidden_state"
+            mask = batch.attention_mask.bool()
+            assert rel_err(out[name][mask], expected[name][mask]) < 1e-5
+
+
+@pytest.mark.parametrize("arch", STREAMED, ids=lambda a: a.model_type)
 def test_regmean_against_plain_forwards(built, arch, tmp_path):
     import oracles
 
@@ -207,6 +232,32 @@ def test_probe_statistics_against_plain_forwards(built, arch):
     stats = run_calibration(str(root / "base"), batches, adapters, quiet=True)
     auto = "base" if arch.kind == "encoder" else "causal"
     assert_stats_match(stats, reference_stats(root / "base", batches, adapters, auto))
+
+
+@pytest.mark.parametrize("arch", STREAMED, ids=lambda a: a.model_type)
+def test_lambda_auto_against_plain_forwards(built, arch, tmp_path):
+    """RegMean with ``lambda: auto``: every candidate's objective from
+    transformers' own models (a tied LM head included: the families that tie
+    by default are built tied)."""
+    from test_scale_search import agreement, assert_chose_the_best
+
+    from mergekit_tada.probe.agreement import GRID
+
+    root = built(arch)
+    cfg = config(root, "lora_regmean", data=str(root / "p.txt"))
+    cfg["parameters"]["lambda"] = "auto"
+    auto = Path(
+        mergekit_tada.merge(cfg, tmp_path / "auto", adapter_only=True, quiet=True)
+    )
+    cfg["parameters"]["lambda"] = 1.0
+    one = adapter_delta(
+        Path(mergekit_tada.merge(cfg, tmp_path / "one", adapter_only=True, quiet=True))
+        / "adapter"
+    )
+    adapters = {root / n: PROMPTS for n in ("lora-a", "lora-b")}
+    causal = arch.kind != "encoder"
+    expected = agreement(root / "base", adapters, one, GRID, causal)
+    assert_chose_the_best(auto, one, expected, "lambda")
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.lowrank import Factored, single_thread
 from mergekit_tada.probe.calibration import ModuleHooks, large_allocations_unmapped
 from mergekit_tada.probe.grams import with_update
-from mergekit_tada.streaming import Batch, StreamedModel
+from mergekit_tada.streaming import Batch, StreamedModel, is_causal_lm
 
 GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # every label-tuned scale we measured
 
@@ -63,13 +63,6 @@ class _Variants(ModuleHooks):
                 return with_update(output, inputs[0], scaled)
 
         return add
-
-
-def is_causal_lm(base_path: str) -> bool:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base_path)
-    return any(a.endswith("ForCausalLM") for a in config.architectures or [])
 
 
 @large_allocations_unmapped()

@@ -21,6 +21,7 @@ from mergekit_tada.cache import ContentCache
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import seeded, single_thread
 from mergekit_tada.probe.grams import adapter_applied
+from mergekit_tada.streaming import is_causal_lm
 
 LOG = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def generated_texts(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(base_path)
-    if not any(a.endswith("ForCausalLM") for a in config.architectures or []):
+    if not is_causal_lm(base_path):
         raise TadaError(
             f"regmean: data: generate needs a causal language model; {base_path} is "
             f"{', '.join(config.architectures or [config.model_type])}: give data files"

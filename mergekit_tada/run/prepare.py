@@ -93,8 +93,8 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         f"{name}: {key}: auto, its data and settings must be the same for every "
         "tensor: give them as plain values (no gradients or filters)",
     )
-    from mergekit_tada.probe.agreement import GRID, agreement_pass, is_causal_lm
-    from mergekit_tada.streaming import make_batches, tokenizer_for
+    from mergekit_tada.probe.agreement import GRID, agreement_pass
+    from mergekit_tada.streaming import is_causal_lm, make_batches, tokenizer_for
     from mergekit_tada.texts import read_texts
 
     device = torch.device(run.device)
