@@ -4,9 +4,13 @@ method family checked against an oracle that is not our code:
 
 * data-free (adapter-only) and the full model through mergekit's executor:
   Σ ΔW_t from PEFT's own ``merge_and_unload``;
-* the streamed pass: TaDA's probe statistics and RegMean's merge against plain
+* the streamed pass: its forward (logits, last hidden states) against
+  transformers' own; TaDA's probe statistics and RegMean's merge against plain
   full-model forwards of transformers' model with hooks (PEFT-merged models
-  for RegMean's inputs), dense maths from the paper.
+  for RegMean's inputs), dense maths from the paper; ``lambda: auto``'s
+  objective at every candidate against PEFT-merged models.
+
+Each family's LM head is tied or not as its config defaults.
 
 MoE models: attention LoRAs merge exactly; the streamed methods and expert
 LoRAs are refused in one line.

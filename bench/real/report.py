@@ -104,6 +104,41 @@ def multitask_table(per_seed: dict) -> tuple[list[str], dict]:
     return lines, summary
 
 
+def per_seed_table(per_seed: dict, rows: list[str]) -> list[str]:
+    """Multi-task ``rows`` seed by seed: normalised accuracy as written (c = 1),
+    label-tuned, the label-tuned multiplier c* and ``lambda: auto``'s choice:
+    what "better on every seed" is read from."""
+    seeds = sorted(per_seed)
+    tasks = list(per_seed[seeds[0]][ALONE]["default"])
+
+    def normalised(seed, results):
+        alone = per_seed[seed][ALONE]["default"]
+        return 100 * statistics.mean(
+            accuracy(results[t]) / max(accuracy(alone[t]), 1e-9) for t in tasks
+        )
+
+    lines = [
+        "| method | "
+        + " | ".join(f"seed {s}: c = 1 / tuned (c*, auto)" for s in seeds)
+        + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for m in rows:
+        cells = []
+        for s in seeds:
+            r = per_seed[s].get(m)
+            if r is None:
+                cells.append("–")
+                continue
+            auto = f", auto {r['auto']:g}" if "auto" in r else ""
+            cells.append(
+                f"{normalised(s, r['default']):.1f} / {normalised(s, r['tuned']):.1f}"
+                f" ({r['scale']:g}{auto})"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(summaries: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 

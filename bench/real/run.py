@@ -317,6 +317,15 @@ def merge(config: dict, out: Path) -> tuple[Path, float]:
     return adapter, json.loads(stamp.read_text())["seconds"]
 
 
+def chosen_scale(adapter: Path) -> dict:
+    """``lambda: auto``'s choice, from the merge's report (rows that searched)."""
+    report = adapter.parent / "merge_report.json"
+    if not report.exists():
+        return {}
+    search = json.loads(report.read_text()).get("training", {}).get("scale_search")
+    return {"auto": search["chosen"]} if search else {}
+
+
 def peft_merge(
     bench: Bench, adapters: list[Path], kind: str, out: Path
 ) -> tuple[Path, float]:
@@ -640,7 +649,7 @@ def run_multitask(bench: Bench, seed: int, save=lambda out: None) -> dict:
         out[name] = evaluate_method(
             bench, root / f"scores/{slug(name)}.json", adapter, evals, tests, mean_acc
         )
-        out[name]["seconds"] = seconds
+        out[name] |= {"seconds": seconds, **chosen_scale(adapter)}
         save(out)
     return out
 
