@@ -8,7 +8,8 @@ method family checked against an oracle that is not our code:
   transformers' own; TaDA's probe statistics and RegMean's merge against plain
   full-model forwards of transformers' model with hooks (PEFT-merged models
   for RegMean's inputs), dense maths from the paper; ``lambda: auto``'s
-  objective at every candidate against PEFT-merged models.
+  objective at every candidate against PEFT-merged models; TARA's (and
+  learned gates') streamed training step against the in-memory model.
 
 Each family's LM head is tied or not as its config defaults.
 
@@ -262,6 +263,48 @@ def test_lambda_auto_against_plain_forwards(built, arch, tmp_path):
     causal = arch.kind != "encoder"
     expected = agreement(root / "base", adapters, one, GRID, causal)
     assert_chose_the_best(auto, one, expected, "lambda")
+
+
+@pytest.mark.parametrize(
+    "arch", [a for a in STREAMED if a.kind != "encoder"], ids=lambda a: a.model_type
+)
+def test_tara_streamed_step_equals_in_memory(built, arch):
+    """TARA's (and learned gates') training step, block-streamed from the
+    checkpoint, against transformers' in-memory model: the same objective and
+    gradient."""
+    from mergekit_tada.directions import directions
+    from mergekit_tada.training.engines import InMemory, Streamed, load_causal_lm
+
+    root = built(arch)
+    cpu = torch.device("cpu")
+    adapters = [LoraAdapter(root / n) for n in ("lora-a", "lora-b")]
+    dirs = {
+        m: directions([a.factors(m) if m in a.modules else None for a in adapters], "b")
+        for m in adapters[0].modules
+    }
+    tok = tokenizer_for(str(root / "base"))
+    batches = [make_batches(tok, PROMPTS[i : i + 2], 16, 2)[0] for i in (0, 2)]
+    generator = torch.Generator().manual_seed(2)
+    phi0 = {m: torch.rand(d.size, generator=generator) for m, d in dirs.items()}
+    grads = {}
+    for engine in (
+        InMemory(load_causal_lm(str(root / "base"), cpu), dirs, cpu),
+        Streamed(str(root / "base"), dirs, cpu),
+    ):
+        phi = {m: torch.nn.Parameter(p.clone()) for m, p in phi0.items()}
+        psi, _ = engine.step(
+            phi,
+            batches,
+            torch.tensor([3.0, 3.2]),
+            torch.tensor([0.4, 0.6]),
+            "stch",
+            1.0,
+        )
+        grads[engine.mode] = (float(psi), {m: p.grad for m, p in phi.items()})
+    (psi_a, ga), (psi_b, gb) = grads["memory"], grads["streamed"]
+    assert psi_b == pytest.approx(psi_a, rel=1e-5)
+    for m in ga:
+        assert rel_err(gb[m], ga[m]) < 1e-4, m
 
 
 @pytest.mark.parametrize(
