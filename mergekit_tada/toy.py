@@ -28,6 +28,10 @@ _WORDS = (
 ).split()
 
 
+# A byte-level BPE's names for printable ASCII ("Ġ" is its space).
+_BYTE_LEVEL_CHARACTERS = ("Ġ", *(chr(c) for c in range(33, 127)))
+
+
 def build_tokenizer(path: str | os.PathLike, words: Sequence[str] = _WORDS):
     """A word-level fast tokenizer with the usual special tokens, saved to ``path``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -87,23 +91,29 @@ def build_llama(
 def _build_tiny(path: str | os.PathLike, model_type: str, causal: bool, **sizes) -> str:
     """A random two-layer model of ``model_type`` from transformers' own config;
     ``sizes`` change the shared tiny sizes (a value of None drops the key)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    tok = build_tokenizer(path)
-    values = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "pad_token_id": tok.pad_token_id,
-        **sizes,
-    }
-    values = {k: v for k, v in values.items() if v is not None}
-    config = AutoConfig.for_model(model_type, **values)
-    torch.manual_seed(3)
-    auto = AutoModelForCausalLM if causal else AutoModel
-    auto.from_config(config).save_pretrained(str(path))
+    # transformers imposes some families' own tokenizer class whatever the
+    # folder's tokenizer says (qwen2: a byte-level BPE, which drops every word
+    # of a word-level vocabulary): give those the characters as well.
+    for words in (_WORDS, (*_WORDS, *_BYTE_LEVEL_CHARACTERS)):
+        tok = build_tokenizer(path, words)
+        values = {
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "pad_token_id": tok.pad_token_id,
+            **sizes,
+        }
+        values = {k: v for k, v in values.items() if v is not None}
+        config = AutoConfig.for_model(model_type, **values)
+        torch.manual_seed(3)
+        auto = AutoModelForCausalLM if causal else AutoModel
+        auto.from_config(config).save_pretrained(str(path))
+        if len(AutoTokenizer.from_pretrained(str(path))("the protein").input_ids) > 1:
+            break
     return str(path)
 
 
