@@ -144,3 +144,14 @@ def test_lambda_auto_without_data_is_one_line(three):
         mergekit_tada.merge(
             family_config("lora_iso_c", rank=6, **{"lambda": "best"}), "out", quiet=True
         )
+
+
+def test_data_without_auto_says_it_is_not_read(three, caplog):
+    """data on a rule that reads it only for lambda: auto, lambda left at 1:
+    one warning, and the merge is the plain one."""
+    config = with_data(family_config("lora_tsv_m", rank=6))
+    with caplog.at_level("WARNING"):
+        out = Path(mergekit_tada.merge(config, "out", quiet=True, adapter_only=True))
+    assert "data is read only by alpha: auto" in caplog.text
+    report = json.loads((out / "merge_report.json").read_text())
+    assert "scale_search" not in report.get("training", {})

@@ -12,6 +12,7 @@ scale 1, the candidates scored on each model's prompts in one streamed pass
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +21,10 @@ import torch
 
 from mergekit_tada.errors import TadaError, same_for_every_tensor
 from mergekit_tada.lowrank import Factored, single_thread
-from mergekit_tada.methods.base import AUTO, ModuleJob, RunInputs
+from mergekit_tada.methods.base import AUTO, AUTO_DATA, ModuleJob, RunInputs
 from mergekit_tada.run.plan import MergePlan, TensorPlan
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,17 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
     targets = plan.targets
     auto = [t.params.get(key) == AUTO for t in targets]
     if not any(auto):
+        if AUTO_DATA in method.spec.parameters and any(
+            i.get("data") for t in targets for i in t.inputs.values()
+        ):
+            LOG.warning(
+                "%s: data is read only by %s: auto, and %s is not auto: the "
+                "prompts are not read (set %s: auto to choose the scale on them)",
+                name,
+                key,
+                key,
+                key,
+            )
         return None
     settings, data = same_for_every_tensor(
         [
