@@ -194,11 +194,11 @@ class StreamedModel:
     ) -> None:
         state = {}
         for name in params:
-            key = self.stored(self.checkpoint_name(prefix + name))
+            wanted = self.checkpoint_name(prefix + name)
+            key = self.stored(wanted)
             if key is None:
                 raise TadaError(
-                    f"streamed pass: {self.headers.path} lacks weight "
-                    f"{self.checkpoint_name(prefix + name)}"
+                    f"streamed pass: {self.headers.path} lacks weight {wanted}"
                 )
             state[name] = self.headers.read(key, self.dtype, self.device)
         root.load_state_dict(state, strict=False, assign=True)
@@ -246,9 +246,8 @@ class StreamedModel:
         """
         records = []
         for batch in batches:
-            sink: dict = {}
             for as_tuple in self._output_forms():
-                sink = {}
+                sink: dict = {}
                 with self.recorders(sink, as_tuple=as_tuple):
                     self.model(**batch.forward_kwargs())
                 if self._chained(sink):
