@@ -34,7 +34,9 @@ _UNSUPPORTED_FLAGS = {
     "lora_bias": "LoRA biases (lora_bias) add a bias update",
     "modules_to_save": "modules_to_save stores full copies of modules",
     "layer_replication": "layer_replication changes the model's layers",
-    "target_parameters": "target_parameters (LoRA on raw parameters)",
+    "target_parameters": "target_parameters (LoRA on raw parameters, such as a "
+    "MoE layer's fused experts; LoRAs on linear layers, trained with "
+    "target_modules, merge)",
     "trainable_token_indices": "trainable_token_indices (trainable tokens)",
 }
 _UNSUPPORTED_KEYS = (

@@ -14,6 +14,8 @@ memory work for both.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -67,6 +69,28 @@ def _block_list(
     )
 
 
+@dataclass(frozen=True)
+class _Fused:
+    """Weights transformers builds from several checkpoint tensors on load (a
+    MoE layer's experts stacked into one tensor), with its own converter: the
+    first target's name, the converter, its (source pattern, key) pairs."""
+
+    first: str
+    converter: object  # transformers.core_model_loading.WeightConverter
+    keys: tuple[tuple[str, str], ...]
+
+    def convert(self, read: Callable, dtype: torch.dtype, device: torch.device):
+        """Every target of the group, by name, from the checkpoint's tensors."""
+        converter = copy.deepcopy(self.converter)
+        for pattern, key in self.keys:
+            load = functools.partial(read, key, dtype, device)
+            converter.add_tensor(self.first, key, pattern, load)
+        return {
+            name: t[0] if isinstance(t, list) else t
+            for name, t in converter.convert(self.first).items()
+        }
+
+
 class StreamedModel:
     """The base model as a stem in memory and blocks read on demand.
 
@@ -107,7 +131,7 @@ class StreamedModel:
         self.n_layers = config.num_hidden_layers
         self.blocks_name, self.blocks = _block_list(self.root, self.n_layers, self.what)
         self.real_blocks = list(self.blocks)
-        self.renamed = self._renamed_on_load()
+        self.renamed, self.fused = self._conversions_on_load()
         self.prefix = self._checkpoint_prefix()
         self._check_block_weights()
         stem = {
@@ -121,25 +145,39 @@ class StreamedModel:
         self.resident_blocks = 0  # for tests: never more than one at a time
         self.max_resident_blocks = 0
 
-    def _renamed_on_load(self) -> dict[str, str]:
-        """Weights transformers renames when it loads the checkpoint (gpt_neox's
-        ``embed_out`` is the model's ``lm_head``; legacy ``gamma``/``beta``):
-        the model's name -> the checkpoint's key. Only renames: weights it fuses
-        (MoE experts) have no key of their own (``_check_block_weights``)."""
+    def _conversions_on_load(self) -> tuple[dict[str, str], dict[str, _Fused]]:
+        """How transformers turns the checkpoint's keys into the model's weights
+        when it loads it, from its own conversion mapping: renamed weights
+        (gpt_neox's ``embed_out`` is the model's ``lm_head``; legacy
+        ``gamma``/``beta``), model name -> checkpoint key; and fused weights
+        (MoE experts stored one by one, held as one 3-D tensor), each target
+        name -> the converter and the keys it reads, in checkpoint order."""
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
 
-        renamings = [
-            t
-            for t in get_model_conversion_mapping(self.root)
-            if isinstance(t, WeightRenaming)
-        ]
-        renamed = {}
-        for key in self.headers.index.tensor_paths:
-            name, _ = rename_source_key(key, renamings, [])
-            if name != key:
+        mapping = get_model_conversion_mapping(self.root)
+        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        renamed: dict[str, str] = {}
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for key in sorted(self.headers.index.tensor_paths, key=dot_natural_key):
+            name, pattern = rename_source_key(key, renamings, converters)
+            if pattern is not None:
+                groups.setdefault(name, []).append((pattern, key))
+            elif name != key:
                 renamed[name] = key
-        return renamed
+        fused: dict[str, _Fused] = {}
+        for first, keys in groups.items():
+            converter = next(c for c in converters if keys[0][0] in c.source_patterns)
+            group = _Fused(first, converter, tuple(keys))
+            for target in converter.target_patterns:  # one-to-many: q, k, v
+                fused[first.replace(converter.target_patterns[0], target)] = group
+        return renamed, fused
 
     def stored(self, key: str) -> str | None:
         """The checkpoint's key for the weight the model calls ``key``
@@ -149,18 +187,17 @@ class StreamedModel:
         return self.renamed.get(key)
 
     def _check_block_weights(self) -> None:
-        """Every weight of a block must be in the checkpoint under the module's
-        own name: where transformers renames or fuses weights when it loads a
-        model (MoE experts stored one by one, held as one 3-D tensor), a block
-        cannot be read on its own."""
+        """Every weight of a block must be in the checkpoint, under the module's
+        own name or one transformers renames or fuses on load, so that a block
+        can be read on its own."""
         for name, _ in self.real_blocks[0].named_parameters():
             key = self.checkpoint_name(f"{self.blocks_name}.0.{name}")
-            if self.stored(key) is None:
+            if self.stored(key) is None and key not in self.fused:
                 raise TadaError(
                     f"streamed pass: {self.what} has no weight {key} in its "
-                    "checkpoint (transformers renames or fuses it when loading, "
-                    "as it does for MoE experts), so its blocks cannot be read "
-                    "one at a time; " + STREAMING_ADVICE
+                    "checkpoint, nor one transformers' conversion mapping turns "
+                    "into it, so its blocks cannot be read one at a time; "
+                    + STREAMING_ADVICE
                 )
 
     def _checkpoint_prefix(self) -> str:
@@ -192,15 +229,23 @@ class StreamedModel:
     def _load(
         self, root: nn.Module, params: dict[str, nn.Parameter], prefix: str = ""
     ) -> None:
-        state = {}
+        state, fused = {}, {}
         for name in params:
             wanted = self.checkpoint_name(prefix + name)
             key = self.stored(wanted)
-            if key is None:
+            if key is not None:
+                state[name] = self.headers.read(key, self.dtype, self.device)
+            elif wanted in self.fused:
+                group = self.fused[wanted]
+                if group.first not in fused:  # each group converted once
+                    fused[group.first] = group.convert(
+                        self.headers.read, self.dtype, self.device
+                    )
+                state[name] = fused[group.first][wanted]
+            else:
                 raise TadaError(
                     f"streamed pass: {self.headers.path} lacks weight {wanted}"
                 )
-            state[name] = self.headers.read(key, self.dtype, self.device)
         root.load_state_dict(state, strict=False, assign=True)
 
     @contextlib.contextmanager

@@ -47,15 +47,12 @@ ARCHS = (
         "mixtral",
         "moe",
         ATTENTION,
-        streamed=False,
-        note="expert LoRAs (`target_parameters`) refused; streamed methods refused "
-        "(transformers fuses the experts' weights on load)",
+        note="expert LoRAs (`target_parameters`) refused",
     ),
     Arch(
         "qwen3_moe",
         "moe",
         ATTENTION,
-        streamed=False,
         note="as mixtral",
     ),
     Arch("bert", "encoder"),

@@ -13,8 +13,9 @@ method family checked against an oracle that is not our code:
 
 Each family's LM head is tied or not as its config defaults.
 
-MoE models: attention LoRAs merge exactly; the streamed methods and expert
-LoRAs are refused in one line.
+MoE models (transformers fuses the experts' checkpoint tensors on load: the
+streamed pass applies its conversion block by block): attention LoRAs merge
+exactly in every method; expert LoRAs are refused in one line.
 """
 
 from __future__ import annotations
@@ -313,24 +314,44 @@ def test_tara_streamed_step_equals_in_memory(built, arch):
 @pytest.mark.parametrize(
     "arch", [a for a in ARCHS if a.kind == "moe"], ids=lambda a: a.model_type
 )
-def test_moe_refusals_are_one_line(built, arch, tmp_path):
+def test_moe_expert_loras_are_refused_in_one_line(built, arch, tmp_path):
+    """PEFT's ``all-linear`` on a MoE model puts the fused experts in
+    ``target_parameters``: one line that says which LoRAs do merge."""
     root = built(arch)
-    cfg = config(
-        root, "lora_regmean", data=str(root / "p.txt"), cache_dir=str(tmp_path)
-    )
-    with pytest.raises(
-        TadaError,
-        match=r"streamed pass: .* cannot be read one at a time; .*--adapter-only",
-    ) as info:
-        mergekit_tada.merge(cfg, tmp_path / "o", adapter_only=True, quiet=True)
-    assert "\n" not in str(info.value)
     build_lora(root / "base", tmp_path / "experts", r=2, targets="all-linear")
     cfg = config(root, "lora_task_arithmetic")
     cfg["models"][1]["model"] = f"{root / 'base'}+{tmp_path / 'experts'}"
-    with pytest.raises(TadaError, match=r"target_parameters .* is not supported"):
+    with pytest.raises(
+        TadaError, match=r"target_parameters .*target_modules.* is not supported"
+    ) as info:
         mergekit_tada.merge(cfg, tmp_path / "o", adapter_only=True, quiet=True)
+    assert "\n" not in str(info.value)
 
 
 def test_readme_table_is_the_matrix():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert supported_table() in readme
+
+
+def test_a_block_weight_the_checkpoint_lacks_is_one_line(built, tmp_path):
+    """A block weight neither in the checkpoint nor made by transformers'
+    conversion mapping: the streamed methods stop in one line, nothing written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = built(ARCHS[0])
+    shutil.copytree(root, tmp_path / "w")
+    weights = tmp_path / "w" / "base" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.0.input_layernorm.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    cfg = config(tmp_path / "w", "lora_regmean", data=str(root / "p.txt"))
+    with pytest.raises(
+        TadaError,
+        match=r"streamed pass: .* has no weight model\.layers\.0\.input_layernorm\.weight "
+        r".* cannot be read one at a time; .*--adapter-only",
+    ) as info:
+        mergekit_tada.merge(cfg, tmp_path / "o", adapter_only=True, quiet=True)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()
