@@ -18,6 +18,7 @@ import copy
 import functools
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -91,6 +92,60 @@ class _Fused:
         }
 
 
+class ChunkOrder:
+    """Chunk order for the sums a pass's hooks add to while several chunks run
+    one block at once, each on its own thread (:meth:`StreamedModel.forward_blocks`).
+
+    A hook adds chunk c's share of a sum inside ``turn(key)``, which waits until
+    every earlier chunk has added its share of ``key`` or finished the block
+    without it: each sum receives its terms in chunk order, the additions (and
+    so the bits) of one chunk after another on one thread, whatever the number
+    of workers. Outside :meth:`StreamedModel.forward_blocks` (no chunk begun on
+    this thread) a turn is taken at once.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._local = threading.local()
+        self._done: dict[str, set[int]] = {}
+        self._finished: set[int] = set()
+        self.repeated = False  # a chunk took the same key twice
+
+    def reset(self) -> None:
+        with self._cond:
+            self._done, self._finished, self.repeated = {}, set(), False
+
+    def begin(self, chunk: int) -> None:
+        self._local.chunk, self._local.taken = chunk, set()
+
+    def finish(self) -> None:
+        with self._cond:
+            self._finished.add(self._local.chunk)
+            self._cond.notify_all()
+        self._local.chunk = None
+
+    @contextlib.contextmanager
+    def turn(self, key: str) -> Iterator[None]:
+        c = getattr(self._local, "chunk", None)
+        if c is None:
+            yield
+            return
+        if key in self._local.taken:
+            self.repeated = True
+        with self._cond:
+            done = self._done.setdefault(key, set())
+            self._cond.wait_for(
+                lambda: all(j in done or j in self._finished for j in range(c))
+            )
+        try:
+            yield
+        finally:
+            self._local.taken.add(key)
+            with self._cond:
+                done.add(c)
+                self._cond.notify_all()
+
+
 class StreamedModel:
     """The base model as a stem in memory and blocks read on demand.
 
@@ -115,6 +170,9 @@ class StreamedModel:
 
         self.device = device
         self.dtype = dtype
+        # the caller's thread budget, taken before its passes enter one thread:
+        # that many chunks run a block at once (forward_blocks)
+        self.workers = torch.get_num_threads() if device.type == "cpu" else 1
         self.progress, self.quiet = progress, quiet  # the blocks' progress bar
         self.headers = HeaderIndex(base_path)
         config = AutoConfig.from_pretrained(base_path)
@@ -333,6 +391,7 @@ class StreamedModel:
         keep_all: bool = False,
         restream: Callable[[nn.Module, str], contextlib.AbstractContextManager]
         | None = None,
+        order: ChunkOrder | None = None,
     ) -> list[list[torch.Tensor]]:
         """Stream every block over every chunk from its recorded inputs.
 
@@ -345,7 +404,9 @@ class StreamedModel:
         time, wrapped by it, after ``attach``'s run has closed: that run's
         outputs are the next block's inputs (RegMean++: the first run reads the
         models' own blocks, the second the merged block). Runs in the caller's
-        grad mode.
+        grad mode. With ``order`` (hooks that add to shared sums in its turns,
+        or none), up to ``self.workers`` chunks run a block at once, each on
+        one torch thread (:meth:`_each_chunk`).
         """
         from tqdm import tqdm
 
@@ -357,20 +418,65 @@ class StreamedModel:
                 runs = [attach] + ([restream] if restream else [])
                 for n, wrap in enumerate(runs):
                     last = n == len(runs) - 1  # its outputs go on; others are dropped
+
+                    def one(c: int, i=i, layer=layer, last=last) -> None:
+                        if before_chunk:
+                            before_chunk(c)
+                        _, args, kwargs = records[c][i]
+                        out = layer(boundaries[c][-1], *args, **kwargs)
+                        out = out[0] if isinstance(out, tuple) else out
+                        if last:
+                            boundaries[c] = [*boundaries[c], out] if keep_all else [out]
+
                     with wrap(layer, prefix) if wrap else contextlib.nullcontext():
-                        for c, sink in enumerate(records):
-                            if before_chunk:
-                                before_chunk(c)
-                            _, args, kwargs = sink[i]
-                            out = layer(boundaries[c][-1], *args, **kwargs)
-                            out = out[0] if isinstance(out, tuple) else out
-                            if not last:
-                                continue
-                            if keep_all:
-                                boundaries[c].append(out)
-                            else:
-                                boundaries[c] = [out]
+                        self._each_chunk(len(records), one, order)
         return boundaries
+
+    def _each_chunk(
+        self, n: int, one: Callable[[int], None], order: ChunkOrder | None
+    ) -> None:
+        """``one(c)`` for every chunk: in order on this thread, or, with ``order``
+        and more than one worker, on ``self.workers`` threads of one torch thread
+        each (a forward over chunks parallelises on two cores where one forward
+        on two threads does not, and stays bit-identical). Chunk 0 runs first,
+        alone: where it calls a hooked module twice, the turns could not order
+        the sums, and the block's other chunks run in order here."""
+        if order is None or self.workers == 1 or n == 1:
+            for c in range(n):
+                one(c)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        from mergekit_tada.lowrank import single_thread
+
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def task(c: int) -> None:
+            with (
+                single_thread(self.device),
+                torch.inference_mode(inference),
+                torch.set_grad_enabled(grad),
+            ):
+                order.begin(c)
+                try:
+                    one(c)
+                finally:
+                    order.finish()
+
+        order.reset()
+        task(0)
+        if order.repeated:
+            for c in range(1, n):
+                task(c)
+            return
+        with ThreadPoolExecutor(self.workers) as pool:
+            list(pool.map(task, range(1, n)))
+        if order.repeated:
+            raise TadaError(
+                f"streamed pass: {self.what} called a module twice in one forward "
+                "of a block for some chunks only, so its sums cannot be kept in "
+                "chunk order on several threads; run with --num-threads 1"
+            )
 
     def tail(self, batch: Batch, final: torch.Tensor, head: bool = False):
         """The stem after the blocks (final norm, pooler; with ``head`` the LM

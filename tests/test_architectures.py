@@ -355,3 +355,74 @@ def test_a_block_weight_the_checkpoint_lacks_is_one_line(built, tmp_path):
         mergekit_tada.merge(cfg, tmp_path / "o", adapter_only=True, quiet=True)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [a for a in ARCHS if a.model_type in ("llama", "mixtral", "bert")],
+    ids=lambda a: a.model_type,
+)
+def test_chunks_on_several_threads_give_the_same_bits(built, arch, monkeypatch):
+    """The streamed passes run several chunks through a block at once, one per
+    worker thread (as many as torch's threads): probe statistics, RegMean's and
+    RegMean++'s R_t and ``lambda: auto``'s objective are bit-identical to one
+    chunk after another, and the chunks did run on several threads."""
+    import threading
+
+    from mergekit_tada.lowrank import Factored
+    from mergekit_tada.probe import calibration, grams
+    from mergekit_tada.probe.agreement import agreement_pass
+
+    root = built(arch)
+    base = str(root / "base")
+    adapters = {n: LoraAdapter(root / n) for n in ("lora-a", "lora-b")}
+    tokenizer = tokenizer_for(base)
+    batches = {n: make_batches(tokenizer, PROMPTS, 16, 1) for n in adapters}
+    weights = {(t, m): 0.5 for t, a in adapters.items() for m in a.modules}
+
+    def summed(module: str) -> Factored:  # sum_t dW_t, factored
+        fs = [a.factors(module) for a in adapters.values()]
+        return Factored(torch.cat([f.B for f in fs], 1), torch.cat([f.A for f in fs]))
+
+    merged = {m: summed(m) for m in adapters["lora-a"].modules}
+    threads_seen: set[int] = set()
+    hook = calibration._Accumulator.hook
+
+    def spying(self, name, *args, **kwargs):
+        inner = hook(self, name, *args, **kwargs)
+
+        def run(*a):
+            threads_seen.add(threading.get_ident())
+            return inner(*a)
+
+        return run
+
+    monkeypatch.setattr(calibration._Accumulator, "hook", spying)
+
+    def passes():
+        every = [b for bs in batches.values() for b in bs]
+        return (
+            run_calibration(base, every, adapters, quiet=True),
+            grams.gram_pass(base, batches, adapters, 0.9, True, quiet=True),
+            grams.gram_pass(
+                base, batches, adapters, 0.9, True, merged_weights=weights, quiet=True
+            ),
+            agreement_pass(base, batches, adapters, merged, quiet=True),
+        )
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = passes()
+        assert len(threads_seen) == 1
+        torch.set_num_threads(3)
+        threads_seen.clear()
+        parallel = passes()
+        assert len(threads_seen) > 1
+    finally:
+        torch.set_num_threads(saved)
+    assert parallel[0] == serial[0]  # dataclasses of floats: exact
+    for a, b in zip(parallel[1:3], serial[1:3], strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert parallel[3] == serial[3]

@@ -41,9 +41,7 @@ class _Variants(ModuleHooks):
         super().__init__(adapters, device)
         for module in merged:
             self.targets.setdefault(module, [])
-        self.merged = merged
-        self.owner: str = ""
-        self.scale: float | None = None
+        self.merged = merged  # state.owner, state.scale: the item this thread runs
 
     def hook(self, module: str):
         own = {
@@ -54,12 +52,12 @@ class _Variants(ModuleHooks):
 
         def add(_module: nn.Module, inputs: tuple, output):
             with single_thread(inputs[0].device):
-                if self.scale is None:
-                    f = own.get(self.owner)
+                if self.state.scale is None:
+                    f = own.get(self.state.owner)
                     return None if f is None else with_update(output, inputs[0], f)
                 if merged is None:
                     return None
-                scaled = Factored(merged.B * self.scale, merged.A)
+                scaled = Factored(merged.B * self.state.scale, merged.A)
                 return with_update(output, inputs[0], scaled)
 
         return add
@@ -95,7 +93,7 @@ def agreement_pass(
 
     def before(i: int) -> None:
         c, v = items[i]
-        hooks.owner, hooks.scale = chunks[c][0], v
+        hooks.state.owner, hooks.state.scale = chunks[c][0], v
 
     sums = {t: [0.0] * len(scales) for t in batches}
     norms = dict.fromkeys(batches, 0.0)
@@ -111,6 +109,7 @@ def agreement_pass(
                     model.linear_modules(layer, prefix)
                 ),
                 before,
+                order=hooks.order,
             )
         ]
         stem = model.stem_linear_modules()

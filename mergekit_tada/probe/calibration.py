@@ -21,6 +21,7 @@ import ctypes
 import logging
 import math
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,10 +31,7 @@ from torch import nn
 from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import frobenius_sq, single_thread
-from mergekit_tada.streaming import (
-    Batch,
-    StreamedModel,
-)
+from mergekit_tada.streaming import Batch, ChunkOrder, StreamedModel
 from mergekit_tada.texts import read_texts
 
 LOG = logging.getLogger(__name__)
@@ -127,7 +125,9 @@ class ModuleHooks:
     """Forward hooks on the adapters' modules, attached one block at a time.
 
     ``targets``: module -> labels of the adapters that update it; ``mask``: the
-    current chunk's valid tokens. Subclasses write ``hook(name)``.
+    valid tokens of the chunk this thread runs (``state``: per thread, as
+    several chunks run a block at once). A hook adds to a sum shared by chunks
+    inside ``order.turn``, so in chunk order. Subclasses write ``hook(name)``.
     """
 
     def __init__(self, adapters: dict[str, LoraAdapter], device) -> None:
@@ -137,7 +137,16 @@ class ModuleHooks:
         for label, adapter in adapters.items():
             for module in adapter.modules:
                 self.targets.setdefault(module, []).append(label)
-        self.mask: torch.Tensor | None = None
+        self.state = threading.local()
+        self.order = ChunkOrder()
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return getattr(self.state, "mask", None)
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self.state.mask = value
 
     def hook(self, module_name: str):
         raise NotImplementedError
@@ -221,11 +230,12 @@ class _Accumulator(ModuleHooks):
                     for chunk in y.split(self.CHUNK_TOKENS):
                         c = chunk.double().flatten()
                         sum_sq_output += float(torch.dot(c, c))
-            for (entry, _, _), delta in zip(prepared, sum_sq_delta, strict=True):
-                entry.sum_sq_delta += delta
-                entry.sum_sq_input += sum_sq_input
-                entry.sum_sq_output += sum_sq_output
-                entry.tokens += x.shape[0]
+            with self.order.turn(module_name):
+                for (entry, _, _), delta in zip(prepared, sum_sq_delta, strict=True):
+                    entry.sum_sq_delta += delta
+                    entry.sum_sq_input += sum_sq_input
+                    entry.sum_sq_output += sum_sq_output
+                    entry.tokens += x.shape[0]
 
         return accumulate
 
@@ -282,6 +292,7 @@ def run_calibration(
                 hidden,
                 lambda layer, prefix: acc.attached(model.linear_modules(layer, prefix)),
                 chunk_mask,
+                order=acc.order,
             )
         ]
         # 3. the stem's tail (final norm, pooler) and lm_head on the final states

@@ -164,12 +164,15 @@ class _Accumulator(ModuleHooks):
         super().__init__(adapters, device)
         self.owners, self.apply = owners, apply
         self.scale = {t: 1.0 / n for t, n in tokens.items()}
-        self.chunk = 0
         self.sums: dict[str, _Sums] = {}
-        # (chunk, input tensor, its Gram sum, valid rows, diag of its chunk Gram):
+        # per thread (state): the chunk it runs, and (input tensor, its Gram
+        # sum, valid rows, diag of its chunk Gram) of that chunk's last input:
         # the tensor itself, held, so that no later tensor can take its place
         # (an address could be reused)
-        self._memo: tuple | None = None
+
+    def begin(self, chunk: int, mask: torch.Tensor) -> None:
+        """This thread now runs ``chunk``."""
+        self.state.chunk, self.state.memo, self.mask = chunk, None, mask
 
     def _gram(self, x: torch.Tensor, total: torch.Tensor | None) -> tuple:
         """(Gram sum, valid rows in float64, diag of X^T X) of one chunk's input.
@@ -178,22 +181,17 @@ class _Accumulator(ModuleHooks):
         once per chunk for the modules that read the same input (q, k, v share
         one sum), as float32 products of ROWS tokens added into the float64 sum;
         only its upper triangle until reduce() mirrors it."""
-        memo = self._memo
-        if (
-            memo is not None
-            and memo[0] == self.chunk
-            and memo[1] is x
-            and (total is None or total is memo[2])
-        ):
-            return memo[2:]
+        memo = self.state.memo
+        if memo is not None and memo[0] is x and (total is None or total is memo[1]):
+            return memo[1:]
         rows = self.rows(x)
         d = rows.shape[1]
         if total is None:
             total = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-        add_upper_gram(total, rows, self.scale[self.owners[self.chunk]])
+        add_upper_gram(total, rows, self.scale[self.owners[self.state.chunk]])
         rows64 = rows.double()
         result = (total, rows64, rows64.square().sum(0))
-        self._memo = (self.chunk, x, *result)
+        self.state.memo = (x, *result)
         return result
 
     def hook(self, module: str):
@@ -201,13 +199,13 @@ class _Accumulator(ModuleHooks):
         factors = {t: self.adapters[t].factors(module, self.device) for t in labels}
 
         def accumulate(_module: nn.Module, inputs: tuple, output):
-            owner = self.owners[self.chunk]
+            owner = self.owners[self.state.chunk]
             scale = self.scale[owner]
             x = inputs[0]
-            # the sums on one torch thread (the block's forward runs on all):
-            # a float64 product over every token of a chunk, or a Cholesky,
-            # rounds differently at 2 threads than at 1 (SmolLM2's MLP inputs)
-            with single_thread(x.device):
+            # the sums on one torch thread: a float64 product over every token
+            # of a chunk, or a Cholesky, rounds differently at 2 threads than
+            # at 1 (SmolLM2's MLP inputs); in chunk order (the turn)
+            with single_thread(x.device), self.order.turn(module):
                 sums = self.sums.get(module)
                 gram, rows, diag = self._gram(x, sums.gram if sums else None)
                 if sums is None:  # the first chunk
@@ -224,7 +222,7 @@ class _Accumulator(ModuleHooks):
         return accumulate
 
     def detached(self) -> None:
-        self._memo = None  # no input tensor outlives its block
+        self.state.memo = None  # no input tensor outlives its block
 
 
 class _MergedBlock(ModuleHooks):
@@ -293,7 +291,7 @@ def gram_pass(
                 reduced.update(reduce(groups.pop(key), alpha, len(batches)))
 
     def before_chunk(c: int) -> None:
-        acc.chunk, acc.mask = c, chunks[c].attention_mask.bool()
+        acc.begin(c, chunks[c].attention_mask.bool())
 
     @contextlib.contextmanager
     def block(layer, prefix):
@@ -320,7 +318,7 @@ def gram_pass(
         finals = [
             states[-1]
             for states in model.forward_blocks(
-                records, hidden, block, before_chunk, restream=restream
+                records, hidden, block, before_chunk, restream=restream, order=acc.order
             )
         ]
         # modules outside the blocks (the pooler; the LM head on the final states)
