@@ -1,6 +1,6 @@
 """RegMean's Gram pass against TaDA's probe calibration pass, and its peak memory.
 
-    python bench/regmean_pass.py real [--seed 0] [--samples 64]
+    python bench/regmean_pass.py real [--seed 0] [--samples 64] [--against DIR]
     python bench/regmean_pass.py limited [--fraction 0.6]
 
 ``real``: SmolLM2-135M and the five multi-task adapters of bench/real (run
@@ -12,7 +12,9 @@ with the base's (``grams: base``) and RegMean++'s (``grams: merged``: each
 model's blocks on the merged states, one more forward per block). Prints the
 pass seconds (printed by the child: the pass alone), wall time and peak
 anonymous memory of each process, and the ratios to the probe pass and to
-``grams: model``.
+``grams: model``. ``--against DIR`` (a checkout of another commit, e.g. ``git
+worktree add DIR COMMIT``): each pass of that tree runs right before this
+one's, and the table gives their ratio (side by side in one run).
 
 ``limited``: a model larger than the memory it is allowed. bench/generate.py's
 ``medium`` Llama (2.9 GB bf16) and two rank-16 LoRAs; ``mergekit-yaml`` with
@@ -98,27 +100,48 @@ def phase(name: str, seed: int, samples: int) -> None:
     )
 
 
-def real(seed: int, samples: int) -> None:
-    measure = _measure()
-    rows = {}
+def _run_phase(tree: Path, name: str, seed: int, samples: int) -> dict | None:
+    """One pass in its own process, with ``tree``'s package and bench script
+    (None where that tree's bench has no such pass)."""
+    import os
+
+    script = tree / "bench/regmean_pass.py"
+    if f'"{name}"' not in script.read_text():
+        return None
+    cmd = [sys.executable, str(script), "phase", name, "--seed", str(seed)]
+    os.environ["PYTHONPATH"] = str(tree)  # its mergekit_tada, not the installed one
+    result = _measure()([*cmd, "--samples", str(samples)], ROOT)
+    if result["rc"] != 0:
+        raise SystemExit(f"{name} ({tree}) failed:\n{result['tail']}")
+    line = [x for x in result["tail"].splitlines() if x.startswith("{")][-1]
+    return {**json.loads(line), **result}
+
+
+def real(seed: int, samples: int, against: Path | None) -> None:
+    """Every pass of this tree; with ``against`` (a checkout of another
+    commit) each pass of that tree right before this one's, side by side."""
+    rows, before = {}, {}
     for name in ("probe", "model", "base", "merged"):
-        cmd = [sys.executable, __file__, "phase", name, "--seed", str(seed)]
-        result = measure([*cmd, "--samples", str(samples)], ROOT)
-        if result["rc"] != 0:
-            raise SystemExit(f"{name} failed:\n{result['tail']}")
-        line = [x for x in result["tail"].splitlines() if x.startswith("{")][-1]
-        rows[name] = {**json.loads(line), **result}
-    probe = rows["probe"]["seconds"]
+        if against is not None:
+            before[name] = _run_phase(against, name, seed, samples)
+        rows[name] = _run_phase(ROOT, name, seed, samples)
+    probe, model = rows["probe"]["seconds"], rows["model"]["seconds"]
     print(f"SmolLM2-135M, 5 adapters, {samples} prompts per task, seed {seed}")
-    model = rows["model"]["seconds"]
     print(
-        "| pass | pass s | ratio to probe | ratio to model | process wall s | peak anon GB |"
+        "| pass | pass s | ratio to probe | ratio to model | process wall s "
+        "| peak anon GB | against s | against peak GB | now / against |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
+        old = before.get(name)
+        then = "– | – | –"
+        if old:
+            ratio = r["seconds"] / old["seconds"]
+            then = f"{old['seconds']:.1f} | {old['peak_anon_gb']:.2f} | {ratio:.2f}"
         print(
             f"| {name} | {r['seconds']:.1f} | {r['seconds'] / probe:.2f} | "
-            f"{r['seconds'] / model:.2f} | {r['wall']:.1f} | {r['peak_anon_gb']:.2f} |"
+            f"{r['seconds'] / model:.2f} | {r['wall']:.1f} | {r['peak_anon_gb']:.2f} "
+            f"| {then} |"
         )
 
 
@@ -176,11 +199,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--fraction", type=float, default=0.6)
     ap.add_argument("--grams", default="model", choices=["model", "base", "merged"])
+    ap.add_argument("--against", type=Path, help="a checkout of another commit")
     args = ap.parse_args()
     if args.what == "phase":
         phase(args.name, args.seed, args.samples)
     elif args.what == "real":
-        real(args.seed, args.samples)
+        real(args.seed, args.samples, args.against)
     else:
         limited(args.fraction, args.grams)
 

@@ -248,9 +248,11 @@ class StreamedModel:
         """Every weight of a block must be in the checkpoint, under the module's
         own name or one transformers renames or fuses on load, so that a block
         can be read on its own."""
-        for name, _ in self.real_blocks[0].named_parameters():
-            key = self.checkpoint_name(f"{self.blocks_name}.0.{name}")
-            if self.stored(key) is None and key not in self.fused:
+        for i, block in enumerate(self.real_blocks):  # blocks may differ (MoE)
+            for name, _ in block.named_parameters():
+                key = self.checkpoint_name(f"{self.blocks_name}.{i}.{name}")
+                if self.stored(key) is not None or key in self.fused:
+                    continue
                 raise TadaError(
                     f"streamed pass: {self.what} has no weight {key} in its "
                     "checkpoint, nor one transformers' conversion mapping turns "

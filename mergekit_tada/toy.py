@@ -119,10 +119,14 @@ def _build_tiny(path: str | os.PathLike, model_type: str, causal: bool, **sizes)
 
 def build_decoder(path: str | os.PathLike, model_type: str) -> str:
     """A random two-layer causal LM of another family (mistral, qwen2, gemma, ...),
-    its LM head tied or not as the family's config has it by default."""
+    its LM head tied or not as the family's config has it by default (qwen3_moe:
+    layer 0 of four experts, layer 1 a dense MLP: blocks that differ)."""
     sizes = {"num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 128}
     if model_type == "gpt2":  # its own names for the sizes; no grouped kv heads
         sizes = {"n_inner": 48, "n_positions": 128, "intermediate_size": None}
+    if model_type == "qwen3_moe":  # 4 experts (not 128), layer 1 a dense MLP
+        sizes |= {"num_experts": 4, "num_experts_per_tok": 2, "mlp_only_layers": [1]}
+        sizes |= {"moe_intermediate_size": 24}
     if model_type == "falcon":  # head_dim is derived; grouped kv heads as below
         sizes |= {"new_decoder_architecture": True, "num_kv_heads": 2}
         sizes |= {"head_dim": None, "num_key_value_heads": None}
