@@ -154,3 +154,42 @@ def test_data_without_auto_says_it_is_not_read(three, caplog):
     assert "data is read only by alpha: auto" in caplog.text
     report = json.loads((out / "merge_report.json").read_text())
     assert "scale_search" not in report.get("training", {})
+
+
+def test_task_arithmetic_with_data_chooses_its_scale_by_default(three, caplog):
+    """lora_task_arithmetic, lambda unset: auto where every model gives data
+    (it beat lambda 1 on every seed of both benchmarks), 1 where one does not
+    (one warning: the prompts are not read), and an explicit number is kept."""
+    config = with_data(family_config("lora_task_arithmetic", rank=15))
+    assert "lambda" not in config["parameters"]
+    default = Path(mergekit_tada.merge(config, "d", quiet=True, adapter_only=True))
+    config["parameters"]["lambda"] = "auto"
+    auto = Path(mergekit_tada.merge(config, "a", quiet=True, adapter_only=True))
+    search = json.loads((default / "merge_report.json").read_text())["training"][
+        "scale_search"
+    ]
+    assert search["by_default"] is True
+    assert search["chosen"] != 1.0  # a case where the default changes the merge
+    explicit = json.loads((auto / "merge_report.json").read_text())["training"]
+    assert explicit["scale_search"]["by_default"] is False
+    same = "adapter/adapter_model.safetensors"
+    assert (default / same).read_bytes() == (auto / same).read_bytes()
+
+    config["parameters"]["lambda"] = 1.0
+    with caplog.at_level("WARNING"):
+        one = Path(mergekit_tada.merge(config, "one", quiet=True, adapter_only=True))
+    assert "data is read only by lambda: auto" in caplog.text
+    caplog.clear()
+    del config["parameters"]["lambda"]
+    config["models"][1]["parameters"].pop("data")
+    with caplog.at_level("WARNING"):
+        part = Path(mergekit_tada.merge(config, "p", quiet=True, adapter_only=True))
+    assert "data is read only by lambda: auto" in caplog.text
+    for out in (one, part):
+        report = json.loads((out / "merge_report.json").read_text())
+        assert "scale_search" not in report.get("training", {})
+    assert (
+        adapter_delta(one / "adapter").keys() == adapter_delta(part / "adapter").keys()
+    )
+    for name, delta in adapter_delta(one / "adapter").items():
+        assert torch.equal(delta, adapter_delta(part / "adapter")[name])

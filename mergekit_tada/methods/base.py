@@ -305,8 +305,20 @@ WEIGHT = Param("weight", float, NON_BASE, 1.0, "per-adapter weight")
 AUTO = "auto"  # a global scale chosen on each model's prompts (run/scale.py)
 
 
-def scale_param(key: str = "lambda") -> Param:
-    """A rule's global scale: a number, or ``auto``."""
+def scale_param(key: str = "lambda", auto_by_default: bool = False) -> Param:
+    """A rule's global scale: a number, or ``auto``. ``auto_by_default``: unset,
+    it is ``auto`` where every model gives ``data`` and 1 otherwise (resolved
+    in run/prepare.py), for the rules whose evidence asked for it."""
+    if auto_by_default:
+        return Param(
+            key,
+            float | Literal["auto"] | None,
+            SHARED,
+            None,
+            "global scale, or auto: chosen where the merge agrees best with each "
+            "model on its own prompts (data); unset: auto where every model has "
+            "data, else 1",
+        )
     return Param(
         key,
         float | Literal["auto"],

@@ -140,7 +140,7 @@ class LoraCtm(FamilyMethod):
         """The rule's own parameters at their defaults (its global scale 1: CtM's
         ``lambda`` applies after), each input's weight and density from ours."""
         params = {p.name: p.default for p in rule.spec.shared_parameters}
-        params |= {"rank": job.rank, "space": "full"}
+        params |= {"rank": job.rank, "space": "full", rule.scale_key: 1.0}
         inputs = {}
         for label in labels:
             inputs[label] = {p.name: p.default for p in rule.spec.input_parameters}

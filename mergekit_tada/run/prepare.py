@@ -81,14 +81,20 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
     method, key = plan.method, plan.method.scale_key
     name = method.spec.name
     targets = plan.targets
+    data = [i.get("data") for t in targets for i in t.inputs.values()]
+    by_default = any(t.params.get(key) is None for t in targets)
+    if by_default:  # unset where auto is the default: auto given every model's data
+        every = all(d and d != "generate" for d in data)
+        for t in targets:
+            if t.params.get(key) is None:
+                t.params[key] = AUTO if every else 1.0
     auto = [t.params.get(key) == AUTO for t in targets]
     if not any(auto):
-        if AUTO_DATA in method.spec.parameters and any(
-            i.get("data") for t in targets for i in t.inputs.values()
-        ):
+        if AUTO_DATA in method.spec.parameters and any(data):
             LOG.warning(
                 "%s: data is read only by %s: auto, and %s is not auto: the "
-                "prompts are not read (set %s: auto to choose the scale on them)",
+                "prompts are not read (set %s: auto, with data for every model, "
+                "to choose the scale on them)",
                 name,
                 key,
                 key,
@@ -148,6 +154,7 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
     return {
         "key": key,
         "chosen": chosen,
+        "by_default": by_default,  # key unset: auto because every model has data
         "objective": "kl" if is_causal_lm(run.base_path) else "hidden_states",
         "candidates": {str(c): float(f"{scores[c]:.6g}") for c in GRID},
         "prompts": {
