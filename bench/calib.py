@@ -14,12 +14,13 @@ import time
 import torch
 
 from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.batches import make_batches, tokenizer_for
 from mergekit_tada.probe.calibration import (
     large_allocations_unmapped,
     read_prompts,
     run_calibration,
 )
-from mergekit_tada.streaming import StreamedModel, make_batches, tokenizer_for
+from mergekit_tada.streaming import StreamedModel
 
 mode, base, prompts, lora_a, lora_b = sys.argv[1:6]
 batches = make_batches(tokenizer_for(base), read_prompts(prompts, 32), 256, 8)

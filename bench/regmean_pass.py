@@ -52,7 +52,7 @@ def _inputs(seed: int, samples: int):
     from data import MULTITASK, TASKS, prompt
 
     from mergekit_tada.adapters import LoraAdapter
-    from mergekit_tada.streaming import make_batches, tokenizer_for
+    from mergekit_tada.batches import make_batches, tokenizer_for
 
     work = ROOT / "bench/work/real"
     base = str(work / "base")

@@ -47,8 +47,8 @@ def main() -> None:
     from peft import PeftModel
 
     from mergekit_tada.adapters import LoraAdapter
+    from mergekit_tada.batches import Batch
     from mergekit_tada.directions import directions, initial_coefficients
-    from mergekit_tada.streaming import Batch
     from mergekit_tada.training.engines import (
         InMemory,
         Streamed,

@@ -1,4 +1,4 @@
-"""The base model streamed block by block, and the token batches it runs on.
+"""The base model streamed block by block (its token batches: batches.py).
 
 The base is built on the meta device (no memory). Only its *stem* (the
 embeddings, final norm, pooler, with ``causal_lm`` the LM head: everything
@@ -6,9 +6,10 @@ outside the block list) is loaded. One forward of the real transformers model
 with every block replaced by a recorder keeps the exact arguments the model
 hands each block (masks, rotary embeddings, positions); blocks are then read
 from the base's safetensors one at a time (:meth:`StreamedModel.block`), run,
-and freed. Shared by the probe's calibration pass (probe/calibration.py) and
-the streamed training engine (training/engines.py), so models larger than
-memory work for both.
+and freed, several chunks at once (chunks.py). Shared by the passes over
+prompts (probe/: calibration, RegMean's Grams, ``lambda: auto``) and the
+streamed training engine (training/engines.py), so models larger than memory
+work for all of them.
 """
 
 from __future__ import annotations
@@ -16,19 +17,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
-import logging
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mergekit_tada.batches import Batch
+from mergekit_tada.chunks import ChunkOrder, run_chunks
 from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
-
-LOG = logging.getLogger(__name__)
 
 
 class _Recorder(nn.Module):
@@ -90,60 +88,6 @@ class _Fused:
             name: t[0] if isinstance(t, list) else t
             for name, t in converter.convert(self.first).items()
         }
-
-
-class ChunkOrder:
-    """Chunk order for the sums a pass's hooks add to while several chunks run
-    one block at once, each on its own thread (:meth:`StreamedModel.forward_blocks`).
-
-    A hook adds chunk c's share of a sum inside ``turn(key)``, which waits until
-    every earlier chunk has added its share of ``key`` or finished the block
-    without it: each sum receives its terms in chunk order, the additions (and
-    so the bits) of one chunk after another on one thread, whatever the number
-    of workers. Outside :meth:`StreamedModel.forward_blocks` (no chunk begun on
-    this thread) a turn is taken at once.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._local = threading.local()
-        self._done: dict[str, set[int]] = {}
-        self._finished: set[int] = set()
-        self.repeated = False  # a chunk took the same key twice
-
-    def reset(self) -> None:
-        with self._cond:
-            self._done, self._finished, self.repeated = {}, set(), False
-
-    def begin(self, chunk: int) -> None:
-        self._local.chunk, self._local.taken = chunk, set()
-
-    def finish(self) -> None:
-        with self._cond:
-            self._finished.add(self._local.chunk)
-            self._cond.notify_all()
-        self._local.chunk = None
-
-    @contextlib.contextmanager
-    def turn(self, key: str) -> Iterator[None]:
-        c = getattr(self._local, "chunk", None)
-        if c is None:
-            yield
-            return
-        if key in self._local.taken:
-            self.repeated = True
-        with self._cond:
-            done = self._done.setdefault(key, set())
-            self._cond.wait_for(
-                lambda: all(j in done or j in self._finished for j in range(c))
-            )
-        try:
-            yield
-        finally:
-            self._local.taken.add(key)
-            with self._cond:
-                done.add(c)
-                self._cond.notify_all()
 
 
 class StreamedModel:
@@ -408,7 +352,7 @@ class StreamedModel:
         models' own blocks, the second the merged block). Runs in the caller's
         grad mode. With ``order`` (hooks that add to shared sums in its turns,
         or none), up to ``self.workers`` chunks run a block at once, each on
-        one torch thread (:meth:`_each_chunk`).
+        one torch thread (:func:`mergekit_tada.chunks.run_chunks`).
         """
         from tqdm import tqdm
 
@@ -431,54 +375,15 @@ class StreamedModel:
                             boundaries[c] = [*boundaries[c], out] if keep_all else [out]
 
                     with wrap(layer, prefix) if wrap else contextlib.nullcontext():
-                        self._each_chunk(len(records), one, order)
+                        run_chunks(
+                            len(records),
+                            one,
+                            order,
+                            self.workers,
+                            self.device,
+                            self.what,
+                        )
         return boundaries
-
-    def _each_chunk(
-        self, n: int, one: Callable[[int], None], order: ChunkOrder | None
-    ) -> None:
-        """``one(c)`` for every chunk: in order on this thread, or, with ``order``
-        and more than one worker, on ``self.workers`` threads of one torch thread
-        each (a forward over chunks parallelises on two cores where one forward
-        on two threads does not, and stays bit-identical). Chunk 0 runs first,
-        alone: where it calls a hooked module twice, the turns could not order
-        the sums, and the block's other chunks run in order here."""
-        if order is None or self.workers == 1 or n == 1:
-            for c in range(n):
-                one(c)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        from mergekit_tada.lowrank import single_thread
-
-        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-
-        def task(c: int) -> None:
-            with (
-                single_thread(self.device),
-                torch.inference_mode(inference),
-                torch.set_grad_enabled(grad),
-            ):
-                order.begin(c)
-                try:
-                    one(c)
-                finally:
-                    order.finish()
-
-        order.reset()
-        task(0)
-        if order.repeated:
-            for c in range(1, n):
-                task(c)
-            return
-        with ThreadPoolExecutor(self.workers) as pool:
-            list(pool.map(task, range(1, n)))
-        if order.repeated:
-            raise TadaError(
-                f"streamed pass: {self.what} called a module twice in one forward "
-                "of a block for some chunks only, so its sums cannot be kept in "
-                "chunk order on several threads; run with --num-threads 1"
-            )
 
     def tail(self, batch: Batch, final: torch.Tensor, head: bool = False):
         """The stem after the blocks (final norm, pooler; with ``head`` the LM
@@ -502,118 +407,3 @@ class StreamedModel:
         finally:
             for i, layer in enumerate(self.real_blocks):
                 self.blocks[i] = layer
-
-
-@dataclass(frozen=True)
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    extra: dict
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            {k: v.to(device) for k, v in self.extra.items()},
-        )
-
-    def forward_kwargs(self) -> dict:
-        # use_cache=False: a KV cache would keep every streamed block's keys and
-        # values alive for the whole pass.
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "use_cache": False,
-            **self.extra,
-        }
-
-
-def make_batches(
-    tokenizer,
-    texts: Sequence[str],
-    max_length: int,
-    batch_size: int,
-    what: str = "prompts",
-) -> list[Batch]:
-    """Right-padded chunks (causal masks keep valid tokens blind to padding).
-
-    ``what`` names the prompts (key and file) in the error when they give no
-    token at all, and in the warning when every token is the unknown token."""
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    batches = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[i : i + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        )
-        extra = {
-            k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")
-        }
-        batches.append(Batch(enc["input_ids"], enc["attention_mask"], extra))
-    tokens = token_count(batches)
-    if tokens == 0:
-        raise TadaError(
-            f"{what}: its {len(texts)} prompt(s) tokenize to no tokens with the "
-            "base model's tokenizer (its normalizer removes every character?); "
-            "give prompts in text the base's tokenizer reads"
-        )
-    unknown = tokenizer.unk_token_id
-    if unknown is not None and tokens == sum(
-        int((b.input_ids[b.attention_mask.bool()] == unknown).sum()) for b in batches
-    ):
-        LOG.warning(
-            "%s: every one of its %d tokens is the unknown token %r: the "
-            "prompts say nothing to the base model (another script or alphabet?)",
-            what,
-            tokens,
-            tokenizer.unk_token,
-        )
-    return batches
-
-
-def batches_digest(batches: Sequence[Batch]) -> str:
-    """sha256 of every token id and mask used: what cache keys cover."""
-    digest = hashlib.sha256()
-    for b in batches:
-        digest.update(b.input_ids.numpy().tobytes())
-        digest.update(b.attention_mask.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def token_count(batches: Sequence[Batch]) -> int:
-    """Valid (non-padding) tokens in the batches."""
-    return int(sum(int(b.attention_mask.sum()) for b in batches))
-
-
-def is_causal_lm(base_path: str) -> bool:
-    """Whether the base's checkpoint is a causal LM (``...ForCausalLM``,
-    GPT-2's ``GPT2LMHeadModel``: a class transformers' AutoModelForCausalLM
-    builds), by the architectures its config names."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    return any(
-        a in causal for a in AutoConfig.from_pretrained(base_path).architectures or []
-    )
-
-
-def tokenizer_for(base_path: str, needed_by: str = "prompts"):
-    """The base's tokenizer; ``needed_by`` (method and key, as ``lora_regmean:
-    data``) says in the error what needs it."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(base_path)
-    except Exception as error:
-        raise TadaError(
-            f"{needed_by}: base model {base_path} has no usable tokenizer "
-            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
-            "these prompts are tokenized with the base's tokenizer: put its "
-            "tokenizer files in the base folder"
-        ) from None

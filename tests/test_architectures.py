@@ -31,9 +31,9 @@ from conftest import adapter_delta, load_weights, rel_err
 
 import mergekit_tada
 from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.batches import make_batches, tokenizer_for
 from mergekit_tada.errors import TadaError
 from mergekit_tada.probe.calibration import run_calibration
-from mergekit_tada.streaming import make_batches, tokenizer_for
 from mergekit_tada.toy import build_decoder, build_encoder, build_llama, build_lora
 
 PROMPTS = [f"the protein {i} binds the cell receptor and the gene" for i in range(5)]

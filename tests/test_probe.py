@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 
 import mergekit_tada
 from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.batches import make_batches, tokenizer_for
 from mergekit_tada.errors import TadaError
 from mergekit_tada.probe.cache import StatsCache
 from mergekit_tada.probe.calibration import read_prompts, run_calibration
 from mergekit_tada.probe.gates import ProbeTable, gates_from_delta
-from mergekit_tada.streaming import StreamedModel, make_batches, tokenizer_for
+from mergekit_tada.streaming import StreamedModel
 from mergekit_tada.toy import build_decoder, build_llama, build_lora
 
 PROMPTS = [

@@ -172,7 +172,7 @@ def reference_entropy(model_dir: str, adapters: list[str], texts: list[str]) -> 
 
 def our_entropy(variant: str, phi_fn, texts: list[str]) -> tuple[float, dict]:
     from mergekit_tada.adapters import LoraAdapter
-    from mergekit_tada.streaming import make_batches, tokenizer_for
+    from mergekit_tada.batches import make_batches, tokenizer_for
     from mergekit_tada.training.engines import InMemory, load_causal_lm
     from mergekit_tada.training.loop import Task, task_entropy
 
@@ -214,7 +214,7 @@ def test_gradient_matches_finite_differences(work, objective, monkeypatch):
     from transformers.models.llama import modeling_llama
 
     from mergekit_tada.adapters import LoraAdapter
-    from mergekit_tada.streaming import make_batches, tokenizer_for
+    from mergekit_tada.batches import make_batches, tokenizer_for
     from mergekit_tada.training.engines import InMemory, load_causal_lm
 
     adapters = [LoraAdapter("lora-task"), LoraAdapter("lora-domain")]
@@ -387,7 +387,7 @@ def test_diverging_training_names_the_step(tara_work):
 def test_streamed_gradients_equal_in_memory(work):
     """One block at a time, weights re-read: the same psi and d psi / d phi."""
     from mergekit_tada.adapters import LoraAdapter
-    from mergekit_tada.streaming import make_batches, tokenizer_for
+    from mergekit_tada.batches import make_batches, tokenizer_for
     from mergekit_tada.training.engines import InMemory, Streamed, load_causal_lm
 
     cpu = torch.device("cpu")

@@ -140,13 +140,13 @@ class LoraRegMean(FamilyMethod):
             "lora_regmean: its settings and data must be the same for every tensor: "
             "give them as plain values (no gradients or filters)",
         )
-        from mergekit_tada.probe.grams import GRAM_PASS_VERSION, gram_pass
-        from mergekit_tada.streaming import (
+        from mergekit_tada.batches import (
             batches_digest,
             make_batches,
             token_count,
             tokenizer_for,
         )
+        from mergekit_tada.probe.grams import GRAM_PASS_VERSION, gram_pass
 
         merged_weights = None
         if shared["grams"] == "merged":

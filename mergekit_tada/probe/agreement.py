@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.batches import Batch, is_causal_lm
 from mergekit_tada.lowrank import Factored, single_thread
 from mergekit_tada.probe.calibration import ModuleHooks, large_allocations_unmapped
 from mergekit_tada.probe.grams import with_update
-from mergekit_tada.streaming import Batch, StreamedModel, is_causal_lm
+from mergekit_tada.streaming import StreamedModel
 
 GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # every label-tuned scale we measured
 

@@ -15,6 +15,12 @@ from pathlib import Path
 
 import torch
 
+from mergekit_tada.batches import (
+    batches_digest,
+    make_batches,
+    token_count,
+    tokenizer_for,
+)
 from mergekit_tada.cache import ContentCache
 from mergekit_tada.probe.calibration import (
     CALIBRATION_PASS_VERSION,
@@ -24,12 +30,6 @@ from mergekit_tada.probe.calibration import (
     check_statistics,
     read_prompts,
     run_calibration,
-)
-from mergekit_tada.streaming import (
-    batches_digest,
-    make_batches,
-    token_count,
-    tokenizer_for,
 )
 
 LOG = logging.getLogger(__name__)

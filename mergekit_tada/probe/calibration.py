@@ -29,9 +29,11 @@ import torch
 from torch import nn
 
 from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.batches import Batch
+from mergekit_tada.chunks import ChunkOrder
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import frobenius_sq, single_thread
-from mergekit_tada.streaming import Batch, ChunkOrder, StreamedModel
+from mergekit_tada.streaming import StreamedModel
 from mergekit_tada.texts import read_texts
 
 LOG = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ import logging
 import torch
 
 from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.batches import is_causal_lm
 from mergekit_tada.cache import ContentCache
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import seeded, single_thread
 from mergekit_tada.probe.grams import adapter_applied
-from mergekit_tada.streaming import is_causal_lm
 
 LOG = logging.getLogger(__name__)
 

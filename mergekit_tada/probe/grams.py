@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.batches import Batch, token_count
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, right_solve, single_thread
 from mergekit_tada.probe.calibration import (
@@ -37,7 +38,7 @@ from mergekit_tada.probe.calibration import (
     large_allocations_unmapped,
     natural_key,
 )
-from mergekit_tada.streaming import Batch, StreamedModel, token_count
+from mergekit_tada.streaming import StreamedModel
 
 ROWS = 256  # tokens per float32 product (accumulated in float64)
 SLAB = 128  # Gram columns per product: the upper triangle in slabs

@@ -82,12 +82,13 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
     name = method.spec.name
     targets = plan.targets
     data = [i.get("data") for t in targets for i in t.inputs.values()]
-    by_default = any(t.params.get(key) is None for t in targets)
-    if by_default:  # unset where auto is the default: auto given every model's data
-        every = all(d and d != "generate" for d in data)
-        for t in targets:
-            if t.params.get(key) is None:
-                t.params[key] = AUTO if every else 1.0
+    # unset where auto is the default (a scale whose default is None): auto
+    # given every model's data (methods without a global scale have no key)
+    unset = [t for t in targets if key in t.params and t.params[key] is None]
+    by_default = bool(unset)
+    every = all(d and d != "generate" for d in data)
+    for t in unset:
+        t.params[key] = AUTO if every else 1.0
     auto = [t.params.get(key) == AUTO for t in targets]
     if not any(auto):
         if AUTO_DATA in method.spec.parameters and any(data):
@@ -113,8 +114,8 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         f"{name}: {key}: auto, its data and settings must be the same for every "
         "tensor: give them as plain values (no gradients or filters)",
     )
+    from mergekit_tada.batches import is_causal_lm, make_batches, tokenizer_for
     from mergekit_tada.probe.agreement import GRID, agreement_pass
-    from mergekit_tada.streaming import is_causal_lm, make_batches, tokenizer_for
     from mergekit_tada.texts import read_texts
 
     device = torch.device(run.device)

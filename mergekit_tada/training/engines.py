@@ -21,10 +21,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mergekit_tada.batches import Batch
 from mergekit_tada.directions import Directions
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import single_thread
-from mergekit_tada.streaming import Batch, StreamedModel
+from mergekit_tada.streaming import StreamedModel
 from mergekit_tada.training.objective import entropy_sum, objective_value
 
 LOG = logging.getLogger(__name__)

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mergekit_tada.cache import ContentCache
-from mergekit_tada.directions import Directions
-from mergekit_tada.errors import TadaError
-from mergekit_tada.streaming import (
+from mergekit_tada.batches import (
     Batch,
     batches_digest,
     make_batches,
     token_count,
     tokenizer_for,
 )
+from mergekit_tada.cache import ContentCache
+from mergekit_tada.directions import Directions
+from mergekit_tada.errors import TadaError
 from mergekit_tada.texts import read_texts
 from mergekit_tada.training.engines import (
     InMemory,
