@@ -113,8 +113,13 @@ def run_chunks(
         for c in range(1, n):
             task(c)
         return
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         list(pool.map(task, range(1, n)))
+    finally:
+        # on an error (or Ctrl-C) the chunks not started are dropped: every
+        # running chunk waits only on earlier ones, all started or done
+        pool.shutdown(cancel_futures=True)
     if order.repeated:
         raise TadaError(
             f"streamed pass: {what} called a module twice in one forward of a "
