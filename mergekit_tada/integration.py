@@ -16,7 +16,10 @@ the config's ``merge_method`` is ours.
 * ``MergePlanner.plan_tensor``: mergekit 0.1.5 crashes on optional weights
   with aliases (``[name] + aliases`` with a tuple; every BertModel merge);
   aliases are handed over as a tuple that list concatenation accepts. This
-  one applies to every method, stock ones included (tested on MiniLM).
+  one applies to every method, stock ones included (tested on MiniLM). During
+  our runs, an optional weight the base gives only through transformers'
+  conversion (fused MoE experts in a model whose layers differ) is planned,
+  where mergekit would leave it out of the merged model.
 * ``mergekit.merge.get_architecture_info``: during our runs, the base's
   architecture (every LoRA input's): mergekit's inference for an architecture
   without a definition would open each ``base+lora`` input and assert.
@@ -305,6 +308,13 @@ def install() -> None:
             else w
             for w in weights_in
         ]
+        running = current()
+        # mergekit skips an optional weight no input has by name, though the
+        # base gives it through transformers' conversion (a MoE layer's
+        # experts where layers differ): it would be left out
+        if weight.optional and running is not None:
+            if running.plan.base_gives(weight.name):
+                weight = weight.model_copy(update={"optional": False})
         return original_plan_tensor(self, weight, weights_in, models, cfg_reader)
 
     original_is_hf = mergekit.card.is_hf

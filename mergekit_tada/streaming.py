@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +90,59 @@ class _Fused:
         }
 
 
+def conversions_on_load(
+    model: nn.Module, keys: Iterable[str]
+) -> tuple[dict[str, str], dict[str, _Fused]]:
+    """How transformers turns the checkpoint's ``keys`` into ``model``'s weights
+    when it loads it, from its own conversion mapping: renamed weights
+    (gpt_neox's ``embed_out`` is the model's ``lm_head``; legacy
+    ``gamma``/``beta``), model name -> checkpoint key; and fused weights
+    (MoE experts stored one by one, held as one 3-D tensor), each target
+    name -> the converter and the keys it reads, in checkpoint order."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    renamed: dict[str, str] = {}
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for key in sorted(keys, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters)
+        if pattern is not None:
+            groups.setdefault(name, []).append((pattern, key))
+        elif name != key:
+            renamed[name] = key
+    fused: dict[str, _Fused] = {}
+    for first, pairs in groups.items():
+        converter = next(c for c in converters if pairs[0][0] in c.source_patterns)
+        group = _Fused(first, converter, tuple(pairs))
+        for target in converter.target_patterns:  # one-to-many: q, k, v
+            fused[first.replace(converter.target_patterns[0], target)] = group
+    return renamed, fused
+
+
+def renamed_on_load(base_path: str, keys: Iterable[str]) -> dict[str, str]:
+    """Checkpoint key -> the name transformers gives the weight when it loads
+    the base as the class its config names (built on the meta device)."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(base_path)
+    names = config.architectures or []
+    auto = getattr(transformers, names[0], AutoModel) if names else AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config) if auto is AutoModel else auto(config)
+    renamed, _ = conversions_on_load(model, keys)
+    return {key: name for name, key in renamed.items()}
+
+
 class StreamedModel:
     """The base model as a stem in memory and blocks read on demand.
 
@@ -133,7 +186,9 @@ class StreamedModel:
         self.n_layers = config.num_hidden_layers
         self.blocks_name, self.blocks = _block_list(self.root, self.n_layers, self.what)
         self.real_blocks = list(self.blocks)
-        self.renamed, self.fused = self._conversions_on_load()
+        self.renamed, self.fused = conversions_on_load(
+            self.root, self.headers.index.tensor_paths
+        )
         self.prefix = self._checkpoint_prefix()
         self._check_block_weights()
         stem = {
@@ -146,40 +201,6 @@ class StreamedModel:
         self.blocks_return_tuples: bool | None = None  # found by block_inputs
         self.resident_blocks = 0  # for tests: never more than one at a time
         self.max_resident_blocks = 0
-
-    def _conversions_on_load(self) -> tuple[dict[str, str], dict[str, _Fused]]:
-        """How transformers turns the checkpoint's keys into the model's weights
-        when it loads it, from its own conversion mapping: renamed weights
-        (gpt_neox's ``embed_out`` is the model's ``lm_head``; legacy
-        ``gamma``/``beta``), model name -> checkpoint key; and fused weights
-        (MoE experts stored one by one, held as one 3-D tensor), each target
-        name -> the converter and the keys it reads, in checkpoint order."""
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            dot_natural_key,
-            rename_source_key,
-        )
-
-        mapping = get_model_conversion_mapping(self.root)
-        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-        converters = [t for t in mapping if isinstance(t, WeightConverter)]
-        renamed: dict[str, str] = {}
-        groups: dict[str, list[tuple[str, str]]] = {}
-        for key in sorted(self.headers.index.tensor_paths, key=dot_natural_key):
-            name, pattern = rename_source_key(key, renamings, converters)
-            if pattern is not None:
-                groups.setdefault(name, []).append((pattern, key))
-            elif name != key:
-                renamed[name] = key
-        fused: dict[str, _Fused] = {}
-        for first, keys in groups.items():
-            converter = next(c for c in converters if keys[0][0] in c.source_patterns)
-            group = _Fused(first, converter, tuple(keys))
-            for target in converter.target_patterns:  # one-to-many: q, k, v
-                fused[first.replace(converter.target_patterns[0], target)] = group
-        return renamed, fused
 
     def stored(self, key: str) -> str | None:
         """The checkpoint's key for the weight the model calls ``key``

@@ -133,6 +133,12 @@ def test_data_free_adapter_and_full_model(built, arch, tmp_path):
         assert rel_err(written[name], delta) < 1e-5, name
     full = Path(mergekit_tada.merge(cfg, tmp_path / "f", quiet=True))
     merged, base = load_weights(full), load_weights(root / "base")
+    # every weight of the model is written (gpt_neox's embed_out was left out);
+    # MoE experts are written fused, under the model's own names
+    _, info = auto_class(arch).from_pretrained(
+        str(full), dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"], info["missing_keys"]
     for name, delta in expected.items():
         key = next(k for k in merged if strip(k) == name)
         assert rel_err(merged[key].double() - base[key].double(), delta) < 1e-4, name
@@ -427,3 +433,44 @@ def test_chunks_on_several_threads_give_the_same_bits(built, arch, monkeypatch):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert parallel[3] == serial[3]
+
+
+def test_gpt_neox_lm_head_lora(built, tmp_path):
+    """A LoRA on gpt_neox's LM head: PEFT names it lm_head, the checkpoint
+    stores embed_out (transformers renames it on load). Adapter-only, the full
+    model and a streamed method merge it; the written adapter is named as
+    PEFT's and its merge is the written model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = built(next(a for a in ARCHS if a.model_type == "gpt_neox"))
+    targets = ("query_key_value", "lm_head")
+    for name, seed in (("head-a", 1), ("head-b", 2)):
+        build_lora(root / "base", tmp_path / name, r=2, seed=seed, targets=targets)
+    cfg = config(root, "lora_task_arithmetic", lossless=True)
+    for model, name in zip(cfg["models"], ("head-a", "head-b"), strict=True):
+        model["model"] = f"{root / 'base'}+{tmp_path / name}"
+    expected = sum(
+        adapter_delta(tmp_path / n)["lm_head.weight"] for n in ("head-a", "head-b")
+    )
+    full = Path(mergekit_tada.merge(cfg, tmp_path / "f", quiet=True))
+    assert rel_err(adapter_delta(full / "adapter")["lm_head.weight"], expected) < 1e-5
+    merged, base = load_weights(full), load_weights(root / "base")
+    assert set(merged) == set(base)
+    assert (
+        rel_err(merged["embed_out.weight"] - base["embed_out.weight"], expected) < 1e-4
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(root / "base"), dtype=torch.float32
+    )
+    peft = PeftModel.from_pretrained(model, str(full / "adapter")).merge_and_unload()
+    assert torch.allclose(
+        peft.state_dict()["lm_head.weight"], merged["embed_out.weight"], atol=1e-5
+    )
+    cfg = config(
+        root, "lora_regmean", data=str(root / "p.txt"), cache_dir=str(tmp_path)
+    )
+    for model, name in zip(cfg["models"], ("head-a", "head-b"), strict=True):
+        model["model"] = f"{root / 'base'}+{tmp_path / name}"
+    out = Path(mergekit_tada.merge(cfg, tmp_path / "r", adapter_only=True, quiet=True))
+    assert "lm_head.weight" in adapter_delta(out / "adapter")

@@ -11,6 +11,8 @@ for NaN/Inf. No tensor is read beyond headers and the adapters' factors.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -354,6 +356,7 @@ class MergePlan:
             ) from None
         plans = {}
         capped: list[tuple[str, int, int]] = []
+        renamed = self._renamed_modules(planned)
         for tensor in planned:
             sources = {}
             for label, names in tensor.input_names.items():
@@ -361,10 +364,15 @@ class MergePlan:
                 candidates = [
                     n.removesuffix(".weight") for n in names if n.endswith(".weight")
                 ]
+                candidates += [renamed[c] for c in candidates if c in renamed]
                 sources[label] = next((m for m in candidates if m in modules), None)
+            # written under the adapters' name for it (PEFT's, which transformers
+            # may rename from the checkpoint's: gpt_neox's embed_out is lm_head)
+            named = {m for m in sources.values() if m}
+            module = tensor.name.removesuffix(".weight")
             plans[tensor.name] = TensorPlan(
                 out_name=tensor.name,
-                module=tensor.name.removesuffix(".weight"),
+                module=named.pop() if len(named) == 1 else module,
                 base_names=tensor.base_names,
                 sources=sources,
                 params=tensor.params,
@@ -384,6 +392,44 @@ class MergePlan:
                 largest,
             )
         return plans
+
+    def base_gives(self, name: str) -> bool:
+        """Whether mergekit's loader gets weight ``name`` from the base's
+        checkpoint, by name or through transformers' conversion (MoE experts
+        stored one by one)."""
+        from mergekit.architecture.conversion import can_convert_checkpoint_keys
+
+        return can_convert_checkpoint_keys(*self._base_layout, name)
+
+    @functools.cached_property
+    def _base_layout(self) -> tuple[str | None, set[str]]:
+        with open(os.path.join(self.base_path, "config.json"), encoding="utf-8") as fh:
+            model_type = json.load(fh).get("model_type")
+        return model_type, set(self.headers.index.tensor_paths)
+
+    def _renamed_modules(self, planned) -> dict[str, str]:
+        """Checkpoint module -> the name transformers, and so PEFT, gives it on
+        load, where they differ (gpt_neox's ``embed_out`` is ``lm_head``):
+        looked up only when an adapter names a module no planned tensor has."""
+        names = {
+            n.removesuffix(".weight")
+            for t in planned
+            for ns in t.input_names.values()
+            for n in ns
+        }
+        if all(m in names for a in self.adapters.values() for m in a.modules):
+            return {}
+        from mergekit_tada.streaming import renamed_on_load
+
+        try:
+            renamed = renamed_on_load(self.base_path, self.headers.index.tensor_paths)
+        except (OSError, ValueError, KeyError):  # no config transformers reads
+            return {}
+        return {
+            key.removesuffix(".weight"): name.removesuffix(".weight")
+            for key, name in renamed.items()
+            if key.endswith(".weight") and name.endswith(".weight")
+        }
 
     def _capped_rank(
         self,

@@ -53,7 +53,36 @@ def base_architecture(config: Any, options: Any) -> Any:
         required = [w for w in found.all_weights(hf_config) if not w.optional]
         if all({w.name, *(w.aliases or ())} & present for w in required):
             return found
-    return infer_architecture_info((base,), base, options)
+    inferred = infer_architecture_info((base,), base, options)
+    return _checkpoint_names(inferred, base.model.path)
+
+
+def _checkpoint_names(arch: Any, base_path: str) -> Any:
+    """mergekit infers the weights' names from transformers' model, which
+    renames some checkpoint keys on load (gpt_neox's ``embed_out`` is its
+    ``lm_head``): such a weight is absent from the checkpoint, taken for
+    optional, and left out of the merged model. Each gets the checkpoint's
+    name (the model's an alias), as the base has it."""
+    from mergekit_tada.loading import HeaderIndex
+    from mergekit_tada.streaming import renamed_on_load
+
+    keys = HeaderIndex(base_path).index.tensor_paths
+    to_checkpoint = {
+        name: key for key, name in renamed_on_load(base_path, keys).items()
+    }
+    for module in arch.modules.values():
+        definition = module.architecture.definition
+        for weights in (definition.pre_weights, definition.post_weights):
+            for i, w in enumerate(weights):
+                if w.name in to_checkpoint:
+                    weights[i] = w.model_copy(
+                        update={
+                            "name": to_checkpoint[w.name],
+                            "aliases": (w.name, *(w.aliases or ())),
+                            "optional": False,
+                        }
+                    )
+    return arch
 
 
 def with_mergekit(plan: MergePlan) -> list[PlannedTensor]:
