@@ -367,12 +367,16 @@ class MergePlan:
                 candidates += [renamed[c] for c in candidates if c in renamed]
                 sources[label] = next((m for m in candidates if m in modules), None)
             # written under the adapters' name for it (PEFT's, which transformers
-            # may rename from the checkpoint's: gpt_neox's embed_out is lm_head)
-            named = {m for m in sources.values() if m}
+            # may rename from the checkpoint's: gpt_neox's embed_out is lm_head),
+            # unless slices renumber it (output layer 1 from input layer 2)
             module = tensor.name.removesuffix(".weight")
+            named = {m for m in sources.values() if m}
+            primary = {ns[0] for ns in tensor.input_names.values() if ns}
+            if len(named) == 1 and primary == {tensor.name}:
+                module = named.pop()
             plans[tensor.name] = TensorPlan(
                 out_name=tensor.name,
-                module=named.pop() if len(named) == 1 else module,
+                module=module,
                 base_names=tensor.base_names,
                 sources=sources,
                 params=tensor.params,
@@ -411,13 +415,10 @@ class MergePlan:
         """Checkpoint module -> the name transformers, and so PEFT, gives it on
         load, where they differ (gpt_neox's ``embed_out`` is ``lm_head``):
         looked up only when an adapter names a module no planned tensor has."""
-        names = {
-            n.removesuffix(".weight")
-            for t in planned
-            for ns in t.input_names.values()
-            for n in ns
-        }
-        if all(m in names for a in self.adapters.values() for m in a.modules):
+        names = {n for t in planned for ns in t.input_names.values() for n in ns}
+        if all(
+            f"{m}.weight" in names for a in self.adapters.values() for m in a.modules
+        ):
             return {}
         from mergekit_tada.streaming import renamed_on_load
 
