@@ -274,6 +274,19 @@ def test_lambda_auto_against_plain_forwards(built, arch, tmp_path):
     assert_chose_the_best(auto, one, expected, "lambda")
 
 
+def test_response_objective_on_an_encoder_is_one_line(built, tmp_path):
+    """An encoder writes no next token: auto_objective: response is refused
+    before any merge, in one line, and no output is left."""
+    from mergekit_tada.errors import TadaError
+
+    root = built(next(a for a in STREAMED if a.kind == "encoder"))
+    cfg = config(root, "lora_task_arithmetic", data=str(root / "p.txt"))
+    cfg["parameters"].update({"lambda": "auto", "auto_objective": "response"})
+    with pytest.raises(TadaError, match=r"auto_objective: response .*not a causal LM"):
+        mergekit_tada.merge(cfg, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "arch", [a for a in STREAMED if a.kind != "encoder"], ids=lambda a: a.model_type
 )

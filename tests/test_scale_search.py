@@ -4,6 +4,7 @@ update for each candidate), one unpadded prompt at a time, the objective
 written from its definition (KL of next-token distributions)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,11 @@ import mergekit_tada
 from mergekit_tada.errors import TadaError
 from mergekit_tada.probe.agreement import GRID
 
-PROMPTS = {
-    "lora-task": [f"question {i}: which of these is a cat or a dog?" for i in range(7)],
+PROMPTS = {  # of several lengths: batches are padded
+    "lora-task": [
+        f"question {i}: which of these is a cat or a dog?" + " or a bird" * (i % 3)
+        for i in range(7)
+    ],
     "lora-domain": [
         f"entry {i}. the enzyme binds the substrate at pH {i}" for i in range(5)
     ],
@@ -32,12 +36,17 @@ def with_data(config: dict) -> dict:
     return config
 
 
-def agreement(base, own_texts: dict, merged: dict, scales, causal=True) -> dict:
+def agreement(
+    base, own_texts: dict, merged: dict, scales, causal=True, response=False
+) -> dict:
     """The objective from its definition, mean over models t: with ``causal``
     the mean over t's tokens of KL(p_t || p_c), else ||H_c - H_t||^2 /
-    ||H_t||^2 over the final hidden states; model t = PEFT's merge_and_unload
-    of adapter t (``own_texts``: adapter folder -> its prompts), model c = the
-    base plus c times ``merged`` (weight name -> dense update at scale 1)."""
+    ||H_t||^2 over the final hidden states; with ``response`` (a causal LM)
+    (share of t's prompts whose top next token after the prompt is the same
+    under c as under t, mean KL(p_t || p_c) there); model t = PEFT's
+    merge_and_unload of adapter t (``own_texts``: adapter folder -> its
+    prompts), model c = the base plus c times ``merged`` (weight name -> dense
+    update at scale 1)."""
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -58,10 +67,12 @@ def agreement(base, own_texts: dict, merged: dict, scales, causal=True) -> dict:
     def output(m, ids):
         out = m(**ids)
         if causal:
-            return torch.log_softmax(out.logits[0].double(), -1)
+            logp = torch.log_softmax(out.logits[0].double(), -1)
+            return logp[-1:] if response else logp
         return out.last_hidden_state[0].double()
 
     result = dict.fromkeys(scales, 0.0)
+    agreed = dict.fromkeys(scales, 0.0)
     for adapter, texts in own_texts.items():
         own = auto.from_pretrained(str(base), dtype=torch.float32)
         own = PeftModel.from_pretrained(own, str(adapter)).merge_and_unload().eval()
@@ -74,13 +85,17 @@ def agreement(base, own_texts: dict, merged: dict, scales, causal=True) -> dict:
             norm = sum(r.shape[0] if causal else float(r.square().sum()) for r in ref)
             for c in scales:
                 model.load_state_dict({k: W0[k] + c * update.get(k, 0) for k in W0})
-                total = 0.0
+                total = same = 0.0
                 for i, p in zip(ids, ref, strict=True):
                     q = output(model, i)
                     total += float(
                         (p.exp() * (p - q)).sum() if causal else (q - p).square().sum()
                     )
+                    same += float(p.argmax() == q.argmax())
                 result[c] += total / norm / len(own_texts)
+                agreed[c] += same / norm / len(own_texts)
+    if response:
+        return {c: (agreed[c], result[c]) for c in scales}
     return result
 
 
@@ -91,8 +106,17 @@ def assert_chose_the_best(out: Path, one: dict, expected: dict, key: str) -> Non
         "scale_search"
     ]
     for c, value in expected.items():
-        assert abs(search["candidates"][str(c)] / value - 1) < 1e-3, c
-    assert search["chosen"] == min(expected, key=lambda c: expected[c])
+        got = search["candidates"][str(c)]
+        if isinstance(value, tuple):  # response: (agreement, KL)
+            assert abs(got["agreement"] - value[0]) < 1e-6, c
+            got, value = got["kl"], value[1]
+        assert abs(got - value) <= 1e-3 * abs(value) + 1e-9, c  # KL 0: rounding
+
+    def rank(c: float):
+        value = expected[c]
+        return (-value[0], value[1]) if isinstance(value, tuple) else value
+
+    assert search["chosen"] == min(expected, key=rank)
     assert search["key"] == key
     chosen = adapter_delta(out / "adapter")
     for name, delta in one.items():
@@ -113,6 +137,57 @@ def test_lambda_auto_scores_every_candidate_and_writes_the_best(three, method, k
     assert_chose_the_best(auto, one, expected, key)
     report = json.loads((auto / "merge_report.json").read_text())["training"]
     assert report["scale_search"]["objective"] == "kl"
+
+
+def peaked_base() -> None:
+    """./base as a copy whose next tokens have a clear favourite (the final
+    norm x 30): a random tiny model's distributions are nearly flat, and any
+    update changes their top token."""
+    from safetensors.torch import load_file, save_file
+
+    source = Path("base").resolve()
+    Path("base").unlink()
+    shutil.copytree(source, "base")
+    path = Path("base/model.safetensors")
+    weights = load_file(path)
+    weights["model.norm.weight"] *= 30
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def test_lambda_auto_on_the_response(work):
+    """auto_objective: response: at each prompt's end only, the share of
+    prompts whose top next token is model t's, then the KL there. Two copies
+    of one adapter: the merge at 1/2 is each model, and agrees on every
+    prompt; elsewhere the top tokens differ on some."""
+    peaked_base()
+    shutil.copytree("lora-task", "lora-copy")
+    texts = {"lora-task": PROMPTS["lora-task"], "lora-copy": PROMPTS["lora-domain"]}
+    models = []
+    for name, lines in texts.items():
+        Path(f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        models.append(
+            {"model": f"./base+./{name}", "parameters": {"data": f"{name}.txt"}}
+        )
+    config = {
+        "merge_method": "lora_task_arithmetic",
+        "base_model": "./base",
+        "models": models,
+        "parameters": {"lambda": "auto", "auto_objective": "response", "rank": 8},
+        "dtype": "float32",
+    }
+    auto = Path(mergekit_tada.merge(config, "auto", quiet=True, adapter_only=True))
+    config["parameters"]["lambda"] = 1.0
+    one = adapter_delta(
+        Path(mergekit_tada.merge(config, "one", quiet=True)) / "adapter"
+    )
+    expected = agreement("base", texts, one, GRID, response=True)
+    assert expected[0.5][0] == 1.0
+    assert min(v[0] for v in expected.values()) < 0.5  # the agreement decides
+    assert_chose_the_best(auto, one, expected, "lambda")
+    search = json.loads((auto / "merge_report.json").read_text())["training"][
+        "scale_search"
+    ]
+    assert search["objective"] == "response" and search["chosen"] == 0.5
 
 
 def test_lambda_auto_with_regmean(work):

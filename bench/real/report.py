@@ -104,18 +104,38 @@ def multitask_table(per_seed: dict) -> tuple[list[str], dict]:
     return lines, summary
 
 
+def normalised_accuracy(seed: dict, results: dict) -> float:
+    """Mean over tasks of the accuracy over the adapter's own, in %, one seed."""
+    alone = seed[ALONE]["default"]
+    return 100 * statistics.mean(
+        accuracy(results[t]) / max(accuracy(alone[t]), 1e-9) for t in alone
+    )
+
+
+def scored_at(seed: dict, rule: str, auto: str, scale: float) -> float | None:
+    """``rule``'s normalised accuracy at the absolute ``scale`` where the bench
+    scored it (its c = 1 and label-tuned rows; the ``auto`` row's choice and
+    its label-tuned multiple of it), else None."""
+    plain, searched = seed[rule], seed[auto]
+    for at, results in (
+        (1.0, plain["default"]),
+        (plain["scale"], plain["tuned"]),
+        (searched["auto"], searched["default"]),
+        (searched["auto"] * searched["scale"], searched["tuned"]),
+    ):
+        if at == scale:
+            return normalised_accuracy(seed, results)
+    return None
+
+
 def per_seed_table(per_seed: dict, rows: list[str]) -> list[str]:
     """Multi-task ``rows`` seed by seed: normalised accuracy as written (c = 1),
     label-tuned, the label-tuned multiplier c* and ``lambda: auto``'s choice:
     what "better on every seed" is read from."""
     seeds = sorted(per_seed)
-    tasks = list(per_seed[seeds[0]][ALONE]["default"])
 
     def normalised(seed, results):
-        alone = per_seed[seed][ALONE]["default"]
-        return 100 * statistics.mean(
-            accuracy(results[t]) / max(accuracy(alone[t]), 1e-9) for t in tasks
-        )
+        return normalised_accuracy(per_seed[seed], results)
 
     lines = [
         "| method | "

@@ -334,6 +334,14 @@ AUTO_DATA = Param("data", str | None, NON_BASE, None, "prompts file (lambda: aut
 AUTO_SETTINGS = (
     Param("auto_samples", int, SHARED, 16, "prompts per model read by lambda: auto"),
     Param("auto_max_length", int, SHARED, 128, "tokens per prompt for lambda: auto"),
+    Param(
+        "auto_objective",
+        Literal["tokens", "response"],
+        SHARED,
+        "tokens",
+        "what lambda: auto compares: every token of the prompts, or (causal LM) "
+        "the next token after each",
+    ),
 )
 DENSITY = Param("density", float, NON_BASE, 1.0, "fraction of entries kept")
 SPACE = Param("space", str, SHARED, "full", "full | core: where the rule decides")

@@ -8,13 +8,18 @@ of model t's prompts is streamed once as model t (base + dW_t) and once per
 candidate as base + c dW* (chunks and candidates side by side through every
 block). The objective, per model on its own prompts, then averaged over models:
 
-* a causal LM: the mean over tokens of KL(p_t || p_c), model t's next-token
-  distribution against the merged model's (self-distillation);
-* an encoder: ||H_c - H_t||^2 / ||H_t||^2 over the final hidden states (what
-  a task head reads).
+* ``tokens``, a causal LM: the mean over tokens of KL(p_t || p_c), model t's
+  next-token distribution against the merged model's (self-distillation);
+* ``tokens``, an encoder: ||H_c - H_t||^2 / ||H_t||^2 over the final hidden
+  states (what a task head reads);
+* ``response``, a causal LM: at the end of each prompt only, where the answer
+  begins (what an adapter trained on answers learned): the share of prompts
+  whose most likely next token under the merge is model t's, ties broken by
+  the mean KL(p_t || p_c) there.
 
-The smallest objective wins (ties: the earlier candidate). Runs on one thread,
-as the other passes: the choice must not depend on the thread count.
+Each candidate's value is a tuple, the smallest wins (ties: the earlier
+candidate). Runs on one thread, as the other passes: the choice must not
+depend on the thread count.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from mergekit_tada.probe.grams import with_update
 from mergekit_tada.streaming import StreamedModel
 
 GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # every label-tuned scale we measured
+OBJECTIVES = ("tokens", "response")
 
 
 class _Variants(ModuleHooks):
@@ -72,13 +78,16 @@ def agreement_pass(
     merged: dict[str, Factored],
     scales: Sequence[float] = GRID,
     *,
+    objective: str = "tokens",
     device: str | torch.device = "cpu",
     quiet: bool = False,
-) -> dict[float, float]:
-    """The objective (module docstring) at every scale, for the merged update
-    ``merged`` (module -> dW* at scale 1, factored)."""
+) -> dict[float, tuple[float, ...]]:
+    """The ``objective`` (module docstring) at every scale, for the merged
+    update ``merged`` (module -> dW* at scale 1, factored): (value,) for
+    ``tokens``, (-agreement, KL) for ``response``."""
     device = torch.device(device)
     causal = is_causal_lm(base_path)
+    response = objective == "response"  # a causal LM's (checked by the caller)
     model = StreamedModel(
         base_path,
         device,
@@ -97,6 +106,7 @@ def agreement_pass(
         hooks.state.owner, hooks.state.scale = chunks[c][0], v
 
     sums = {t: [0.0] * len(scales) for t in batches}
+    agree = {t: [0.0] * len(scales) for t in batches}
     norms = dict.fromkeys(batches, 0.0)
     with single_thread(device), torch.inference_mode():
         records = model.block_inputs([b for _, b in chunks])
@@ -125,20 +135,33 @@ def agreement_pass(
                     before(i)
                     out = model.tail(batch, finals[i], head=causal)
                     finals[i] = None  # freed as it is used
-                    rows = (out.logits if causal else out.last_hidden_state)[mask]
+                    states = out.logits if causal else out.last_hidden_state
+                    if response:  # each prompt's last token (right padding)
+                        last = mask.sum(1) - 1
+                        rows = states[torch.arange(len(last), device=device), last]
+                    else:
+                        rows = states[mask]
                     rows = rows.double()
                     if causal:
                         rows = torch.log_softmax(rows, -1)
                     if reference is None:
                         reference = rows
-                        norms[t] += float(mask.sum() if causal else rows.square().sum())
+                        norms[t] += float(
+                            rows.square().sum() if not causal else len(rows)
+                        )
                     elif causal:  # KL(p_t || p_c) summed over tokens
                         sums[t][v - 1] += float(
                             (reference.exp() * (reference - rows)).sum()
                         )
+                        same = reference.argmax(-1) == rows.argmax(-1)
+                        agree[t][v - 1] += float(same.sum())
                     else:
                         sums[t][v - 1] += float((rows - reference).square().sum())
+
+    def mean(totals: dict, k: int) -> float:
+        return sum(totals[t][k] / norms[t] for t in batches) / len(batches)
+
     return {
-        scale: sum(sums[t][k] / norms[t] for t in batches) / len(batches)
+        scale: (-mean(agree, k), mean(sums, k)) if response else (mean(sums, k),)
         for k, scale in enumerate(scales)
     }

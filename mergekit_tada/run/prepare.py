@@ -105,7 +105,10 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
     settings, data = same_for_every_tensor(
         [
             (
-                {k: t.params[k] for k in ("auto_samples", "auto_max_length")},
+                {
+                    k: t.params[k]
+                    for k in ("auto_samples", "auto_max_length", "auto_objective")
+                },
                 {label: i["data"] for label, i in t.inputs.items()},
             )
             for t in targets
@@ -118,6 +121,14 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
     from mergekit_tada.probe.agreement import GRID, agreement_pass
     from mergekit_tada.texts import read_texts
 
+    causal = is_causal_lm(run.base_path)
+    objective = settings["auto_objective"]
+    if objective == "response" and not causal:
+        raise TadaError(
+            f"{name}: auto_objective: response reads the next token after each "
+            f"prompt, and the base {run.base_path} is not a causal LM: use "
+            "auto_objective: tokens"
+        )
     device = torch.device(run.device)
     merged = {}
     for target in targets:
@@ -146,6 +157,7 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         run.adapters,
         merged,
         GRID,
+        objective=objective,
         device=device,
         quiet=run.quiet,
     )
@@ -156,13 +168,27 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         "key": key,
         "chosen": chosen,
         "by_default": by_default,  # key unset: auto because every model has data
-        "objective": "kl" if is_causal_lm(run.base_path) else "hidden_states",
-        "candidates": {str(c): float(f"{scores[c]:.6g}") for c in GRID},
+        # kl: every token's (causal LM), hidden_states (encoder), response:
+        # the next token after each prompt (agreement, then KL)
+        "objective": {"tokens": "kl" if causal else "hidden_states"}.get(
+            objective, objective
+        ),
+        "candidates": {str(c): _rounded(scores[c], objective) for c in GRID},
         "prompts": {
             label: sum(len(b.input_ids) for b in bs) for label, bs in batches.items()
         },
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _rounded(value: tuple[float, ...], objective: str) -> float | dict:
+    """A candidate's objective as the report gives it."""
+    if objective == "response":
+        return {
+            "agreement": float(f"{-value[0]:.6g}"),
+            "kl": float(f"{value[1]:.6g}"),
+        }
+    return float(f"{value[0]:.6g}")
 
 
 def _calibrate(
