@@ -37,7 +37,6 @@ from mergekit_tada.probe.grams import with_update
 from mergekit_tada.streaming import StreamedModel
 
 GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # every label-tuned scale we measured
-OBJECTIVES = ("tokens", "response")
 
 
 class _Variants(ModuleHooks):
@@ -146,9 +145,7 @@ def agreement_pass(
                         rows = torch.log_softmax(rows, -1)
                     if reference is None:
                         reference = rows
-                        norms[t] += float(
-                            rows.square().sum() if not causal else len(rows)
-                        )
+                        norms[t] += float(len(rows) if causal else rows.square().sum())
                     elif causal:  # KL(p_t || p_c) summed over tokens
                         sums[t][v - 1] += float(
                             (reference.exp() * (reference - rows)).sum()
