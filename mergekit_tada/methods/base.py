@@ -309,23 +309,17 @@ def scale_param(key: str = "lambda", auto_by_default: bool = False) -> Param:
     """A rule's global scale: a number, or ``auto``. ``auto_by_default``: unset,
     it is ``auto`` where every model gives ``data`` and 1 otherwise (resolved
     in run/prepare.py), for the rules whose evidence asked for it."""
+    value_type, default, unset = float | Literal["auto"], 1.0, ""
     if auto_by_default:
-        return Param(
-            key,
-            float | Literal["auto"] | None,
-            SHARED,
-            None,
-            "global scale, or auto: chosen where the merge agrees best with each "
-            "model on its own prompts (data); unset: auto where every model has "
-            "data, else 1",
-        )
+        value_type, default = value_type | None, None
+        unset = "; unset: auto where every model has data, else 1"
     return Param(
         key,
-        float | Literal["auto"],
+        value_type,
         SHARED,
-        1.0,
+        default,
         "global scale, or auto: chosen where the merge agrees best with each "
-        "model on its own prompts (data)",
+        f"model on its own prompts (data){unset}",
     )
 
 

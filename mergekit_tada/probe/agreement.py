@@ -150,8 +150,9 @@ def agreement_pass(
                         sums[t][v - 1] += float(
                             (reference.exp() * (reference - rows)).sum()
                         )
-                        same = reference.argmax(-1) == rows.argmax(-1)
-                        agree[t][v - 1] += float(same.sum())
+                        if response:
+                            same = reference.argmax(-1) == rows.argmax(-1)
+                            agree[t][v - 1] += float(same.sum())
                     else:
                         sums[t][v - 1] += float((rows - reference).square().sum())
 
