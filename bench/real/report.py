@@ -133,10 +133,6 @@ def per_seed_table(per_seed: dict, rows: list[str]) -> list[str]:
     label-tuned, the label-tuned multiplier c* and ``lambda: auto``'s choice:
     what "better on every seed" is read from."""
     seeds = sorted(per_seed)
-
-    def normalised(seed, results):
-        return normalised_accuracy(per_seed[seed], results)
-
     lines = [
         "| method | "
         + " | ".join(f"seed {s}: c = 1 / tuned (c*, auto)" for s in seeds)
@@ -152,7 +148,7 @@ def per_seed_table(per_seed: dict, rows: list[str]) -> list[str]:
                 continue
             auto = f", auto {r['auto']:g}" if "auto" in r else ""
             cells.append(
-                f"{normalised(s, r['default']):.1f} / {normalised(s, r['tuned']):.1f}"
+                f"{normalised_accuracy(per_seed[s], r['default']):.1f} / {normalised_accuracy(per_seed[s], r['tuned']):.1f}"
                 f" ({r['scale']:g}{auto})"
             )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")

@@ -129,10 +129,11 @@ STATE_OF_THE_ART |= {
     )
     for method, shared, keys in [STATE_OF_THE_ART[name]]
 }
+_method, _shared, _keys = STATE_OF_THE_ART["task arithmetic auto response"]
 STATE_OF_THE_ART["task arithmetic auto response 64"] = (
-    "lora_task_arithmetic",
-    {"lambda": "auto", "auto_objective": "response", "auto_samples": 64},
-    ("data",),
+    _method,
+    {**_shared, "auto_samples": 64},
+    _keys,
 )
 
 

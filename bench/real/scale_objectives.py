@@ -40,9 +40,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "bench/real"))
+from evaluate import adapter_updates  # noqa: E402
 from report import scored_at  # noqa: E402
 
-from mergekit_tada.adapters import LoraAdapter  # noqa: E402
 from mergekit_tada.probe.agreement import GRID  # noqa: E402
 
 TASKS = ("wn_noun", "wn_verb", "fortune", "debian", "foldoc")
@@ -170,16 +170,6 @@ class Updated:
         with torch.no_grad():
             return self.forward(texts)
 
-    def dense(self, folder: Path) -> dict[str, torch.Tensor]:
-        """A PEFT folder's update B A per weight (float64)."""
-        adapter = LoraAdapter(folder)
-        out = {}
-        for m in adapter.modules:
-            f = adapter.factors(m)
-            key = m + ".weight"  # MiniLM's state dict has no "bert." prefix
-            out[key if key in self.w0 else key.split(".", 1)[1]] = (f.B @ f.A).double()
-        return out
-
 
 def values_at_grid(
     model: Updated, objectives: Objectives, at_one: dict, texts: dict, own: dict
@@ -216,14 +206,14 @@ def main() -> None:
         updated = Updated(model, forward)
         texts = {t: prompts(root, t, held_out)[:count] for t in TASKS}
         own = {
-            t: updated.run(updated.dense(root / f"lora-{t}"), texts[t]) for t in TASKS
+            t: updated.run(adapter_updates(root / f"lora-{t}"), texts[t]) for t in TASKS
         }
         for folder, (rule, auto) in RULES.items():
             merge = root / f"merges/{folder}"
             report = json.loads((merge / "merge_report.json").read_text())
             chosen = report["training"]["scale_search"]["chosen"]
             at_one = {
-                k: v / chosen for k, v in updated.dense(merge / "adapter").items()
+                k: v / chosen for k, v in adapter_updates(merge / "adapter").items()
             }
             values = values_at_grid(updated, objectives, at_one, texts, own)
             print(
