@@ -29,6 +29,11 @@ from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 
 
+class EndOfRun(Exception):
+    """Raised by a hook to end a chunk's forward through a block whose outputs
+    are dropped (:meth:`StreamedModel.forward_blocks`): the rest is not needed."""
+
+
 class _Recorder(nn.Module):
     """Stands in for block i: keeps the block's kwargs, passes hidden states on
     (as a 1-tuple where the model reads ``block(...)[0]``, as Falcon does)."""
@@ -370,7 +375,9 @@ class StreamedModel:
         ``restream(layer, prefix)`` every chunk runs through the block a second
         time, wrapped by it, after ``attach``'s run has closed: that run's
         outputs are the next block's inputs (RegMean++: the first run reads the
-        models' own blocks, the second the merged block). Runs in the caller's
+        models' own blocks, the second the merged block); a hook of the first
+        run may end a chunk's forward early by raising :class:`EndOfRun` once
+        it has all it reads. Runs in the caller's
         grad mode. With ``order`` (hooks that add to shared sums in its turns,
         or none), up to ``self.workers`` chunks run a block at once, each on
         one torch thread (:func:`mergekit_tada.chunks.run_chunks`).
@@ -390,7 +397,12 @@ class StreamedModel:
                         if before_chunk:
                             before_chunk(c)
                         _, args, kwargs = records[c][i]
-                        out = layer(boundaries[c][-1], *args, **kwargs)
+                        try:
+                            out = layer(boundaries[c][-1], *args, **kwargs)
+                        except EndOfRun:
+                            if last:
+                                raise
+                            return
                         out = out[0] if isinstance(out, tuple) else out
                         if last:
                             boundaries[c] = [*boundaries[c], out] if keep_all else [out]

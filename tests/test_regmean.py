@@ -190,6 +190,47 @@ def test_lora_regmean_plusplus_against_the_papers_loop(work, weights):
     assert report["grams"] == "merged"
 
 
+def test_regmean_plusplus_skips_what_it_does_not_read(work, monkeypatch):
+    """RegMean++'s run of each model's block (outputs dropped) ends once every
+    LoRA'd module of the block has read its input: the block's last linear
+    (down_proj, 64 inputs on the toy) computes there for chunk 0 only (which
+    learns the block's calls), and for every chunk in the merged block's run.
+    The R_t are the bits of the whole forward."""
+    from mergekit_tada.adapters import LoraAdapter
+    from mergekit_tada.batches import make_batches, tokenizer_for
+    from mergekit_tada.probe import grams
+
+    adapters = {n: LoraAdapter(n) for n in PROMPTS}
+    batches = {
+        n: make_batches(tokenizer_for("base"), t, 64, 4) for n, t in PROMPTS.items()
+    }
+    chunks = sum(len(b) for b in batches.values())
+    weights = {(t, m): 0.5 for t, a in adapters.items() for m in a.modules}
+    calls = []
+
+    def count(module, _inputs, _output):
+        if isinstance(module, torch.nn.Linear) and module.in_features == 64:
+            calls.append(module)
+
+    def run() -> dict:
+        calls.clear()
+        handle = torch.nn.modules.module.register_module_forward_hook(count)
+        try:
+            return grams.gram_pass(
+                "base", batches, adapters, 0.9, True, merged_weights=weights, quiet=True
+            )
+        finally:
+            handle.remove()
+
+    early = run()
+    assert chunks == 6 and len(calls) == 3 * (1 + chunks)  # 3 blocks
+    monkeypatch.setattr(grams._Accumulator, "_all_read", lambda self, module: False)
+    whole = run()
+    assert len(calls) == 3 * 2 * chunks
+    assert early.keys() == whole.keys()
+    assert all(torch.equal(early[k], whole[k]) for k in early)
+
+
 def test_lora_regmean_base_grams_and_weights(work):
     data = {
         "lora-task": (

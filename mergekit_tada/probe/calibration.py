@@ -129,7 +129,8 @@ class ModuleHooks:
     ``targets``: module -> labels of the adapters that update it; ``mask``: the
     valid tokens of the chunk this thread runs (``state``: per thread, as
     several chunks run a block at once). A hook adds to a sum shared by chunks
-    inside ``order.turn``, so in chunk order. Subclasses write ``hook(name)``.
+    inside ``order.turn``, so in chunk order. Subclasses write ``hook(name)``
+    (after the module computes) or ``pre_hook(name)`` (before).
     """
 
     def __init__(self, adapters: dict[str, LoraAdapter], device) -> None:
@@ -151,7 +152,13 @@ class ModuleHooks:
         self.state.mask = value
 
     def hook(self, module_name: str):
-        raise NotImplementedError
+        """The module's forward hook (None: none)."""
+        return None
+
+    def pre_hook(self, module_name: str):
+        """The module's forward pre-hook, run on its inputs before it computes
+        (None: none)."""
+        return None
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """A module's input or output as token rows, the chunk's padding left out
@@ -165,11 +172,14 @@ class ModuleHooks:
 
     @contextlib.contextmanager
     def attached(self, named) -> Iterator[None]:
-        handles = [
-            m.register_forward_hook(self.hook(name))
-            for name, m in named
-            if name in self.targets
-        ]
+        handles = []
+        for name, m in named:
+            if name not in self.targets:
+                continue
+            if (pre := self.pre_hook(name)) is not None:
+                handles.append(m.register_forward_pre_hook(pre))
+            if (post := self.hook(name)) is not None:
+                handles.append(m.register_forward_hook(post))
         try:
             yield
         finally:

@@ -38,7 +38,7 @@ from mergekit_tada.probe.calibration import (
     large_allocations_unmapped,
     natural_key,
 )
-from mergekit_tada.streaming import StreamedModel
+from mergekit_tada.streaming import EndOfRun, StreamedModel
 
 ROWS = 256  # tokens per float32 product (accumulated in float64)
 SLAB = 128  # Gram columns per product: the upper triangle in slabs
@@ -151,8 +151,17 @@ def reduce(
 
 
 class _Accumulator(ModuleHooks):
-    """Forward hooks that sum each module's input Gram per chunk's model and,
-    with ``apply``, add that model's update to the module's output."""
+    """Pre-hooks that sum each module's input Gram per chunk's model and, with
+    ``apply``, hooks that add that model's update to the module's output.
+
+    With ``drop_rest`` (the block's outputs are dropped: RegMean++'s run of
+    each model's block) a chunk's forward ends as soon as every hooked module
+    of the block has read its input (:class:`EndOfRun`): the last module (the
+    MLP's down projection) and what follows are not computed. Only where chunk
+    0 called each hooked module of the block exactly once, so that nothing is
+    left to read once all have been (a block whose calls vary per chunk runs
+    whole).
+    """
 
     def __init__(
         self,
@@ -166,14 +175,29 @@ class _Accumulator(ModuleHooks):
         self.owners, self.apply = owners, apply
         self.scale = {t: 1.0 / n for t, n in tokens.items()}
         self.sums: dict[str, _Sums] = {}
-        # per thread (state): the chunk it runs, and (input tensor, its Gram
-        # sum, valid rows, diag of its chunk Gram) of that chunk's last input:
-        # the tensor itself, held, so that no later tensor can take its place
-        # (an address could be reused)
+        self.drop_rest = False
+        self.hooked: set[str] = set()  # the block's hooked modules
+        self.first: dict[str, int] = {}  # chunk 0's calls of each
+        # per thread (state): the chunk it runs, the modules it has called,
+        # and (input tensor, its Gram sum, valid rows, diag of its chunk Gram)
+        # of that chunk's last input: the tensor itself, held, so that no
+        # later tensor can take its place (an address could be reused)
 
     def begin(self, chunk: int, mask: torch.Tensor) -> None:
         """This thread now runs ``chunk``."""
         self.state.chunk, self.state.memo, self.mask = chunk, None, mask
+        self.state.called = set()
+
+    @contextlib.contextmanager
+    def attached(self, named, drop_rest: bool = False) -> Iterator[None]:
+        named = list(named)
+        self.hooked = {n for n, _ in named if n in self.targets}
+        self.first, self.drop_rest = {}, drop_rest
+        try:
+            with super().attached(named):
+                yield
+        finally:
+            self.drop_rest = False
 
     def _gram(self, x: torch.Tensor, total: torch.Tensor | None) -> tuple:
         """(Gram sum, valid rows in float64, diag of X^T X) of one chunk's input.
@@ -195,11 +219,25 @@ class _Accumulator(ModuleHooks):
         self.state.memo = (x, *result)
         return result
 
-    def hook(self, module: str):
+    def _all_read(self, module: str) -> bool:
+        """Whether this chunk's forward can end now that ``module`` has read."""
+        chunk, called = self.state.chunk, self.state.called
+        if chunk == 0:  # alone and first: learns the block's calls
+            self.first[module] = self.first.get(module, 0) + 1
+        called.add(module)
+        return (
+            self.drop_rest
+            and chunk > 0
+            and called == self.hooked
+            and self.first.keys() == self.hooked
+            and all(n == 1 for n in self.first.values())
+        )
+
+    def pre_hook(self, module: str):
         labels = self.targets[module]
         factors = {t: self.adapters[t].factors(module, self.device) for t in labels}
 
-        def accumulate(_module: nn.Module, inputs: tuple, output):
+        def accumulate(_module: nn.Module | None, inputs: tuple) -> None:
             owner = self.owners[self.state.chunk]
             scale = self.scale[owner]
             x = inputs[0]
@@ -216,11 +254,24 @@ class _Accumulator(ModuleHooks):
                     z = rows @ factors[owner].A.double().T
                     sums.AG[owner] += (z.T @ rows) * scale
                     sums.diag[owner] += diag * scale
-                if self.apply and output is not None and owner in factors:
-                    return with_update(output, x, factors[owner])
-            return None
+            if self._all_read(module):
+                raise EndOfRun
 
         return accumulate
+
+    def hook(self, module: str):
+        if not self.apply:
+            return None
+        labels = self.targets[module]
+        factors = {t: self.adapters[t].factors(module, self.device) for t in labels}
+
+        def add(_module: nn.Module, inputs: tuple, output):
+            owner = self.owners[self.state.chunk]
+            if owner in factors:
+                return with_update(output, inputs[0], factors[owner])
+            return None
+
+        return add
 
     def detached(self) -> None:
         self.state.memo = None  # no input tensor outlives its block
@@ -297,7 +348,7 @@ def gram_pass(
     @contextlib.contextmanager
     def block(layer, prefix):
         named = list(model.linear_modules(layer, prefix))
-        with acc.attached(named):
+        with acc.attached(named, drop_rest=merged_weights is not None):
             yield
         finish([n for n, _ in named])
 
@@ -324,13 +375,13 @@ def gram_pass(
         ]
         # modules outside the blocks (the pooler; the LM head on the final states)
         stem = model.stem_linear_modules()
-        head = acc.hook("lm_head") if "lm_head" in acc.targets else None
+        head = acc.pre_hook("lm_head") if "lm_head" in acc.targets else None
         with acc.attached(iter(stem)):
             for c, b in enumerate(chunks):
                 before_chunk(c)
                 out = model.tail(b, finals[c])
                 if head:
-                    head(None, (out.last_hidden_state,), None)
+                    head(None, (out.last_hidden_state,))
         finish(sorted(acc.sums, key=natural_key))
     missing = sorted(
         {m for t, a in adapters.items() for m in a.modules if (t, m) not in reduced},
