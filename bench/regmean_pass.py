@@ -1,6 +1,7 @@
 """RegMean's Gram pass against TaDA's probe calibration pass, and its peak memory.
 
     python bench/regmean_pass.py real [--seed 0] [--samples 64] [--against DIR]
+                                      [--passes probe model base merged]
     python bench/regmean_pass.py limited [--fraction 0.6]
 
 ``real``: SmolLM2-135M and the five multi-task adapters of bench/real (run
@@ -15,6 +16,7 @@ anonymous memory of each process, and the ratios to the probe pass and to
 ``grams: model``. ``--against DIR`` (a checkout of another commit, e.g. ``git
 worktree add DIR COMMIT``): each pass of that tree runs right before this
 one's, and the table gives their ratio (side by side in one run).
+``--passes``: only these (``model`` is always run: the ratios are to it).
 
 ``limited``: a model larger than the memory it is allowed. bench/generate.py's
 ``medium`` Llama (2.9 GB bf16) and two rank-16 LoRAs; ``mergekit-yaml`` with
@@ -117,15 +119,18 @@ def _run_phase(tree: Path, name: str, seed: int, samples: int) -> dict | None:
     return {**json.loads(line), **result}
 
 
-def real(seed: int, samples: int, against: Path | None) -> None:
-    """Every pass of this tree; with ``against`` (a checkout of another
+def real(seed: int, samples: int, against: Path | None, passes: list[str]) -> None:
+    """Each pass of this tree; with ``against`` (a checkout of another
     commit) each pass of that tree right before this one's, side by side."""
     rows, before = {}, {}
     for name in ("probe", "model", "base", "merged"):
+        if name != "model" and name not in passes:
+            continue
         if against is not None:
             before[name] = _run_phase(against, name, seed, samples)
         rows[name] = _run_phase(ROOT, name, seed, samples)
-    probe, model = rows["probe"]["seconds"], rows["model"]["seconds"]
+    probe = rows["probe"]["seconds"] if "probe" in rows else float("nan")
+    model = rows["model"]["seconds"]
     print(f"SmolLM2-135M, 5 adapters, {samples} prompts per task, seed {seed}")
     print(
         "| pass | pass s | ratio to probe | ratio to model | process wall s "
@@ -200,11 +205,12 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.6)
     ap.add_argument("--grams", default="model", choices=["model", "base", "merged"])
     ap.add_argument("--against", type=Path, help="a checkout of another commit")
+    ap.add_argument("--passes", nargs="+", default=["probe", "model", "base", "merged"])
     args = ap.parse_args()
     if args.what == "phase":
         phase(args.name, args.seed, args.samples)
     elif args.what == "real":
-        real(args.seed, args.samples, args.against)
+        real(args.seed, args.samples, args.against, args.passes)
     else:
         limited(args.fraction, args.grams)
 

@@ -13,7 +13,10 @@ scored by each objective (the smallest wins, ties the smaller scale):
 * both models, ``tokens``: the shipped objective (its choice on 16 training
   prompts must equal the report's): KL(p_t || p_c) over every token of
   SmolLM2's prompts; ||H_c - H_t||^2 / ||H_t||^2 over MiniLM's tokens;
-* MiniLM, ``pooled``: the same on each prompt's mean-pooled states; ``head
+* MiniLM, ``pooled``: the same on each prompt's mean-pooled states; ``CKA
+  pooled`` and ``CKA tokens``: minus the linear CKA of the merge's pooled
+  (token) states with model t's (1 where one is a rotation and scaling of the
+  other, what a linear head trained on model t could still separate); ``head
   KL``: KL from task t's head on model t's pooled states to the same head on
   the merge's; ``head top-1``: how often that head's top class on the merge
   is its top class on model t (ties: head KL) — what the adapters' heads
@@ -62,6 +65,16 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p.exp() * (p - q)).sum(-1)
 
 
+def cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two sets of rows (the same inputs): 1 where one is a
+    rotation and scaling of the other (what a linear head could still read)."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float(
+        (x.T @ y).square().sum()
+        / ((x.T @ x).square().sum() * (y.T @ y).square().sum()).sqrt()
+    )
+
+
 def minilm(seed_dir: Path) -> tuple[Callable, Objectives]:
     """The encoder's forward (final hidden states per prompt) and objectives."""
     from minilm import minilm_folder
@@ -99,6 +112,13 @@ def minilm(seed_dir: Path) -> tuple[Callable, Objectives]:
         top1 = float((p.argmax(-1) == q.argmax(-1)).double().mean())
         return {
             "tokens": (distance(merged, own),),
+            "CKA pooled": (
+                -cka(
+                    torch.stack([h.mean(0) for h in merged]),
+                    torch.stack([h.mean(0) for h in own]),
+                ),
+            ),
+            "CKA tokens": (-cka(torch.cat(merged), torch.cat(own)),),
             "pooled": (
                 distance([h.mean(0) for h in merged], [h.mean(0) for h in own]),
             ),
