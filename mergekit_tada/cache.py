@@ -16,6 +16,8 @@ file). A corrupt, partial, damaged (bytes changed in place, same size) or
 mismatched entry is ignored with one warning and recomputed.
 Hashing multi-GB base shards on every run would dominate warm runs, so file
 hashes are memoized in the cache folder, keyed by path, size and mtime.
+JSON entries also hold ``lambda: auto``'s objective at every candidate
+(``scale-<key>.json``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from mergekit_tada.files import sha256_file, write_text_atomic
 from mergekit_tada.version import __version__
 
 LOG = logging.getLogger(__name__)
-DEFAULT_CACHE_DIR = "~/.cache/mergekit_tada"
+# every cache_dir's default; MERGEKIT_TADA_CACHE moves it (the tests' own folder)
+DEFAULT_CACHE_DIR = os.environ.get("MERGEKIT_TADA_CACHE", "~/.cache/mergekit_tada")
 _FORMAT = 2  # 2: generic payloads (stats and tara)
 
 

@@ -7,20 +7,26 @@ dense torch maths on these tiny shapes.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
-from mergekit_tada.toy import LLAMA_TARGETS, build_llama, build_lora
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# the default cache_dir of every merge the tests run (set before the package
+# is imported): a folder of this session's, not the user's ~/.cache
+os.environ["MERGEKIT_TADA_CACHE"] = tempfile.mkdtemp(prefix="mergekit-tada-tests-")
+atexit.register(shutil.rmtree, os.environ["MERGEKIT_TADA_CACHE"], True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from mergekit_tada.toy import LLAMA_TARGETS, build_llama, build_lora  # noqa: E402
 
 TASK_TARGETS = LLAMA_TARGETS
 DOMAIN_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapter_delta, rel_err
+from conftest import adapter_delta, count_calls, rel_err
 from family import INPUTS, family_config
 
 import mergekit_tada
@@ -268,3 +268,46 @@ def test_task_arithmetic_with_data_chooses_its_scale_by_default(three, caplog):
     )
     for name, delta in adapter_delta(one / "adapter").items():
         assert torch.equal(delta, adapter_delta(part / "adapter")[name])
+
+
+def test_lambda_auto_reads_its_objective_from_the_cache(three, monkeypatch, caplog):
+    """The objective at every candidate is kept in cache_dir, keyed by what
+    the pass reads (adapters, base, token ids, the merge at scale 1, the
+    objective): a rerun skips the pass and writes the same bytes; other
+    prompts, another objective or another merge run it again; a damaged
+    entry is run again after one warning."""
+    from mergekit_tada.probe import agreement
+
+    config = with_data(family_config("lora_task_arithmetic", rank=15, cache_dir="c"))
+    calls = count_calls(monkeypatch, agreement, "agreement_pass")
+
+    def merged(out: str) -> tuple[dict, bytes]:
+        folder = Path(mergekit_tada.merge(config, out, quiet=True, adapter_only=True))
+        report = json.loads((folder / "merge_report.json").read_text())
+        written = (folder / "adapter/adapter_model.safetensors").read_bytes()
+        return report["training"]["scale_search"], written
+
+    first, written = merged("1")
+    assert not first["cache_hit"] and len(calls) == 1
+    again, same = merged("2")
+    assert again["cache_hit"] and len(calls) == 1  # no pass
+    assert again["cache_key"] == first["cache_key"] and same == written
+    assert again["candidates"] == first["candidates"]
+
+    entry = Path("c") / f"scale-{first['cache_key']}.json"
+    entry.write_text(entry.read_text().replace("0", "1", 1))
+    with caplog.at_level("WARNING"):
+        damaged, same = merged("3")
+    assert "ignoring corrupt cache entry" in caplog.text
+    assert not damaged["cache_hit"] and len(calls) == 2 and same == written
+
+    config["parameters"]["auto_objective"] = "response"
+    other, _ = merged("4")
+    config["parameters"]["auto_objective"] = "tokens"
+    config["models"][0]["parameters"]["weight"] = 0.5  # another merge at scale 1
+    reweighted, _ = merged("5")
+    Path(config["models"][1]["parameters"]["data"]).write_text("other words\n")
+    reprompted, _ = merged("6")
+    keys = {first["cache_key"], other["cache_key"]}
+    keys |= {reweighted["cache_key"], reprompted["cache_key"]}
+    assert len(keys) == 4 and len(calls) == 5

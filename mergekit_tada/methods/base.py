@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from mergekit_tada.cache import DEFAULT_CACHE_DIR
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import (
     Factored,
@@ -335,6 +336,13 @@ AUTO_SETTINGS = (
         "tokens",
         "what lambda: auto compares: every token of the prompts, or (causal LM) "
         "the next token after each",
+    ),
+    Param(
+        "cache_dir",
+        str,
+        SHARED,
+        DEFAULT_CACHE_DIR,
+        "where lambda: auto's objective per candidate is kept (RegMean: its Grams)",
     ),
 )
 DENSITY = Param("density", float, NON_BASE, 1.0, "fraction of entries kept")

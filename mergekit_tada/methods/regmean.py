@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from mergekit_tada.cache import DEFAULT_CACHE_DIR, ContentCache
+from mergekit_tada.cache import ContentCache
 from mergekit_tada.errors import TadaError, same_for_every_tensor
 from mergekit_tada.lowrank import Factored, svd
 from mergekit_tada.methods.base import (
@@ -81,7 +81,6 @@ class LoraRegMean(FamilyMethod):
             Param("seed", int, SHARED, 0, "sampling seed of data: generate"),
             scale_param(),
             *AUTO_SETTINGS,
-            Param("cache_dir", str, SHARED, DEFAULT_CACHE_DIR),
         ),
     )
     SETTINGS = (

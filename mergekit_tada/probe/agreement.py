@@ -37,6 +37,8 @@ from mergekit_tada.probe.grams import with_update
 from mergekit_tada.streaming import StreamedModel
 
 GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # every label-tuned scale we measured
+# in every cache key of the pass's results: raised when its arithmetic changes
+AGREEMENT_PASS_VERSION = 1
 
 
 class _Variants(ModuleHooks):

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mergekit_tada.cache import ContentCache, tensors_digest
 from mergekit_tada.errors import TadaError, same_for_every_tensor
 from mergekit_tada.lowrank import Factored, single_thread
 from mergekit_tada.methods.base import AUTO, AUTO_DATA, ModuleJob, RunInputs
@@ -107,7 +109,12 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
             (
                 {
                     k: t.params[k]
-                    for k in ("auto_samples", "auto_max_length", "auto_objective")
+                    for k in (
+                        "auto_samples",
+                        "auto_max_length",
+                        "auto_objective",
+                        "cache_dir",
+                    )
                 },
                 {label: i["data"] for label, i in t.inputs.items()},
             )
@@ -117,8 +124,17 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         f"{name}: {key}: auto, its data and settings must be the same for every "
         "tensor: give them as plain values (no gradients or filters)",
     )
-    from mergekit_tada.batches import is_causal_lm, make_batches, tokenizer_for
-    from mergekit_tada.probe.agreement import GRID, agreement_pass
+    from mergekit_tada.batches import (
+        batches_digest,
+        is_causal_lm,
+        make_batches,
+        tokenizer_for,
+    )
+    from mergekit_tada.probe.agreement import (
+        AGREEMENT_PASS_VERSION,
+        GRID,
+        agreement_pass,
+    )
     from mergekit_tada.texts import read_texts
 
     causal = is_causal_lm(run.base_path)
@@ -151,16 +167,40 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         for label, path in data.items()
     }
     start = time.perf_counter()
-    scores = agreement_pass(
-        run.base_path,
-        batches,
-        run.adapters,
-        merged,
-        GRID,
-        objective=objective,
-        device=device,
-        quiet=run.quiet,
+    cache = ContentCache(settings["cache_dir"])
+    entry = cache.key(
+        {
+            "adapters": {t: a.hashes for t, a in run.adapters.items()},
+            "base": cache.file_hashes(run.base_files),
+            "tokens": {t: batches_digest(b) for t, b in batches.items()},
+            # the merge at scale 1: what every setting of the rule shaped
+            "merged": tensors_digest(
+                {
+                    f"{m}|{n}": x
+                    for m, f in merged.items()
+                    for n, x in (("B", f.B), ("A", f.A))
+                }
+            ),
+            "grid": list(GRID),
+            "objective": objective,
+            "device": device.type,
+            "pass": AGREEMENT_PASS_VERSION,
+        }
     )
+    scores = _cached_scores(cache, entry, GRID, objective)
+    hit = scores is not None
+    if not hit:
+        scores = agreement_pass(
+            run.base_path,
+            batches,
+            run.adapters,
+            merged,
+            GRID,
+            objective=objective,
+            device=device,
+            quiet=run.quiet,
+        )
+        cache.store(entry, {str(c): list(v) for c, v in scores.items()}, "scale")
     chosen = min(GRID, key=lambda c: (scores[c], GRID.index(c)))
     for target in targets:
         target.params[key] = chosen
@@ -177,8 +217,38 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         "prompts": {
             label: sum(len(b.input_ids) for b in bs) for label, bs in batches.items()
         },
+        "cache_key": entry,
+        "cache_hit": hit,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _cached_scores(
+    cache: ContentCache, key: str, grid: tuple[float, ...], objective: str
+) -> dict[float, tuple[float, ...]] | None:
+    """The objective at every candidate from the cache (None: not there, or
+    an entry of another shape: one warning, computed again)."""
+    found = cache.load(key, "scale")
+    if found is None:
+        return None
+    width = 2 if objective == "response" else 1
+    try:
+        scores = {c: tuple(float(x) for x in found[str(c)]) for c in grid}
+        if len(found) != len(grid) or any(
+            len(v) != width or not all(math.isfinite(x) for x in v)
+            for v in scores.values()
+        ):
+            raise ValueError("not one finite value per candidate")
+    except (KeyError, TypeError, ValueError) as error:
+        LOG.warning(
+            "ignoring cache entry %s (%s)", cache.entry_path(key, "scale"), error
+        )
+        return None
+    LOG.info(
+        "lambda: auto: objective from cache entry %s (no pass)",
+        cache.entry_path(key, "scale"),
+    )
+    return scores
 
 
 def _rounded(value: tuple[float, ...], objective: str) -> float | dict:
