@@ -1,7 +1,7 @@
 """RegMean's Gram pass against TaDA's probe calibration pass, and its peak memory.
 
     python bench/regmean_pass.py real [--seed 0] [--samples 64] [--against DIR]
-                                      [--passes probe model base merged]
+                                      [--passes probe model base merged] [--threads N]
     python bench/regmean_pass.py limited [--fraction 0.6]
 
 ``real``: SmolLM2-135M and the five multi-task adapters of bench/real (run
@@ -17,6 +17,8 @@ anonymous memory of each process, and the ratios to the probe pass and to
 worktree add DIR COMMIT``): each pass of that tree runs right before this
 one's, and the table gives their ratio (side by side in one run).
 ``--passes``: only these (``model`` is always run: the ratios are to it).
+``--threads N``: every pass's process on N torch threads (OMP_NUM_THREADS),
+so N chunks in flight; 1: one chunk after another, as on one core.
 
 ``limited``: a model larger than the memory it is allowed. bench/generate.py's
 ``medium`` Llama (2.9 GB bf16) and two rank-16 LoRAs; ``mergekit-yaml`` with
@@ -102,7 +104,9 @@ def phase(name: str, seed: int, samples: int) -> None:
     )
 
 
-def _run_phase(tree: Path, name: str, seed: int, samples: int) -> dict | None:
+def _run_phase(
+    tree: Path, name: str, seed: int, samples: int, threads: int | None = None
+) -> dict | None:
     """One pass in its own process, with ``tree``'s package and bench script
     (None where that tree's bench has no such pass)."""
     import os
@@ -112,6 +116,8 @@ def _run_phase(tree: Path, name: str, seed: int, samples: int) -> dict | None:
         return None
     cmd = [sys.executable, str(script), "phase", name, "--seed", str(seed)]
     os.environ["PYTHONPATH"] = str(tree)  # its mergekit_tada, not the installed one
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     result = _measure()([*cmd, "--samples", str(samples)], ROOT)
     if result["rc"] != 0:
         raise SystemExit(f"{name} ({tree}) failed:\n{result['tail']}")
@@ -119,7 +125,13 @@ def _run_phase(tree: Path, name: str, seed: int, samples: int) -> dict | None:
     return {**json.loads(line), **result}
 
 
-def real(seed: int, samples: int, against: Path | None, passes: list[str]) -> None:
+def real(
+    seed: int,
+    samples: int,
+    against: Path | None,
+    passes: list[str],
+    threads: int | None,
+) -> None:
     """Each pass of this tree; with ``against`` (a checkout of another
     commit) each pass of that tree right before this one's, side by side."""
     rows, before = {}, {}
@@ -127,11 +139,14 @@ def real(seed: int, samples: int, against: Path | None, passes: list[str]) -> No
         if name != "model" and name not in passes:
             continue
         if against is not None:
-            before[name] = _run_phase(against, name, seed, samples)
-        rows[name] = _run_phase(ROOT, name, seed, samples)
+            before[name] = _run_phase(against, name, seed, samples, threads)
+        rows[name] = _run_phase(ROOT, name, seed, samples, threads)
     probe = rows["probe"]["seconds"] if "probe" in rows else float("nan")
     model = rows["model"]["seconds"]
-    print(f"SmolLM2-135M, 5 adapters, {samples} prompts per task, seed {seed}")
+    print(
+        f"SmolLM2-135M, 5 adapters, {samples} prompts per task, seed {seed}, "
+        f"torch threads {rows['model']['threads']}"
+    )
     print(
         "| pass | pass s | ratio to probe | ratio to model | process wall s "
         "| peak anon GB | against s | against peak GB | now / against |"
@@ -206,11 +221,12 @@ def main() -> None:
     ap.add_argument("--grams", default="model", choices=["model", "base", "merged"])
     ap.add_argument("--against", type=Path, help="a checkout of another commit")
     ap.add_argument("--passes", nargs="+", default=["probe", "model", "base", "merged"])
+    ap.add_argument("--threads", type=int, help="torch threads of every pass")
     args = ap.parse_args()
     if args.what == "phase":
         phase(args.name, args.seed, args.samples)
     elif args.what == "real":
-        real(args.seed, args.samples, args.against, args.passes)
+        real(args.seed, args.samples, args.against, args.passes, args.threads)
     else:
         limited(args.fraction, args.grams)
 
