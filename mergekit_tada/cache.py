@@ -119,6 +119,21 @@ class ContentCache:
     def key(components: dict) -> str:
         return _digest({"format": _FORMAT, "version": __version__, **components})
 
+    def inputs_key(
+        self, adapters: dict, base_files: Iterable[str], device, parts: dict
+    ) -> str:
+        """The key of an entry learned from ``adapters`` over the base: their
+        content hashes, the base's file hashes and the device kind, with what
+        else the entry depends on (``parts``: settings, token ids, version)."""
+        return self.key(
+            {
+                "adapters": {label: a.hashes for label, a in adapters.items()},
+                "base": self.file_hashes(base_files),
+                "device": torch.device(device).type,
+                **parts,
+            }
+        )
+
     def entry_path(self, key: str, kind: str = "stats") -> Path:
         return self.dir / f"{kind}-{key}.json"
 

@@ -168,18 +168,18 @@ class LoraRegMean(FamilyMethod):
             )
             for t in run.adapters
         }
-        key = cache.key(
+        key = cache.inputs_key(
+            run.adapters,
+            run.base_files,
+            run.device,
             {
-                "adapters": {t: a.hashes for t, a in run.adapters.items()},
-                "base": cache.file_hashes(run.base_files),
                 "tokens": {t: batches_digest(b) for t, b in batches.items()},
                 "alpha": shared["alpha"],
                 "grams": shared["grams"],
                 # RegMean++'s states flow through the merge, which the weights shape
                 "weights": sorted(merged_weights.items()) if merged_weights else None,
-                "device": torch.device(run.device).type,
                 "pass": GRAM_PASS_VERSION,
-            }
+            },
         )
         found = cache.load_tensors(key, "regmean")
         start = time.perf_counter()

@@ -81,10 +81,7 @@ def calibrate(
     # what every pass depends on besides its own prompts (gate-only
     # settings would only miss)
     common = {
-        "adapters": {label: a.hashes for label, a in adapters.items()},
         "settings": {k: settings[k] for k in PASS_KEYS},
-        "base": cache.file_hashes(base_files),
-        "device": device.type,
         "pass": CALIBRATION_PASS_VERSION,
     }
     stats, infos = {}, []
@@ -97,12 +94,15 @@ def calibrate(
             settings["calibration_batch_size"],
             f"tada: {'task_calibration' if prompts == 'task' else 'calibration'} {path}",
         )
-        key = cache.key(
+        key = cache.inputs_key(
+            adapters,
+            base_files,
+            device,
             common
             | {
                 "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
                 "tokens": batches_digest(batches),
-            }
+            },
         )
         found = cache.load_stats(key)
         hit = found is not None

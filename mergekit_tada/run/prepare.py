@@ -168,10 +168,11 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
     }
     start = time.perf_counter()
     cache = ContentCache(settings["cache_dir"])
-    entry = cache.key(
+    entry = cache.inputs_key(
+        run.adapters,
+        run.base_files,
+        device,
         {
-            "adapters": {t: a.hashes for t, a in run.adapters.items()},
-            "base": cache.file_hashes(run.base_files),
             "tokens": {t: batches_digest(b) for t, b in batches.items()},
             # the merge at scale 1: what every setting of the rule shaped
             "merged": tensors_digest(
@@ -183,9 +184,8 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
             ),
             "grid": list(GRID),
             "objective": objective,
-            "device": device.type,
             "pass": AGREEMENT_PASS_VERSION,
-        }
+        },
     )
     scores = _cached_scores(cache, entry, GRID, objective)
     hit = scores is not None

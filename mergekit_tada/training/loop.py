@@ -195,15 +195,11 @@ def train_or_cached(
 ) -> tuple[TrainingResult, dict]:
     """The cached result for these inputs, or train (and cache) it."""
     cache = ContentCache(settings["cache_dir"])
-    key = cache.key(
-        {
-            "kind": kind,
-            "adapters": {label: a.hashes for label, a in run.adapters.items()},
-            "base": cache.file_hashes(run.base_files),
-            "device": torch.device(run.device).type,
-            "preference": preference,
-            **key_parts,
-        }
+    key = cache.inputs_key(
+        run.adapters,
+        run.base_files,
+        run.device,
+        {"kind": kind, "preference": preference, **key_parts},
     )
     payload = cache.load(key, kind)
     if payload is not None and set(payload.get("phi", {})) == set(dirs):
