@@ -176,6 +176,38 @@ class StreamingAdapterWriter:
             os.fsync(fh.fileno())
 
 
+def write_head_adapter(
+    adapter_dir: Path,
+    name: str,
+    prefix: str,
+    head: dict[str, torch.Tensor],
+    config: dict,
+) -> None:
+    """``adapter_dir``/``name``: the merged LoRA (read back from ``adapter_dir``)
+    under the task model's module names (``prefix`` + each module) and one
+    input's head as PEFT saves ``modules_to_save``: an adapter of that input's
+    task model (``config``: its adapter_config.json)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = "base_model.model."
+    tensors = {}
+    with safe_open(adapter_dir / WEIGHTS_NAME, framework="pt") as fh:
+        for key in fh.keys():
+            tensors[root + prefix + key.removeprefix(root)] = fh.get_tensor(key)
+    tensors.update({root + n: t.contiguous() for n, t in head.items()})
+    out = adapter_dir / name
+    out.mkdir()
+    save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    with open(out / WEIGHTS_NAME, "rb+") as fh:
+        os.fsync(fh.fileno())
+    with open(out / CONFIG_NAME, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def lora_adapter_config(
     *,
     rank: int,

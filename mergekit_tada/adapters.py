@@ -12,7 +12,7 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from safetensors import safe_open
@@ -32,13 +32,14 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (use_dora) adds a magnitude vector",
     "lora_bias": "LoRA biases (lora_bias) add a bias update",
-    "modules_to_save": "modules_to_save stores full copies of modules",
     "layer_replication": "layer_replication changes the model's layers",
     "target_parameters": "target_parameters (LoRA on raw parameters, such as a "
     "MoE layer's fused experts; LoRAs on linear layers, trained with "
     "target_modules, merge)",
     "trainable_token_indices": "trainable_token_indices (trainable tokens)",
 }
+# PEFT's task types whose model adds a head the base lacks (modules_to_save)
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 _UNSUPPORTED_KEYS = (
     ("lora_magnitude_vector", "DoRA magnitude vector"),
     ("lora_embedding_", "embedding LoRA"),
@@ -79,6 +80,14 @@ class LoraAdapter:
         self.config_path = os.path.join(self.path, CONFIG_NAME)
         self.weights_path = os.path.join(self.path, WEIGHTS_NAME)
         self.config = self._read_config()
+        # weights of modules_to_save heads (a classifier the base lacks; the
+        # plan refuses copies of base modules): name in the task model -> key
+        self.heads: dict[str, str] = {}
+        # where the adapter names modules under its task model's base-model
+        # attribute ("bert." of BertForSequenceClassification) and the base's
+        # checkpoint does not: stripped here, put back in this input's head
+        # adapter (MergePlan._align_names)
+        self.prefix = ""
         self.modules = self._read_modules()
         self._fh = None
         self._lock = threading.Lock()
@@ -192,6 +201,11 @@ class LoraAdapter:
                         "only plain LoRA (W + s*B*A) merges exactly"
                     )
             for key in keys:
+                head = self._head_weight(key)
+                if head is not None:
+                    self._check_float(fh, key)
+                    self.heads[head] = key
+                    continue
                 if key.endswith(".base_layer.weight"):
                     # PEFT saves a copy of the base weight when lm_head or an
                     # embedding is targeted; the base model's own weight is used
@@ -203,14 +217,7 @@ class LoraAdapter:
                         f"{self.weights_path}: unexpected tensor {key}; "
                         "expected <module>.lora_A.weight / <module>.lora_B.weight"
                     )
-                tensor = fh.get_slice(key)
-                if tensor.get_dtype() not in _FLOAT_DTYPES:
-                    raise TadaError(
-                        f"{self.weights_path}: tensor {key} is {tensor.get_dtype()}; "
-                        "LoRA factors must be floating point (F16, BF16, F32 or F64): "
-                        "dequantize the adapter first"
-                    )
-                shape = tensor.get_shape()
+                shape = self._check_float(fh, key)
                 shapes.setdefault(match["module"], {})[match["side"]] = (key, shape)
         if not shapes:
             raise TadaError(f"{self.weights_path}: contains no LoRA factors")
@@ -245,6 +252,58 @@ class LoraAdapter:
             )
         return modules
 
+    def _check_float(self, fh, key: str) -> list[int]:
+        """The tensor's shape; a tensor that is not floating point fails."""
+        tensor = fh.get_slice(key)
+        if tensor.get_dtype() not in _FLOAT_DTYPES:
+            raise TadaError(
+                f"{self.weights_path}: tensor {key} is {tensor.get_dtype()}; "
+                "LoRA factors must be floating point (F16, BF16, F32 or F64): "
+                "dequantize the adapter first"
+            )
+        return tensor.get_shape()
+
+    def _head_weight(self, key: str) -> str | None:
+        """A weight of a module ``modules_to_save`` names (PEFT saves it as
+        ``base_model.model.<module>.<param>``), by its name in the task model."""
+        saved = self.config.get("modules_to_save") or []
+        name = key.removeprefix("base_model.model.")
+        if ".lora_" in name or name.endswith(".base_layer.weight"):
+            return None
+        parts = name.split(".")[:-1]
+        for i in range(1, len(parts) + 1):
+            path = ".".join(parts[:i])
+            if any(path == m or path.endswith(f".{m}") for m in saved):
+                return name
+        return None
+
+    def strip_prefix(self, prefix: str) -> None:
+        """Name every module without ``prefix`` (its name in the base's checkpoint)."""
+        self.prefix = prefix
+        self.modules = {
+            name.removeprefix(prefix): replace(spec, name=name.removeprefix(prefix))
+            for name, spec in self.modules.items()
+        }
+
+    def head_tensors(self, check: bool = False) -> dict[str, torch.Tensor]:
+        """The head's weights as saved, by name in the task model (``check``:
+        NaN/Inf fail)."""
+        fh = self._handle()
+        heads = {}
+        for name, key in sorted(self.heads.items()):
+            try:
+                tensor = fh.get_tensor(key)
+            except Exception as error:
+                raise TadaError(
+                    f"{self.weights_path}: head weight {key}: cannot read ({error})"
+                ) from None
+            if check and not torch.isfinite(tensor).all():
+                raise TadaError(
+                    f"{self.weights_path}: head weight {key} contains NaN or Inf"
+                )
+            heads[name] = tensor.clone()
+        return heads
+
     def factors(
         self, module: str, device: torch.device | str = "cpu", check: bool = False
     ) -> Factored:
@@ -277,6 +336,7 @@ class LoraAdapter:
         """Read every factor once so corrupt data or NaN/Inf fail before any output."""
         for module in self.modules:
             self.factors(module, check=True)
+        self.head_tensors(check=True)
 
 
 # --------------------------------------------------------------------------- writing

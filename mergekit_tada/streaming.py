@@ -132,9 +132,8 @@ def conversions_on_load(
     return renamed, fused
 
 
-def renamed_on_load(base_path: str, keys: Iterable[str]) -> dict[str, str]:
-    """Checkpoint key -> the name transformers gives the weight when it loads
-    the base as the class its config names (built on the meta device)."""
+def meta_model(base_path: str) -> nn.Module:
+    """The base as the class its config names, built on the meta device."""
     import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel
@@ -143,8 +142,13 @@ def renamed_on_load(base_path: str, keys: Iterable[str]) -> dict[str, str]:
     names = config.architectures or []
     auto = getattr(transformers, names[0], AutoModel) if names else AutoModel
     with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config) if auto is AutoModel else auto(config)
-    renamed, _ = conversions_on_load(model, keys)
+        return auto.from_config(config) if auto is AutoModel else auto(config)
+
+
+def renamed_on_load(base_path: str, keys: Iterable[str]) -> dict[str, str]:
+    """Checkpoint key -> the name transformers gives the weight when it loads
+    the base as the class its config names."""
+    renamed, _ = conversions_on_load(meta_model(base_path), keys)
     return {key: name for name, key in renamed.items()}
 
 

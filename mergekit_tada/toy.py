@@ -154,14 +154,25 @@ def build_lora(
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
     task_type: str | None = "CAUSAL_LM",
+    num_labels: int = 2,
     **lora_kwargs,
 ) -> str:
-    """A real PEFT LoRA adapter on ``base_path`` with random (nonzero) A and B."""
+    """A real PEFT LoRA adapter on ``base_path`` with random (nonzero) A and B
+    (``task_type="SEQ_CLS"``: with a random head of ``num_labels`` classes)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
-    auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModel
-    model = auto.from_pretrained(str(base_path), dtype=torch.float32)
+    if task_type == "SEQ_CLS":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base_path), dtype=torch.float32, num_labels=num_labels
+        )
+    else:
+        auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModel
+        model = auto.from_pretrained(str(base_path), dtype=torch.float32)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -179,7 +190,7 @@ def build_lora(
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name or "modules_to_save" in name:  # a SEQ_CLS head
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
     # the base's embedding weights are not part of the adapter
     peft_model.save_pretrained(str(out_path), save_embedding_layers=False)

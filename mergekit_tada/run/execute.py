@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-from mergekit_tada.adapter_writer import StreamingAdapterWriter, lora_adapter_config
+from mergekit_tada.adapter_writer import (
+    StreamingAdapterWriter,
+    lora_adapter_config,
+    write_head_adapter,
+)
+from mergekit_tada.adapters import HEAD_TASK_TYPES
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
 from mergekit_tada.run.outputs import CARD
@@ -70,10 +75,12 @@ class Execution:
             preload_plotting()
         try:
             yield
-            self.writer.finalize(self._adapter_config())
+            config = self._adapter_config()
+            self.writer.finalize(config)
         except BaseException:
             self.writer.abort()
             raise
+        self._write_heads(target / self.plan.adapter_out, config)
         facts = self.facts()
         report = build_report(facts)
         for warning in (
@@ -109,6 +116,10 @@ class Execution:
             summary=method.summary(dict(sorted(records.items()))),
             card_lines=method.card_lines(records, self.calibration, self.context),
             training=self._training(),
+            head_adapters={
+                label: f"{plan.adapter_out}/{folder}"
+                for label, folder in plan.heads.items()
+            },
         )
 
     def _training(self) -> dict | None:
@@ -204,6 +215,23 @@ class Execution:
                 layout[plan.module] = (plan.rank, spec.out_features, spec.in_features)
         return layout
 
+    def _write_heads(self, adapter_dir: Path, config: dict) -> None:
+        """Beside the merged adapter, one per input with a head (SEQ_CLS):
+        the merged LoRA and that input's head, an adapter of its task model."""
+        for label, folder in self.plan.heads.items():
+            adapter = self.plan.adapters[label]
+            write_head_adapter(
+                adapter_dir,
+                folder,
+                adapter.prefix,
+                adapter.head_tensors(),
+                {
+                    **config,
+                    "task_type": adapter.config.get("task_type"),
+                    "modules_to_save": adapter.config["modules_to_save"],
+                },
+            )
+
     def _transposed(self, plan: TensorPlan) -> bool:
         """The module's base weight is in x out (fan_in_fan_out; plan.py checks
         that every input agrees)."""
@@ -223,7 +251,11 @@ class Execution:
             target_modules=self._target_modules(),
             rank_pattern={m: r for m, r in sorted(ranks.items()) if r != rank},
             base_model=str(self.plan.base.model),
-            task_type=first.get("task_type"),  # the first input's (plan.py warns)
+            # the first input's (plan.py warns), but never a head's: the merged
+            # adapter has none (each head's adapter lies beside it)
+            task_type=None
+            if first.get("task_type") in HEAD_TASK_TYPES
+            else first.get("task_type"),
             fan_in_fan_out=any(self._transposed(p) for p in self.plan.targets),
         )
 

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,12 @@ from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 from mergekit_tada.methods import registry
 from mergekit_tada.run.folder import LOCK_NAME, STAGE_PREFIX, check_folder_name
-from mergekit_tada.run.outputs import CARD, MANIFEST_NAME, MERGEKIT_OUTPUTS
+from mergekit_tada.run.outputs import (
+    ADAPTER_FILES,
+    CARD,
+    MANIFEST_NAME,
+    MERGEKIT_OUTPUTS,
+)
 
 if TYPE_CHECKING:  # mergekit is imported only where its executor runs
     from mergekit.common import ModelReference
@@ -212,6 +218,8 @@ class MergePlan:
         self.adapters = {
             str(ref): LoraAdapter(ref.lora.path) for ref in refs if ref.lora is not None
         }
+        self._align_names()
+        self.heads = self._head_outputs()
         self.default_rank = max(a.max_rank for a in self.adapters.values())
         self.plans = self._plan()
         self._validate_plans()
@@ -396,6 +404,72 @@ class MergePlan:
                 largest,
             )
         return plans
+
+    def _align_names(self) -> None:
+        """An adapter trained on a task model (PEFT's SEQ_CLS on
+        BertForSequenceClassification) names its modules under the model's
+        base-model attribute (``bert.encoder...``) where a checkpoint of the
+        bare encoder says ``encoder...``: read without that prefix."""
+        keys = self.headers.index.tensor_paths
+        for adapter in self.adapters.values():
+            names = list(adapter.modules)
+            if any(f"{m}.weight" in keys for m in names):
+                continue
+            firsts = {m.split(".", 1)[0] for m in names}
+            if len(firsts) != 1:
+                continue
+            prefix = firsts.pop() + "."
+            if all(f"{m.removeprefix(prefix)}.weight" in keys for m in names):
+                adapter.strip_prefix(prefix)
+
+    def _head_outputs(self) -> dict[str, str]:
+        """Input label -> the folder (in the adapter folder) of its head's
+        adapter, for every input whose ``modules_to_save`` holds a head. A
+        module the base has is refused: a full copy of a base weight has no
+        merge rule here."""
+        listed = {
+            label: a.config.get("modules_to_save") or []
+            for label, a in self.adapters.items()
+        }
+        if not any(listed.values()):
+            return {}
+        from mergekit_tada.streaming import meta_model
+
+        base_modules = {n for n, _ in meta_model(self.base_path).named_modules()}
+        base_modules |= {
+            k.rsplit(".", 1)[0] for k in self.headers.index.tensor_paths if "." in k
+        }
+        folders: dict[str, str] = {}
+        for label, adapter in self.adapters.items():
+            for entry in listed[label]:
+                hit = next(
+                    (
+                        m
+                        for m in sorted(base_modules)
+                        if m == entry or m.endswith(f".{entry}")
+                    ),
+                    None,
+                )
+                if hit is not None:
+                    raise TadaError(
+                        f"{adapter.config_path}: modules_to_save names {entry}, a "
+                        f"module of the base model ({hit} in {self.base_path}): a full "
+                        "copy of a base module has no merge rule here; only heads the "
+                        "base lacks (PEFT's SEQ_CLS classifier) are kept, one per input"
+                    )
+            if adapter.heads:
+                name = re.sub(
+                    r"[^A-Za-z0-9._-]", "_", os.path.basename(adapter.path.rstrip("/"))
+                )
+                name = name.lstrip(".") or "head"
+                if name in ADAPTER_FILES:
+                    name += "-head"
+                unique, n = name, 1
+                while unique in folders.values():
+                    n += 1
+                    unique = f"{name}-{n}"
+                folders[label] = unique
+        return folders
 
     def base_gives(self, name: str) -> bool:
         """Whether mergekit's loader gets weight ``name`` from the base's

@@ -95,6 +95,9 @@ def with_mergekit(plan: MergePlan) -> list[PlannedTensor]:
     config = plan.config.model_copy(deep=True)  # the planner rewrites it
     options = plan.options
     LoaderCache().setup(options=options)
+    # mergekit keys its loaders by model reference: one an earlier merge in this
+    # process left would read that run's folder under the same relative path
+    LoaderCache().loaders.clear()
     arch = base_architecture(config, options)
     with transformers_errors_only():  # mergekit sets the deprecated torch_dtype
         out_cfg = _model_out_config(

@@ -37,6 +37,8 @@ class MergeFacts:
     summary: dict  # the method's own totals
     card_lines: list[str]  # the method's own words for the model card
     training: dict | None = None  # the method's report section on its prepare()
+    # input label -> its head's adapter, relative to the output folder
+    head_adapters: dict[str, str] | None = None
 
 
 def dumps(report: dict) -> str:
@@ -130,6 +132,7 @@ def build_report(facts: MergeFacts) -> dict[str, Any]:
             "config": facts.config,
             "output_rank": facts.output_rank,
             "adapter_out": facts.adapter_out,
+            **({"head_adapters": facts.head_adapters} if facts.head_adapters else {}),
             "versions": {
                 "mergekit_tada": __version__,
                 "mergekit": version("mergekit"),

@@ -1,0 +1,191 @@
+"""Classification adapters (PEFT SEQ_CLS: a LoRA and a head in modules_to_save).
+
+The LoRAs merge as any others; each input keeps its own head, written beside
+the merged adapter as an adapter of its task model. The reference is formed
+explicitly from the input files (dW = sum_t s_t B_t A_t, each head as saved)
+and run as a plain transformers model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mergekit_tada
+from mergekit_tada.errors import TadaError
+from mergekit_tada.toy import build_encoder, build_llama, build_lora
+
+LABELS = {"lora-a": 3, "lora-b": 4}
+IDS = torch.tensor([[2, 5, 7, 9, 11, 3], [4, 6, 8, 10, 12, 3]])
+
+
+def explicit_update(adapter: Path) -> dict[str, torch.Tensor]:
+    """module (as the adapter names it) -> s B A, from the files."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    weights = load_file(adapter / "adapter_model.safetensors")
+    scaling = config["lora_alpha"] / config["r"]
+    out = {}
+    for key, A in weights.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(
+                ".lora_A.weight"
+            )
+            B = weights[key.replace("lora_A", "lora_B")]
+            out[module] = scaling * B.double() @ A.double()
+    return out
+
+
+def head(adapter: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(adapter / "adapter_model.safetensors")
+    return {
+        k.removeprefix("base_model.model."): v
+        for k, v in weights.items()
+        if ".lora_" not in k
+    }
+
+
+def model_type(root: Path) -> str:
+    return json.loads((root / "base" / "config.json").read_text())["model_type"]
+
+
+def seq_cls(base: Path, labels: int):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), dtype=torch.float32, num_labels=labels
+    )
+    return model.eval()
+
+
+@pytest.fixture(params=["bert", "llama"])
+def classifiers(request, tmp_path) -> Path:
+    """A base and two SEQ_CLS adapters of 3 and 4 classes (BERT's saved under
+    BertForSequenceClassification's ``bert.`` names, the checkpoint's without)."""
+    os.chdir(tmp_path)
+    if request.param == "bert":
+        build_encoder("base", "bert")
+        targets = ("query", "value", "dense")
+    else:
+        build_llama("base", seed=3)
+        targets = ("q_proj", "v_proj", "down_proj")
+    for seed, (name, labels) in enumerate(LABELS.items(), start=1):
+        build_lora(
+            "base",
+            name,
+            r=2 + seed,
+            seed=seed,
+            targets=targets,
+            task_type="SEQ_CLS",
+            num_labels=labels,
+        )
+    return tmp_path
+
+
+def config(*names: str) -> dict:
+    return {
+        "merge_method": "lora_task_arithmetic",
+        "base_model": "base",
+        "models": [{"model": f"base+{n}"} for n in names],
+        "parameters": {"lossless": True},
+        "dtype": "float32",
+    }
+
+
+def test_each_input_keeps_its_head(classifiers):
+    from peft import PeftModel
+
+    out = Path(mergekit_tada.merge(config(*LABELS), "out", quiet=True))
+    total: dict[str, torch.Tensor] = {}
+    for name in LABELS:
+        for module, delta in explicit_update(classifiers / name).items():
+            total[module] = total.get(module, 0) + delta
+    assert total
+    for name, labels in LABELS.items():
+        reference = seq_cls(classifiers / "base", labels)
+        state = reference.state_dict()
+        for module, delta in total.items():
+            key = f"{module}.weight"
+            state[key] = (state[key].double() + delta).float()
+        own = head(classifiers / name)
+        assert own and all(k in state for k in own)
+        state.update(own)
+        reference.load_state_dict(state)
+        folder = out / "adapter" / name
+        written = json.loads((folder / "adapter_config.json").read_text())
+        assert written["task_type"] == "SEQ_CLS"
+        assert written["modules_to_save"] == ["classifier", "score"]
+        merged = PeftModel.from_pretrained(
+            seq_cls(classifiers / "base", labels), folder
+        )
+        with torch.no_grad():
+            expected, got = reference(IDS).logits, merged(IDS).logits
+        assert expected.shape == (2, labels)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (got, expected)
+        # the head decides: another input's head gives other logits
+        assert not torch.allclose(
+            expected, seq_cls(classifiers / "base", labels)(IDS).logits
+        )
+    root = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert root["task_type"] is None and "modules_to_save" not in root
+    report = json.loads((out / "merge_report.json").read_text())
+    assert sorted(report["settings"]["head_adapters"].values()) == [
+        "adapter/lora-a",
+        "adapter/lora-b",
+    ]
+
+
+def test_the_merged_adapter_is_the_encoder(classifiers):
+    """adapter/ holds no head and names modules as the base's checkpoint: on
+    the base as saved it gives the full model mergekit wrote."""
+    import transformers
+    from peft import PeftModel
+
+    out = Path(mergekit_tada.merge(config(*LABELS), "out", quiet=True))
+    keys = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert keys and not any("classifier" in k or "score" in k for k in keys)
+    saved = json.loads((classifiers / "base" / "config.json").read_text())
+    auto = getattr(transformers, saved["architectures"][0])  # the class saved
+    base = auto.from_pretrained("base", dtype=torch.float32).eval()
+    with torch.no_grad():
+        before = base(input_ids=IDS)[0]
+    full = auto.from_pretrained(str(out), dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, out / "adapter")
+    with torch.no_grad():
+        a, b = peft(input_ids=IDS)[0], full(input_ids=IDS)[0]
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, before, rtol=1e-3, atol=1e-4)
+
+
+def test_a_plain_input_beside_a_classifier(classifiers):
+    """Only inputs with a head get a head adapter."""
+    plain = "lora-plain"
+    targets = json.loads((classifiers / "lora-a" / "adapter_config.json").read_text())
+    build_lora(
+        "base",
+        plain,
+        r=2,
+        seed=9,
+        targets=targets["target_modules"],
+        task_type=None if model_type(classifiers) == "bert" else "CAUSAL_LM",
+    )
+    out = Path(mergekit_tada.merge(config("lora-a", plain), "out", quiet=True))
+    assert sorted(p.name for p in (out / "adapter").iterdir() if p.is_dir()) == [
+        "lora-a"
+    ]
+
+
+def test_a_copy_of_a_base_module_is_refused(classifiers):
+    cfg = json.loads((classifiers / "lora-a" / "adapter_config.json").read_text())
+    cfg["modules_to_save"] = ["classifier", "score", "word_embeddings", "embed_tokens"]
+    (classifiers / "lora-a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        TadaError,
+        match=r"lora-a/adapter_config.json: modules_to_save names (word_embeddings|embed_tokens), a module of the base",
+    ):
+        mergekit_tada.merge(config(*LABELS), "out", quiet=True, adapter_only=True)
+    assert not Path("out").exists()
