@@ -189,3 +189,94 @@ def test_a_copy_of_a_base_module_is_refused(classifiers):
     ):
         mergekit_tada.merge(config(*LABELS), "out", quiet=True, adapter_only=True)
     assert not Path("out").exists()
+
+
+PROMPTS = {  # of several lengths: the pass pads its batches
+    "lora-a": [f"the protein {i} binds" + " the cell" * (i % 3) for i in range(5)],
+    "lora-b": [f"a gene {i} and" + " the receptor" * (i % 2) for i in range(4)],
+}
+
+
+def test_lambda_auto_on_the_heads(classifiers):
+    """auto_objective: head against transformers' own classifiers, one
+    unpadded prompt at a time: per candidate the share of prompts whose class
+    under the merge is model t's (model t's head on both), then the mean KL."""
+    from mergekit_tada.batches import tokenizer_for
+    from mergekit_tada.probe.agreement import GRID
+
+    for name, prompts in PROMPTS.items():
+        Path(f"{name}.txt").write_text("\n".join(prompts) + "\n")
+    cfg = config(*LABELS)
+    cfg["parameters"] = {"lossless": True, "lambda": "auto", "auto_objective": "head"}
+    for model in cfg["models"]:
+        model["parameters"] = {"data": f"{model['model'].split('+')[1]}.txt"}
+    out = Path(mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True))
+    search = json.loads((out / "merge_report.json").read_text())["training"][
+        "scale_search"
+    ]
+    assert search["objective"] == "head"
+
+    updates = {n: explicit_update(classifiers / n) for n in LABELS}
+    total: dict[str, torch.Tensor] = {}
+    for update in updates.values():
+        for module, delta in update.items():
+            total[module] = total.get(module, 0) + delta
+    tokenizer = tokenizer_for("base")
+
+    def classifier(name: str, update: dict[str, torch.Tensor], scale: float):
+        model = seq_cls(classifiers / "base", LABELS[name])
+        state = model.state_dict()
+        for module, delta in update.items():
+            key = f"{module}.weight"
+            state[key] = (state[key].double() + scale * delta).float()
+        state.update(head(classifiers / name))
+        model.load_state_dict(state)
+        return model
+
+    def log_probs(model, prompts):
+        with torch.no_grad():
+            rows = [
+                model(**tokenizer(p, return_tensors="pt")).logits[0] for p in prompts
+            ]
+        return torch.log_softmax(torch.stack(rows).double(), -1)
+
+    own = {n: log_probs(classifier(n, updates[n], 1.0), PROMPTS[n]) for n in LABELS}
+    expected = {}
+    for scale in GRID:
+        agreement, kl = [], []
+        for name in LABELS:
+            merged = log_probs(classifier(name, total, scale), PROMPTS[name])
+            p = own[name]
+            agreement.append(float((p.argmax(-1) == merged.argmax(-1)).double().mean()))
+            kl.append(float((p.exp() * (p - merged)).sum(-1).mean()))
+        expected[scale] = (sum(agreement) / 2, sum(kl) / 2)
+        got = search["candidates"][str(scale)]
+        assert got["agreement"] == pytest.approx(expected[scale][0], abs=1e-9)
+        assert got["kl"] == pytest.approx(expected[scale][1], rel=1e-4, abs=1e-9)
+    # the objective differs between candidates, so the choice means something
+    assert len({round(v[1], 6) for v in expected.values()}) == len(GRID)
+    best = min(GRID, key=lambda c: (-expected[c][0], expected[c][1], GRID.index(c)))
+    assert search["chosen"] == best
+
+
+def test_the_heads_objective_needs_every_head(classifiers):
+    Path("p.txt").write_text("\n".join(PROMPTS["lora-a"]) + "\n")
+    build_lora(
+        "base",
+        "lora-plain",
+        r=2,
+        seed=9,
+        task_type=None if model_type(classifiers) == "bert" else "CAUSAL_LM",
+        targets=json.loads(
+            (classifiers / "lora-a" / "adapter_config.json").read_text()
+        )["target_modules"],
+    )
+    cfg = config("lora-a", "lora-plain")
+    cfg["parameters"] = {"lambda": "auto", "auto_objective": "head"}
+    for model in cfg["models"]:
+        model["parameters"] = {"data": "p.txt"}
+    with pytest.raises(
+        TadaError,
+        match=r"auto_objective: head reads each model's classifier head .*lora-plain has none",
+    ):
+        mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True)

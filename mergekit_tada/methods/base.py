@@ -331,11 +331,11 @@ AUTO_SETTINGS = (
     Param("auto_max_length", int, SHARED, 128, "tokens per prompt for lambda: auto"),
     Param(
         "auto_objective",
-        Literal["tokens", "response"],
+        Literal["tokens", "response", "head"],
         SHARED,
         "tokens",
-        "what lambda: auto compares: every token of the prompts, or (causal LM) "
-        "the next token after each",
+        "what lambda: auto compares: every token of the prompts, (causal LM) "
+        "the next token after each, or (classifiers) each prompt's class",
     ),
     Param(
         "cache_dir",

@@ -15,7 +15,11 @@ block). The objective, per model on its own prompts, then averaged over models:
 * ``response``, a causal LM: at the end of each prompt only, where the answer
   begins (what an adapter trained on answers learned): the share of prompts
   whose most likely next token under the merge is model t's, ties broken by
-  the mean KL(p_t || p_c) there.
+  the mean KL(p_t || p_c) there;
+* ``head``, classifiers (PEFT SEQ_CLS adapters: each model's head in its
+  adapter): the same on each prompt's classes, model t's head on both, as
+  transformers' sequence classifier pools the states: the share of prompts
+  whose class under the merge is model t's, ties broken by the mean KL.
 
 Each candidate's value is a tuple, the smallest wins (ties: the earlier
 candidate). Runs on one thread, as the other passes: the choice must not
@@ -85,10 +89,12 @@ def agreement_pass(
 ) -> dict[float, tuple[float, ...]]:
     """The ``objective`` (module docstring) at every scale, for the merged
     update ``merged`` (module -> dW* at scale 1, factored): (value,) for
-    ``tokens``, (-agreement, KL) for ``response``."""
+    ``tokens``, (-agreement, KL) for ``response`` and ``head``."""
     device = torch.device(device)
     causal = is_causal_lm(base_path)
     response = objective == "response"  # a causal LM's (checked by the caller)
+    head = objective == "head"  # every model has one (checked by the caller)
+    decided = response or head  # agreement on one decision per prompt
     model = StreamedModel(
         base_path,
         device,
@@ -127,32 +133,43 @@ def agreement_pass(
         stem = model.stem_linear_modules()
         if causal and "lm_head" in hooks.targets:
             stem.append(("lm_head", model.root.get_output_embeddings()))
+        classifier = model.classifier() if head else None
+        distributions = causal or head  # KL between distributions
         with hooks.attached(iter(stem)):
             for c, (t, batch) in enumerate(chunks):
                 mask = batch.attention_mask.bool()
                 reference = None
+                if head and (c == 0 or chunks[c - 1][0] != t):
+                    model.set_head(
+                        classifier, adapters[t].head_tensors(), adapters[t].weights_path
+                    )
                 for v in range(len(variants)):  # the model's own output first
                     i = c * len(variants) + v
                     before(i)
-                    out = model.tail(batch, finals[i], head=causal)
-                    finals[i] = None  # freed as it is used
-                    states = out.logits if causal else out.last_hidden_state
-                    if response:  # each prompt's last token (right padding)
-                        last = mask.sum(1) - 1
-                        rows = states[torch.arange(len(last), device=device), last]
+                    if head:
+                        rows = model.logits(classifier, batch, finals[i])
                     else:
-                        rows = states[mask]
+                        out = model.tail(batch, finals[i], head=causal)
+                        states = out.logits if causal else out.last_hidden_state
+                        if response:  # each prompt's last token (right padding)
+                            last = mask.sum(1) - 1
+                            rows = states[torch.arange(len(last), device=device), last]
+                        else:
+                            rows = states[mask]
+                    finals[i] = None  # freed as it is used
                     rows = rows.double()
-                    if causal:
+                    if distributions:
                         rows = torch.log_softmax(rows, -1)
                     if reference is None:
                         reference = rows
-                        norms[t] += float(len(rows) if causal else rows.square().sum())
-                    elif causal:  # KL(p_t || p_c) summed over tokens
+                        norms[t] += float(
+                            len(rows) if distributions else rows.square().sum()
+                        )
+                    elif distributions:  # KL(p_t || p_c) summed over rows
                         sums[t][v - 1] += float(
                             (reference.exp() * (reference - rows)).sum()
                         )
-                        if response:
+                        if decided:
                             same = reference.argmax(-1) == rows.argmax(-1)
                             agree[t][v - 1] += float(same.sum())
                     else:
@@ -162,6 +179,6 @@ def agreement_pass(
         return sum(totals[t][k] / norms[t] for t in batches) / len(batches)
 
     return {
-        scale: (-mean(agree, k), mean(sums, k)) if response else (mean(sums, k),)
+        scale: (-mean(agree, k), mean(sums, k)) if decided else (mean(sums, k),)
         for k, scale in enumerate(scales)
     }

@@ -27,6 +27,8 @@ from mergekit_tada.methods.base import AUTO, AUTO_DATA, ModuleJob, RunInputs
 from mergekit_tada.run.plan import MergePlan, TensorPlan
 
 LOG = logging.getLogger(__name__)
+# objectives that count agreeing decisions (then KL): two values per candidate
+DECIDED = ("response", "head")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,14 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
             f"prompt, and the base {run.base_path} is not a causal LM: use "
             "auto_objective: tokens"
         )
+    if objective == "head":
+        headless = [label for label in data if not run.adapters[label].heads]
+        if headless:
+            raise TadaError(
+                f"{name}: auto_objective: head reads each model's classifier head "
+                "(a PEFT SEQ_CLS adapter's modules_to_save), and "
+                f"{run.adapters[headless[0]].path} has none: use auto_objective: tokens"
+            )
     device = torch.device(run.device)
     merged = {}
     for target in targets:
@@ -209,7 +219,8 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         "chosen": chosen,
         "by_default": by_default,  # key unset: auto because every model has data
         # kl: every token's (causal LM), hidden_states (encoder), response:
-        # the next token after each prompt (agreement, then KL)
+        # the next token after each prompt, head: each prompt's class
+        # (agreement, then KL)
         "objective": {"tokens": "kl" if causal else "hidden_states"}.get(
             objective, objective
         ),
@@ -231,7 +242,7 @@ def _cached_scores(
     found = cache.load(key, "scale")
     if found is None:
         return None
-    width = 2 if objective == "response" else 1
+    width = 2 if objective in DECIDED else 1
     try:
         scores = {c: tuple(float(x) for x in found[str(c)]) for c in grid}
         if len(found) != len(grid) or any(
@@ -253,7 +264,7 @@ def _cached_scores(
 
 def _rounded(value: tuple[float, ...], objective: str) -> float | dict:
     """A candidate's objective as the report gives it."""
-    if objective == "response":
+    if objective in DECIDED:
         return {
             "agreement": float(f"{-value[0]:.6g}"),
             "kl": float(f"{value[1]:.6g}"),
