@@ -34,18 +34,6 @@ class EndOfRun(Exception):
     are dropped (:meth:`StreamedModel.forward_blocks`): the rest is not needed."""
 
 
-class _Zeros(nn.Module):
-    """An input embedding that gives zeros: the blocks it feeds are recorders
-    that pass on the streamed states, so only the shape matters."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.width = width
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*ids.shape, self.width, device=ids.device)
-
-
 class _Recorder(nn.Module):
     """Stands in for block i: keeps the block's kwargs, passes hidden states on
     (as a 1-tuple where the model reads ``block(...)[0]``, as Falcon does)."""
@@ -442,58 +430,6 @@ class StreamedModel:
         zeros = torch.zeros(*ids.shape, final.shape[-1], device=self.device)
         with self.recorders({}, final, bool(self.blocks_return_tuples)):
             return (self.root if head else self.model)(inputs_embeds=zeros, **kwargs)
-
-    def classifier(self) -> nn.Module:
-        """The base's sequence classifier (transformers'
-        ``AutoModelForSequenceClassification``) around ``self.model``: its
-        head is set per model (:meth:`set_head`); padding is read from the
-        attention mask (pad id -1, which no token has)."""
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForSequenceClassification
-
-        config = copy.deepcopy(self.model.config)
-        config.pad_token_id = -1
-        with init_empty_weights(include_buffers=False):
-            task = AutoModelForSequenceClassification.from_config(config)
-        setattr(task, task.base_model_prefix, self.model)
-        return task.eval()
-
-    def set_head(self, task: nn.Module, head: dict[str, torch.Tensor], what: str):
-        """Give the classifier one model's head (name in the task model ->
-        weight); every weight of it must be given (``what`` names the adapter)."""
-        for name, weight in head.items():
-            module, _, param = name.rpartition(".")
-            try:
-                owner = task.get_submodule(module)
-            except AttributeError:
-                owner = None
-            if owner is None or param not in owner._parameters:
-                raise TadaError(
-                    f"{what}: head weight {name} is not a weight of "
-                    f"{type(task).__name__} ({self.what})"
-                )
-            owner._parameters[param] = nn.Parameter(
-                weight.to(self.device, torch.float32), requires_grad=False
-            )
-        backbone = task.base_model_prefix + "."
-        for name, param in task.named_parameters():
-            if param.is_meta and not name.startswith(backbone):
-                raise TadaError(
-                    f"{what}: {type(task).__name__}'s {name} is in neither the "
-                    "base nor the adapter (list its module in modules_to_save)"
-                )
-
-    def logits(self, task: nn.Module, batch: Batch, final: torch.Tensor):
-        """The classifier's logits on the streamed final states of one chunk."""
-        kwargs = batch.forward_kwargs()
-        kwargs["input_ids"] = batch.input_ids.masked_fill(batch.attention_mask == 0, -1)
-        embedding = self.model.get_input_embeddings()
-        self.model.set_input_embeddings(_Zeros(final.shape[-1]))
-        try:
-            with self.recorders({}, final, bool(self.blocks_return_tuples)):
-                return task(**kwargs).logits
-        finally:
-            self.model.set_input_embeddings(embedding)
 
     @contextlib.contextmanager
     def recorders(

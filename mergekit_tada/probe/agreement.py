@@ -28,6 +28,7 @@ depend on the thread count.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 
 from mergekit_tada.adapters import LoraAdapter
 from mergekit_tada.batches import Batch, is_causal_lm
+from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, single_thread
 from mergekit_tada.probe.calibration import ModuleHooks, large_allocations_unmapped
 from mergekit_tada.probe.grams import with_update
@@ -73,6 +75,77 @@ class _Variants(ModuleHooks):
                 return with_update(output, inputs[0], scaled)
 
         return add
+
+
+class _Zeros(nn.Module):
+    """An input embedding that gives zeros: the blocks it feeds are recorders
+    that pass on the streamed states, so only the shape matters."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*ids.shape, self.width, device=ids.device)
+
+
+def _classifier(model: StreamedModel) -> nn.Module:
+    """The base's sequence classifier (transformers'
+    ``AutoModelForSequenceClassification``) around the streamed model: its
+    head is set per model (:func:`_set_head`); padding is read from the
+    attention mask (pad id -1, which no token has)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(model.model.config)
+    config.pad_token_id = -1
+    with init_empty_weights(include_buffers=False):
+        task = AutoModelForSequenceClassification.from_config(config)
+    setattr(task, task.base_model_prefix, model.model)
+    return task.eval()
+
+
+def _set_head(
+    model: StreamedModel, task: nn.Module, head: dict[str, torch.Tensor], what: str
+) -> None:
+    """Give the classifier one model's head (name in the task model ->
+    weight); every weight of it must be given (``what`` names the adapter)."""
+    for name, weight in head.items():
+        module, _, param = name.rpartition(".")
+        try:
+            owner = task.get_submodule(module)
+        except AttributeError:
+            owner = None
+        if owner is None or param not in owner._parameters:
+            raise TadaError(
+                f"{what}: head weight {name} is not a weight of "
+                f"{type(task).__name__} ({model.what})"
+            )
+        owner._parameters[param] = nn.Parameter(
+            weight.to(model.device, torch.float32), requires_grad=False
+        )
+    backbone = task.base_model_prefix + "."
+    for name, param in task.named_parameters():
+        if param.is_meta and not name.startswith(backbone):
+            raise TadaError(
+                f"{what}: {type(task).__name__}'s {name} is in neither the "
+                "base nor the adapter (list its module in modules_to_save)"
+            )
+
+
+def _logits(
+    model: StreamedModel, task: nn.Module, batch: Batch, final: torch.Tensor
+) -> torch.Tensor:
+    """The classifier's logits on the streamed final states of one chunk."""
+    kwargs = batch.forward_kwargs()
+    kwargs["input_ids"] = batch.input_ids.masked_fill(batch.attention_mask == 0, -1)
+    embedding = model.model.get_input_embeddings()
+    model.model.set_input_embeddings(_Zeros(final.shape[-1]))
+    try:
+        with model.recorders({}, final, bool(model.blocks_return_tuples)):
+            return task(**kwargs).logits
+    finally:
+        model.model.set_input_embeddings(embedding)
 
 
 @large_allocations_unmapped()
@@ -133,21 +206,24 @@ def agreement_pass(
         stem = model.stem_linear_modules()
         if causal and "lm_head" in hooks.targets:
             stem.append(("lm_head", model.root.get_output_embeddings()))
-        classifier = model.classifier() if head else None
+        classifier = _classifier(model) if head else None
         distributions = causal or head  # KL between distributions
         with hooks.attached(iter(stem)):
             for c, (t, batch) in enumerate(chunks):
                 mask = batch.attention_mask.bool()
                 reference = None
                 if head and (c == 0 or chunks[c - 1][0] != t):
-                    model.set_head(
-                        classifier, adapters[t].head_tensors(), adapters[t].weights_path
+                    _set_head(
+                        model,
+                        classifier,
+                        adapters[t].head_tensors(),
+                        adapters[t].weights_path,
                     )
                 for v in range(len(variants)):  # the model's own output first
                     i = c * len(variants) + v
                     before(i)
                     if head:
-                        rows = model.logits(classifier, batch, finals[i])
+                        rows = _logits(model, classifier, batch, finals[i])
                     else:
                         out = model.tail(batch, finals[i], head=causal)
                         states = out.logits if causal else out.last_hidden_state

@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,12 +24,8 @@ from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 from mergekit_tada.methods import registry
 from mergekit_tada.run.folder import LOCK_NAME, STAGE_PREFIX, check_folder_name
-from mergekit_tada.run.outputs import (
-    ADAPTER_FILES,
-    CARD,
-    MANIFEST_NAME,
-    MERGEKIT_OUTPUTS,
-)
+from mergekit_tada.run.names import align_names, head_folders, renamed_modules
+from mergekit_tada.run.outputs import CARD, MANIFEST_NAME, MERGEKIT_OUTPUTS
 
 if TYPE_CHECKING:  # mergekit is imported only where its executor runs
     from mergekit.common import ModelReference
@@ -218,8 +213,10 @@ class MergePlan:
         self.adapters = {
             str(ref): LoraAdapter(ref.lora.path) for ref in refs if ref.lora is not None
         }
-        self._align_names()
-        self.heads = self._head_outputs()
+        align_names(self.adapters, self.headers.index.tensor_paths)
+        self.heads = head_folders(
+            self.adapters, self.base_path, self.headers.index.tensor_paths
+        )
         self.default_rank = max(a.max_rank for a in self.adapters.values())
         self.plans = self._plan()
         self._validate_plans()
@@ -364,7 +361,9 @@ class MergePlan:
             ) from None
         plans = {}
         capped: list[tuple[str, int, int]] = []
-        renamed = self._renamed_modules(planned)
+        renamed = renamed_modules(
+            self.adapters, planned, self.base_path, self.headers.index.tensor_paths
+        )
         for tensor in planned:
             sources = {}
             for label, names in tensor.input_names.items():
@@ -405,72 +404,6 @@ class MergePlan:
             )
         return plans
 
-    def _align_names(self) -> None:
-        """An adapter trained on a task model (PEFT's SEQ_CLS on
-        BertForSequenceClassification) names its modules under the model's
-        base-model attribute (``bert.encoder...``) where a checkpoint of the
-        bare encoder says ``encoder...``: read without that prefix."""
-        keys = self.headers.index.tensor_paths
-        for adapter in self.adapters.values():
-            names = list(adapter.modules)
-            if any(f"{m}.weight" in keys for m in names):
-                continue
-            firsts = {m.split(".", 1)[0] for m in names}
-            if len(firsts) != 1:
-                continue
-            prefix = firsts.pop() + "."
-            if all(f"{m.removeprefix(prefix)}.weight" in keys for m in names):
-                adapter.strip_prefix(prefix)
-
-    def _head_outputs(self) -> dict[str, str]:
-        """Input label -> the folder (in the adapter folder) of its head's
-        adapter, for every input whose ``modules_to_save`` holds a head. A
-        module the base has is refused: a full copy of a base weight has no
-        merge rule here."""
-        listed = {
-            label: a.config.get("modules_to_save") or []
-            for label, a in self.adapters.items()
-        }
-        if not any(listed.values()):
-            return {}
-        from mergekit_tada.streaming import meta_model
-
-        base_modules = {n for n, _ in meta_model(self.base_path).named_modules()}
-        base_modules |= {
-            k.rsplit(".", 1)[0] for k in self.headers.index.tensor_paths if "." in k
-        }
-        folders: dict[str, str] = {}
-        for label, adapter in self.adapters.items():
-            for entry in listed[label]:
-                hit = next(
-                    (
-                        m
-                        for m in sorted(base_modules)
-                        if m == entry or m.endswith(f".{entry}")
-                    ),
-                    None,
-                )
-                if hit is not None:
-                    raise TadaError(
-                        f"{adapter.config_path}: modules_to_save names {entry}, a "
-                        f"module of the base model ({hit} in {self.base_path}): a full "
-                        "copy of a base module has no merge rule here; only heads the "
-                        "base lacks (PEFT's SEQ_CLS classifier) are kept, one per input"
-                    )
-            if adapter.heads:
-                name = re.sub(
-                    r"[^A-Za-z0-9._-]", "_", os.path.basename(adapter.path.rstrip("/"))
-                )
-                name = name.lstrip(".") or "head"
-                if name in ADAPTER_FILES:
-                    name += "-head"
-                unique, n = name, 1
-                while unique in folders.values():
-                    n += 1
-                    unique = f"{name}-{n}"
-                folders[label] = unique
-        return folders
-
     def base_gives(self, name: str) -> bool:
         """Whether mergekit's loader gets weight ``name`` from the base's
         checkpoint, by name or through transformers' conversion (MoE experts
@@ -484,27 +417,6 @@ class MergePlan:
         with open(os.path.join(self.base_path, "config.json"), encoding="utf-8") as fh:
             model_type = json.load(fh).get("model_type")
         return model_type, set(self.headers.index.tensor_paths)
-
-    def _renamed_modules(self, planned) -> dict[str, str]:
-        """Checkpoint module -> the name transformers, and so PEFT, gives it on
-        load, where they differ (gpt_neox's ``embed_out`` is ``lm_head``):
-        looked up only when an adapter names a module no planned tensor has."""
-        names = {n for t in planned for ns in t.input_names.values() for n in ns}
-        if all(
-            f"{m}.weight" in names for a in self.adapters.values() for m in a.modules
-        ):
-            return {}
-        from mergekit_tada.streaming import renamed_on_load
-
-        try:
-            renamed = renamed_on_load(self.base_path, self.headers.index.tensor_paths)
-        except (OSError, ValueError, KeyError):  # no config transformers reads
-            return {}
-        return {
-            key.removesuffix(".weight"): name.removesuffix(".weight")
-            for key, name in renamed.items()
-            if key.endswith(".weight") and name.endswith(".weight")
-        }
 
     def _capped_rank(
         self,

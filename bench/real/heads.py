@@ -1,0 +1,241 @@
+"""MiniLM classifiers as PEFT saves them: `lambda: auto` reading the heads.
+
+The MiniLM protocol (minilm.py) keeps each task's head beside its adapter,
+on mean-pooled states, which no transformers class reads; here each task is
+a PEFT ``SEQ_CLS`` adapter of ``BertForSequenceClassification`` (the LoRA on
+the same projections, the head in ``modules_to_save``, the same data, steps
+and learning rate), merged by the package, which writes each task's head
+beside the merged LoRA (``out/adapter/<task>/``), and scored through
+``PeftModel.from_pretrained`` on ``AutoModelForSequenceClassification``:
+the path a user takes. Per rule and seed: every scale of the grid (the
+label-tuned c* is the best on the validation rows), ``lambda: auto`` with
+``auto_objective: tokens`` and with ``head``. Normalised accuracy: the mean
+over tasks of the merge's test accuracy over the task adapter's own.
+
+    python bench/real/heads.py --seeds 0 1 2
+
+Results: docs/quality-real-heads.json (one entry per seed, written as each
+finishes); ``--table`` prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from data import TASKS  # noqa: E402
+from minilm import TARGETS, label_index, minilm_folder  # noqa: E402
+from train import save_adapter, step  # noqa: E402
+
+WORK = HERE.parent / "work" / "real"
+RESULTS = HERE.parent.parent / "docs" / "quality-real-heads.json"
+GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # lambda: auto's candidates
+RULES = {  # rule -> its global scale's key and settings (as the other tables)
+    "lora_task_arithmetic": ("lambda", {}),
+    "lora_tsv_m": ("alpha", {"match_norm": "none"}),
+    "lora_wudi": ("lambda", {"match_norm": "none"}),
+    "lora_iso_c": ("lambda", {}),
+}
+
+
+def rows(task: str, split: str) -> list[dict]:
+    data = [json.loads(x) for x in (WORK / f"data/{task}.jsonl").open()]
+    return [r for r in data if r["split"] == split]
+
+
+def classifier(task: str):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        minilm_folder(), dtype=torch.float32, num_labels=len(TASKS[task].classes)
+    )
+
+
+def train(task: str, seed: int, out: Path, epochs: int = 3) -> Path:
+    """minilm.train_with_head's loop on PEFT's SEQ_CLS model (its own head)."""
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    if (out / "adapter_model.safetensors").exists():
+        return out
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    model = get_peft_model(
+        classifier(task),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=TARGETS,
+            lora_dropout=0.0,
+            task_type="SEQ_CLS",
+        ),
+    )
+    train_rows = rows(task, "train")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-3)
+    generator = torch.Generator().manual_seed(seed)
+    labels = label_index(task, train_rows)
+    bar = tqdm(total=epochs * ((len(train_rows) + 31) // 32), desc=f"train {task}")
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train_rows), generator=generator).tolist()
+        for i in range(0, len(order), 32):
+            idx = order[i : i + 32]
+            batch = tokenizer(
+                [train_rows[j]["text"] for j in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=128,
+            )
+            loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels[idx])
+            step(optimizer, loss, bar)
+    bar.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_adapter(model, out)
+
+
+@torch.inference_mode()
+def accuracy(adapter: Path, task: str, split: str) -> float:
+    """The task's accuracy with this PEFT classifier adapter (real load)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    model = PeftModel.from_pretrained(classifier(task), adapter).eval()
+    data = rows(task, split)
+    correct = 0
+    for i in range(0, len(data), 64):
+        chunk = data[i : i + 64]
+        batch = tokenizer(
+            [r["text"] for r in chunk],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=128,
+        )
+        predicted = model(**batch).logits.argmax(-1)
+        correct += int((predicted == label_index(task, chunk)).sum())
+    return correct / len(data)
+
+
+def merge(folder: Path, adapters: dict[str, Path], rule: str, params: dict) -> dict:
+    """The package's adapter-only merge (cached by folder); its report."""
+    import mergekit_tada
+
+    report = folder / "merge_report.json"
+    if not report.exists():
+        config = {
+            "merge_method": rule,
+            "base_model": str(minilm_folder()),
+            "models": [
+                {
+                    "model": f"{minilm_folder()}+{path}",
+                    "parameters": {"data": str(path.parent / f"data-{task}.jsonl")},
+                }
+                for task, path in adapters.items()
+            ],
+            "parameters": {"rank": 40, **params},
+            "dtype": "float32",
+        }
+        mergekit_tada.merge(config, str(folder), quiet=True, adapter_only=True)
+    return json.loads(report.read_text())
+
+
+def normalised(scores: dict[str, float], own: dict[str, float]) -> float:
+    return 100 * statistics.mean(scores[t] / own[t] for t in own)
+
+
+def run_seed(seed: int) -> dict:
+    root = WORK / "full" / "minilm_cls" / f"seed{seed}"
+    prompts = WORK / "full" / "minilm" / f"seed{seed}"  # the MiniLM rows' prompts
+    adapters = {}
+    for task in TASKS:
+        adapters[task] = train(task, seed, root / task)
+        data = root / f"data-{task}.jsonl"
+        if not data.exists():
+            data.write_text((prompts / f"data-{task}.jsonl").read_text())
+    own = {t: accuracy(p, t, "test") for t, p in adapters.items()}
+    own_val = {t: accuracy(p, t, "val") for t, p in adapters.items()}
+    result = {"seed": seed, "own": own, "rules": {}}
+    for rule, (key, settings) in RULES.items():
+        start = time.perf_counter()
+        scored = {}
+        for c in GRID:
+            out = root / "merges" / f"{rule}-{c}"
+            merge(out, adapters, rule, {**settings, key: c})
+            scored[c] = {
+                split: normalised(
+                    {t: accuracy(out / "adapter" / t, t, split) for t in TASKS},
+                    own if split == "test" else own_val,
+                )
+                for split in ("val", "test")
+            }
+        tuned = max(GRID, key=lambda c: (scored[c]["val"], -GRID.index(c)))
+        row = {
+            "test": {str(c): round(scored[c]["test"], 2) for c in GRID},
+            "tuned": tuned,
+        }
+        for objective in ("tokens", "head"):
+            out = root / "merges" / f"{rule}-auto-{objective}"
+            report = merge(
+                out,
+                adapters,
+                rule,
+                {**settings, key: "auto", "auto_objective": objective},
+            )
+            search = report["training"]["scale_search"]
+            row[f"auto {objective}"] = search["chosen"]
+            row[f"auto {objective} s"] = search["seconds"]
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        result["rules"][rule] = row
+        print(json.dumps({rule: row}), flush=True)
+    return result
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| seed | rule | c = 1 | tokens: c (score) | head: c (score) | c* (labels): c (score) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, result in sorted(results.items()):
+        for rule, row in result["rules"].items():
+            at = row["test"]
+            cells = [
+                f"{row[k]:g} ({at[str(row[k])]:.1f})"
+                for k in ("auto tokens", "auto head", "tuned")
+            ]
+            lines.append(
+                f"| {seed} | {rule} | {at['1.0']:.1f} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--table", action="store_true", help="print the results")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if not args.table:
+        for seed in args.seeds:
+            results[str(seed)] = run_seed(seed)
+            tmp = RESULTS.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            tmp.replace(RESULTS)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
