@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tada_config
 
 import mergekit_tada
@@ -405,3 +406,36 @@ def test_refused_input_folder_is_left_as_found(work):
     with pytest.raises(TadaError, match=r"output folder lora-task is the adapter of"):
         mergekit_tada.merge(tada_config(), "lora-task", quiet=True)
     assert sorted(os.listdir("lora-task/")) == before
+
+
+def test_a_second_merge_in_one_process_reads_its_own_base(tmp_path, monkeypatch):
+    """Two merges in one process, each from a folder of its own with a base
+    at the same relative path: the second reads its base, not the first's
+    (mergekit keeps its loaders by model reference for the process)."""
+    from conftest import assert_adapter_matches_model, load_weights
+
+    from mergekit_tada.toy import build_llama, build_lora
+
+    for n, seed in (("one", 0), ("two", 5)):
+        folder = tmp_path / n
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        build_llama("base", seed=seed)
+        build_lora("base", "lora-a", r=2, seed=seed + 1)
+        build_lora("base", "lora-b", r=2, seed=seed + 2)
+        config = {
+            "merge_method": "lora_task_arithmetic",
+            "base_model": "base",
+            "models": [{"model": "base+lora-a"}, {"model": "base+lora-b"}],
+            "dtype": "float32",
+        }
+        mergekit_tada.merge(config, "out", quiet=True)
+        assert_adapter_matches_model("out")
+    base, first = (
+        load_weights(tmp_path / "two" / "base"),
+        load_weights(tmp_path / "one" / "base"),
+    )
+    written = load_weights(tmp_path / "two" / "out")
+    name = "model.embed_tokens.weight"  # no LoRA: the base's own
+    assert not torch.equal(base[name], first[name])
+    assert torch.equal(written[name], base[name])
