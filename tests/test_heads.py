@@ -280,3 +280,17 @@ def test_the_heads_objective_needs_every_head(classifiers):
         match=r"auto_objective: head reads each model's classifier head .*lora-plain has none",
     ):
         mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True)
+
+
+def test_a_classifier_in_an_adapter_library(classifiers):
+    """Retrieval's library takes a classifier as the merge does: its modules
+    read under the checkpoint's names (what composing merges)."""
+    from mergekit_tada.loading import HeaderIndex
+    from mergekit_tada.retrieval.index import check_entry
+    from mergekit_tada.retrieval.library import LibraryEntry
+
+    entry = LibraryEntry(name="a", path="lora-a", samples="p.txt")
+    adapter = check_entry(entry, HeaderIndex("base"), "base")
+    assert adapter.heads and adapter.modules
+    keys = HeaderIndex("base").index.tensor_paths
+    assert all(f"{m}.weight" in keys for m in adapter.modules)

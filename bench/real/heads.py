@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,10 +30,11 @@ from pathlib import Path
 
 import torch
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # a load report per task
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from data import TASKS  # noqa: E402
+from data import MULTITASK, TASKS  # noqa: E402
 from minilm import TARGETS, label_index, minilm_folder  # noqa: E402
 from train import save_adapter, step  # noqa: E402
 
@@ -44,6 +46,7 @@ RULES = {  # rule -> its global scale's key and settings (as the other tables)
     "lora_tsv_m": ("alpha", {"match_norm": "none"}),
     "lora_wudi": ("lambda", {"match_norm": "none"}),
     "lora_iso_c": ("lambda", {}),
+    "lora_regmean": ("lambda", {}),  # the default given prompts (64 per model)
 }
 
 
@@ -160,7 +163,7 @@ def run_seed(seed: int) -> dict:
     root = WORK / "full" / "minilm_cls" / f"seed{seed}"
     prompts = WORK / "full" / "minilm" / f"seed{seed}"  # the MiniLM rows' prompts
     adapters = {}
-    for task in TASKS:
+    for task in MULTITASK:
         adapters[task] = train(task, seed, root / task)
         data = root / f"data-{task}.jsonl"
         if not data.exists():
@@ -176,7 +179,7 @@ def run_seed(seed: int) -> dict:
             merge(out, adapters, rule, {**settings, key: c})
             scored[c] = {
                 split: normalised(
-                    {t: accuracy(out / "adapter" / t, t, split) for t in TASKS},
+                    {t: accuracy(out / "adapter" / t, t, split) for t in MULTITASK},
                     own if split == "test" else own_val,
                 )
                 for split in ("val", "test")

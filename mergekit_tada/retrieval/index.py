@@ -31,6 +31,7 @@ from mergekit_tada.errors import TadaError
 from mergekit_tada.loading import HeaderIndex
 from mergekit_tada.retrieval.library import Library, LibraryEntry, load_library
 from mergekit_tada.retrieval.store import Embedder, Store, library_state, save_state
+from mergekit_tada.run.names import align_names
 from mergekit_tada.texts import read_texts
 
 LOG = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def check_entry(entry: LibraryEntry, base: HeaderIndex, base_path: str) -> LoraA
             f"library entry {entry.name}: adapter {entry.path}: no such folder"
         )
     adapter = LoraAdapter(entry.path)
+    align_names({entry.name: adapter}, base.index.tensor_paths)  # a classifier's
     for module, spec in adapter.modules.items():
         name = base.resolve([module + ".weight"])
         shape = base.meta(name)[0] if name else None
