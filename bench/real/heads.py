@@ -48,6 +48,8 @@ RULES = {  # rule -> its global scale's key and settings (as the other tables)
     "lora_iso_c": ("lambda", {}),
     "lora_regmean": ("lambda", {}),  # the default given prompts (64 per model)
 }
+# lambda: auto's objectives, each on 16 and 64 prompts per model
+AUTO = (("tokens", 16), ("head", 16), ("tokens", 64), ("head", 64))
 
 
 def rows(task: str, split: str) -> list[dict]:
@@ -189,17 +191,23 @@ def run_seed(seed: int) -> dict:
             "test": {str(c): round(scored[c]["test"], 2) for c in GRID},
             "tuned": tuned,
         }
-        for objective in ("tokens", "head"):
-            out = root / "merges" / f"{rule}-auto-{objective}"
+        for objective, samples in AUTO:
+            name = f"{objective}" + ("" if samples == 16 else f" {samples}")
+            out = root / "merges" / f"{rule}-auto-{name.replace(' ', '-')}"
             report = merge(
                 out,
                 adapters,
                 rule,
-                {**settings, key: "auto", "auto_objective": objective},
+                {
+                    **settings,
+                    key: "auto",
+                    "auto_objective": objective,
+                    "auto_samples": samples,
+                },
             )
             search = report["training"]["scale_search"]
-            row[f"auto {objective}"] = search["chosen"]
-            row[f"auto {objective} s"] = search["seconds"]
+            row[f"auto {name}"] = search["chosen"]
+            row[f"auto {name} s"] = search["seconds"]
         row["seconds"] = round(time.perf_counter() - start, 1)
         result["rules"][rule] = row
         print(json.dumps({rule: row}), flush=True)
@@ -207,16 +215,19 @@ def run_seed(seed: int) -> dict:
 
 
 def table(results: dict) -> str:
+    columns = [f"auto {o}" + ("" if n == 16 else f" {n}") for o, n in AUTO]
     lines = [
-        "| seed | rule | c = 1 | tokens: c (score) | head: c (score) | c* (labels): c (score) |",
-        "|---|---|---|---|---|---|",
+        "| seed | rule | c = 1 | "
+        + " | ".join(c.removeprefix("auto ") for c in columns)
+        + " | c* (labels) |",
+        "|---|---|---|" + "---|" * len(columns) + "---|",
     ]
     for seed, result in sorted(results.items()):
         for rule, row in result["rules"].items():
             at = row["test"]
             cells = [
-                f"{row[k]:g} ({at[str(row[k])]:.1f})"
-                for k in ("auto tokens", "auto head", "tuned")
+                f"{row[k]:g} ({at[str(row[k])]:.1f})" if k in row else "–"
+                for k in (*columns, "tuned")
             ]
             lines.append(
                 f"| {seed} | {rule} | {at['1.0']:.1f} | " + " | ".join(cells) + " |"
