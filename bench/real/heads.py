@@ -41,12 +41,14 @@ from train import save_adapter, step  # noqa: E402
 WORK = HERE.parent / "work" / "real"
 RESULTS = HERE.parent.parent / "docs" / "quality-real-heads.json"
 GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # lambda: auto's candidates
-RULES = {  # rule -> its global scale's key and settings (as the other tables)
-    "lora_task_arithmetic": ("lambda", {}),
-    "lora_tsv_m": ("alpha", {"match_norm": "none"}),
-    "lora_wudi": ("lambda", {"match_norm": "none"}),
-    "lora_iso_c": ("lambda", {}),
-    "lora_regmean": ("lambda", {}),  # the default given prompts (64 per model)
+RULES = {  # row -> (method, its global scale's key, settings), as the other tables
+    "lora_task_arithmetic": ("lora_task_arithmetic", "lambda", {}),
+    "lora_tsv_m": ("lora_tsv_m", "alpha", {"match_norm": "none"}),
+    "lora_wudi": ("lora_wudi", "lambda", {"match_norm": "none"}),
+    "lora_iso_c": ("lora_iso_c", "lambda", {}),
+    # the default given prompts (64 per model), and RegMean++
+    "lora_regmean": ("lora_regmean", "lambda", {}),
+    "regmean merged": ("lora_regmean", "lambda", {"grams": "merged"}),
 }
 # lambda: auto's objectives, each on 16 and 64 prompts per model
 AUTO = (("tokens", 16), ("head", 16), ("tokens", 64), ("head", 64))
@@ -173,12 +175,12 @@ def run_seed(seed: int) -> dict:
     own = {t: accuracy(p, t, "test") for t, p in adapters.items()}
     own_val = {t: accuracy(p, t, "val") for t, p in adapters.items()}
     result = {"seed": seed, "own": own, "rules": {}}
-    for rule, (key, settings) in RULES.items():
+    for rule, (method, key, settings) in RULES.items():
         start = time.perf_counter()
         scored = {}
         for c in GRID:
-            out = root / "merges" / f"{rule}-{c}"
-            merge(out, adapters, rule, {**settings, key: c})
+            out = root / "merges" / f"{rule.replace(' ', '-')}-{c}"
+            merge(out, adapters, method, {**settings, key: c})
             scored[c] = {
                 split: normalised(
                     {t: accuracy(out / "adapter" / t, t, split) for t in MULTITASK},
@@ -193,11 +195,11 @@ def run_seed(seed: int) -> dict:
         }
         for objective, samples in AUTO:
             name = f"{objective}" + ("" if samples == 16 else f" {samples}")
-            out = root / "merges" / f"{rule}-auto-{name.replace(' ', '-')}"
+            out = root / "merges" / f"{rule}-auto-{name}".replace(" ", "-")
             report = merge(
                 out,
                 adapters,
-                rule,
+                method,
                 {
                     **settings,
                     key: "auto",
