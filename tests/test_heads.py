@@ -69,17 +69,18 @@ def classifiers(request, tmp_path) -> Path:
     os.chdir(tmp_path)
     if request.param == "bert":
         build_encoder("base", "bert")
-        targets = ("query", "value", "dense")
+        targets = (("query", "value", "dense"), ("query", "key", "dense"))
     else:
         build_llama("base", seed=3)
-        targets = ("q_proj", "v_proj", "down_proj")
+        targets = (("q_proj", "v_proj", "down_proj"), ("q_proj", "k_proj", "down_proj"))
+    # other targets, other ranks: the written adapters have a rank_pattern
     for seed, (name, labels) in enumerate(LABELS.items(), start=1):
         build_lora(
             "base",
             name,
             r=2 + seed,
             seed=seed,
-            targets=targets,
+            targets=targets[seed - 1],
             task_type="SEQ_CLS",
             num_labels=labels,
         )
@@ -117,7 +118,7 @@ def test_each_input_keeps_its_head(classifiers):
         reference.load_state_dict(state)
         folder = out / "adapter" / name
         written = json.loads((folder / "adapter_config.json").read_text())
-        assert written["task_type"] == "SEQ_CLS"
+        assert written["task_type"] == "SEQ_CLS" and written["rank_pattern"]
         assert written["modules_to_save"] == ["classifier", "score"]
         merged = PeftModel.from_pretrained(
             seq_cls(classifiers / "base", labels), folder

@@ -159,6 +159,15 @@ def merge(folder: Path, adapters: dict[str, Path], rule: str, params: dict) -> d
     return json.loads(report.read_text())
 
 
+def scores(merged: Path, split: str) -> dict[str, float]:
+    """Each task's accuracy with its head on the merge (kept in the folder)."""
+    path = merged / f"scores-{split}.json"
+    if not path.exists():
+        found = {t: accuracy(merged / "adapter" / t, t, split) for t in MULTITASK}
+        path.write_text(json.dumps(found))
+    return json.loads(path.read_text())
+
+
 def normalised(scores: dict[str, float], own: dict[str, float]) -> float:
     return 100 * statistics.mean(scores[t] / own[t] for t in own)
 
@@ -183,8 +192,7 @@ def run_seed(seed: int) -> dict:
             merge(out, adapters, method, {**settings, key: c})
             scored[c] = {
                 split: normalised(
-                    {t: accuracy(out / "adapter" / t, t, split) for t in MULTITASK},
-                    own if split == "test" else own_val,
+                    scores(out, split), own if split == "test" else own_val
                 )
                 for split in ("val", "test")
             }
