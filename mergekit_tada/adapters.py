@@ -271,9 +271,8 @@ class LoraAdapter:
         if ".lora_" in name or name.endswith(".base_layer.weight"):
             return None
         parts = name.split(".")[:-1]
-        for i in range(1, len(parts) + 1):
-            path = ".".join(parts[:i])
-            if any(path == m or path.endswith(f".{m}") for m in saved):
+        for i in range(1, len(parts) + 1):  # PEFT's match: the name ends so
+            if any(".".join(parts[:i]).endswith(m) for m in saved):
                 return name
         return None
 

@@ -295,3 +295,40 @@ def test_a_classifier_in_an_adapter_library(classifiers):
     assert adapter.heads and adapter.modules
     keys = HeaderIndex("base").index.tensor_paths
     assert all(f"{m}.weight" in keys for m in adapter.modules)
+
+
+def test_a_head_that_misses_a_weight_of_the_classifier(tmp_path):
+    """DistilBERT's classifier reads a pre_classifier, which PEFT's SEQ_CLS
+    saves with the classifier (modules_to_save match by name ending): an
+    adapter without it (rewritten by hand here) still merges, and the head
+    objective, which cannot run its classifier, says so in one line."""
+    from safetensors.torch import save_file
+
+    os.chdir(tmp_path)
+    build_encoder("base", "distilbert")
+    for seed, name in enumerate(LABELS, start=1):
+        build_lora(
+            "base",
+            name,
+            r=2,
+            seed=seed,
+            targets=("q_lin", "v_lin"),
+            task_type="SEQ_CLS",
+        )
+        Path(f"{name}.txt").write_text("\n".join(PROMPTS[name]) + "\n")
+    weights = load_file("lora-a/adapter_model.safetensors")
+    assert "base_model.model.pre_classifier.weight" in weights
+    kept = {k: v for k, v in weights.items() if "pre_classifier" not in k}
+    save_file(kept, "lora-a/adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = config(*LABELS)
+    out = Path(mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True))
+    assert (out / "adapter" / "lora-a" / "adapter_model.safetensors").exists()
+    cfg["parameters"] = {"lambda": "auto", "auto_objective": "head"}
+    for model in cfg["models"]:
+        model["parameters"] = {"data": f"{model['model'].split('+')[1]}.txt"}
+    with pytest.raises(
+        TadaError,
+        match=r"lora-a/adapter_model.safetensors: DistilBertForSequenceClassification's "
+        r"pre_classifier.weight is in neither the base nor the adapter",
+    ):
+        mergekit_tada.merge(cfg, "out2", quiet=True, adapter_only=True)

@@ -242,6 +242,19 @@ def table(results: dict) -> str:
             lines.append(
                 f"| {seed} | {rule} | {at['1.0']:.1f} | " + " | ".join(cells) + " |"
             )
+    rules = dict.fromkeys(r for result in results.values() for r in result["rules"])
+    for rule in rules:  # each column's mean score over the seeds that have it all
+        rows = [r["rules"][rule] for r in results.values() if rule in r["rules"]]
+        cells = [
+            f"{statistics.mean(r['test'][str(r[k])] for r in rows):.1f}"
+            if all(k in r for r in rows)
+            else "–"
+            for k in (*columns, "tuned")
+        ]
+        c1 = statistics.mean(r["test"]["1.0"] for r in rows)
+        lines.append(
+            f"| mean of {len(rows)} | {rule} | {c1:.1f} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 

@@ -53,14 +53,8 @@ def head_folders(
     folders: dict[str, str] = {}
     for label, adapter in adapters.items():
         for entry in listed[label]:
-            hit = next(
-                (
-                    m
-                    for m in sorted(base_modules)
-                    if m == entry or m.endswith(f".{entry}")
-                ),
-                None,
-            )
+            # PEFT wraps every module whose name ends so
+            hit = next((m for m in sorted(base_modules) if m.endswith(entry)), None)
             if hit is not None:
                 raise TadaError(
                     f"{adapter.config_path}: modules_to_save names {entry}, a "
