@@ -44,6 +44,7 @@ GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # lambda: auto's candidates
 RULES = {  # row -> (method, its global scale's key, settings), as the other tables
     "lora_task_arithmetic": ("lora_task_arithmetic", "lambda", {}),
     "lora_tsv_m": ("lora_tsv_m", "alpha", {"match_norm": "none"}),
+    "tsv_m mean": ("lora_tsv_m", "alpha", {"match_norm": "mean"}),  # README's
     "lora_wudi": ("lora_wudi", "lambda", {"match_norm": "none"}),
     "lora_iso_c": ("lora_iso_c", "lambda", {}),
     # the default given prompts (64 per model), and RegMean++
