@@ -332,3 +332,37 @@ def test_a_head_that_misses_a_weight_of_the_classifier(tmp_path):
         r"pre_classifier.weight is in neither the base nor the adapter",
     ):
         mergekit_tada.merge(cfg, "out2", quiet=True, adapter_only=True)
+
+
+def test_classifiers_default_to_their_heads(classifiers):
+    """Where every model is a classifier, lambda: auto (task arithmetic's
+    default given data) compares the heads' decisions on 64 prompts per
+    model; with one model without a head, every token on 16."""
+    lines = [f"the protein {i} binds the cell" for i in range(70)]
+    Path("many.txt").write_text("\n".join(lines) + "\n")
+
+    def search(*names: str) -> dict:
+        cfg = config(*names)
+        cfg["parameters"] = {}
+        for model in cfg["models"]:
+            model["parameters"] = {"data": "many.txt"}
+        out = Path(mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True))
+        report = json.loads((out / "merge_report.json").read_text())
+        return report["training"]["scale_search"]
+
+    found = search(*LABELS)
+    assert found["by_default"] and found["objective"] == "head"
+    assert found["prompts"] == dict.fromkeys(found["prompts"], 64)
+    assert set(found["candidates"]["1.0"]) == {"agreement", "kl"}
+    targets = json.loads((classifiers / "lora-a" / "adapter_config.json").read_text())
+    build_lora(
+        "base",
+        "lora-plain",
+        r=2,
+        seed=9,
+        targets=targets["target_modules"],
+        task_type=None if model_type(classifiers) == "bert" else "CAUSAL_LM",
+    )
+    found = search("lora-a", "lora-plain")
+    assert found["objective"] in ("kl", "hidden_states")
+    assert found["prompts"] == dict.fromkeys(found["prompts"], 16)

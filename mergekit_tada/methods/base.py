@@ -327,15 +327,23 @@ def scale_param(key: str = "lambda", auto_by_default: bool = False) -> Param:
 # what lambda: auto reads (RegMean's own data and settings are its own)
 AUTO_DATA = Param("data", str | None, NON_BASE, None, "prompts file (lambda: auto)")
 AUTO_SETTINGS = (
-    Param("auto_samples", int, SHARED, 16, "prompts per model read by lambda: auto"),
+    Param(
+        "auto_samples",
+        int | None,
+        SHARED,
+        None,
+        "prompts per model read by lambda: auto (unset: 64 for the head "
+        "objective, one decision per prompt, else 16)",
+    ),
     Param("auto_max_length", int, SHARED, 128, "tokens per prompt for lambda: auto"),
     Param(
         "auto_objective",
-        Literal["tokens", "response", "head"],
+        Literal["tokens", "response", "head"] | None,
         SHARED,
-        "tokens",
+        None,
         "what lambda: auto compares: every token of the prompts, (causal LM) "
-        "the next token after each, or (classifiers) each prompt's class",
+        "the next token after each, or (classifiers) each prompt's class "
+        "(unset: head where every model is a classifier, else tokens)",
     ),
     Param(
         "cache_dir",

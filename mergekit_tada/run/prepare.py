@@ -141,6 +141,12 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
 
     causal = is_causal_lm(run.base_path)
     objective = settings["auto_objective"]
+    if objective is None:  # classifiers are compared on their decisions
+        classifiers = all(run.adapters[label].heads for label in data)
+        objective = "head" if classifiers else "tokens"
+    samples = settings["auto_samples"]
+    if samples is None:  # one decision per prompt: more prompts than tokens
+        samples = 64 if objective == "head" else 16
     if objective == "response" and not causal:
         raise TadaError(
             f"{name}: auto_objective: response reads the next token after each "
@@ -167,9 +173,7 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
     batches = {
         label: make_batches(
             tokenizer,
-            read_texts(
-                path, f"{name}: data of {label}", limit=settings["auto_samples"]
-            ),
+            read_texts(path, f"{name}: data of {label}", limit=samples),
             settings["auto_max_length"],
             8,
             f"{name}: data of {label} ({path})",
