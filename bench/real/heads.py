@@ -35,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from data import MULTITASK, TASKS  # noqa: E402
-from minilm import TARGETS, label_index, minilm_folder  # noqa: E402
-from train import save_adapter, step  # noqa: E402
+from minilm import TARGETS, fit, label_index, minilm_folder  # noqa: E402
+from train import save_adapter  # noqa: E402
 
 WORK = HERE.parent / "work" / "real"
 RESULTS = HERE.parent.parent / "docs" / "quality-real-heads.json"
@@ -71,7 +71,6 @@ def classifier(task: str):
 def train(task: str, seed: int, out: Path, epochs: int = 3) -> Path:
     """minilm.train_with_head's loop on PEFT's SEQ_CLS model (its own head)."""
     from peft import LoraConfig, get_peft_model
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     if (out / "adapter_model.safetensors").exists():
@@ -88,27 +87,17 @@ def train(task: str, seed: int, out: Path, epochs: int = 3) -> Path:
             task_type="SEQ_CLS",
         ),
     )
-    train_rows = rows(task, "train")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    labels = label_index(task, train_rows)
-    bar = tqdm(total=epochs * ((len(train_rows) + 31) // 32), desc=f"train {task}")
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(train_rows), generator=generator).tolist()
-        for i in range(0, len(order), 32):
-            idx = order[i : i + 32]
-            batch = tokenizer(
-                [train_rows[j]["text"] for j in idx],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=128,
-            )
-            loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels[idx])
-            step(optimizer, loss, bar)
-    bar.close()
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA, head
+    fit(
+        model,
+        params,
+        lambda batch: model(**batch).logits,
+        tokenizer,
+        task,
+        rows(task, "train"),
+        seed,
+        epochs,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_adapter(model, out)
 

@@ -92,28 +92,12 @@ def head_file(out: Path, task: str) -> Path:
     return out.parent / f"head-{task}.safetensors"
 
 
-def train_with_head(
-    base: Path, out: Path, task: str, rows: list[dict], seed: int, epochs: int = 3
-) -> Path:
-    """A LoRA on the encoder and a linear head for ``task``, trained together;
-    the adapter is a PEFT folder at ``out``, the head ``out``/../head-<task>.safetensors."""
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
+def fit(model, params, logits, tokenizer, task, rows, seed: int, epochs: int) -> None:
+    """AdamW (lr 2e-3) on ``params``, ``epochs`` passes over ``rows`` in
+    batches of 32 (order seeded), cross-entropy of ``logits(batch)``."""
     from tqdm import tqdm
-    from transformers import AutoModel, AutoTokenizer
 
-    head_path = head_file(out, task)
-    if (out / "adapter_model.safetensors").exists() and head_path.exists():
-        return out
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = get_peft_model(
-        AutoModel.from_pretrained(base, dtype=torch.float32),
-        LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0),
-    )
-    head = torch.nn.Linear(model.config.hidden_size, len(TASKS[task].classes))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params + list(head.parameters()), lr=2e-3)
+    optimizer = torch.optim.AdamW(params, lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
     labels = label_index(task, rows)
     steps = epochs * ((len(rows) + 31) // 32)
@@ -130,11 +114,41 @@ def train_with_head(
                 truncation=True,
                 max_length=128,
             )
-            loss = torch.nn.functional.cross_entropy(
-                head(mean_pool(model, batch)), labels[idx]
-            )
+            loss = torch.nn.functional.cross_entropy(logits(batch), labels[idx])
             step(optimizer, loss, bar)
     bar.close()
+
+
+def train_with_head(
+    base: Path, out: Path, task: str, rows: list[dict], seed: int, epochs: int = 3
+) -> Path:
+    """A LoRA on the encoder and a linear head for ``task``, trained together;
+    the adapter is a PEFT folder at ``out``, the head ``out``/../head-<task>.safetensors."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModel, AutoTokenizer
+
+    head_path = head_file(out, task)
+    if (out / "adapter_model.safetensors").exists() and head_path.exists():
+        return out
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = get_peft_model(
+        AutoModel.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0),
+    )
+    head = torch.nn.Linear(model.config.hidden_size, len(TASKS[task].classes))
+    params = [p for p in model.parameters() if p.requires_grad]
+    fit(
+        model,
+        params + list(head.parameters()),
+        lambda batch: head(mean_pool(model, batch)),
+        tokenizer,
+        task,
+        rows,
+        seed,
+        epochs,
+    )
     weights = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
     return save_adapter(model, out, lambda: save_file(weights, str(head_path)))
 
