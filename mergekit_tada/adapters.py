@@ -86,7 +86,7 @@ class LoraAdapter:
         # where the adapter names modules under its task model's base-model
         # attribute ("bert." of BertForSequenceClassification) and the base's
         # checkpoint does not: stripped here, put back in this input's head
-        # adapter (MergePlan._align_names)
+        # adapter (run/names.align_names)
         self.prefix = ""
         self.modules = self._read_modules()
         self._fh = None
