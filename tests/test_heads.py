@@ -278,7 +278,8 @@ def test_the_heads_objective_needs_every_head(classifiers):
         model["parameters"] = {"data": "p.txt"}
     with pytest.raises(
         TadaError,
-        match=r"auto_objective: head reads each model's classifier head .*lora-plain has none",
+        match=r"auto_objective: head reads each model's sequence classifier head "
+        r".*lora-plain is not one",
     ):
         mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True)
 
@@ -366,3 +367,29 @@ def test_classifiers_default_to_their_heads(classifiers):
     found = search("lora-a", "lora-plain")
     assert found["objective"] in ("kl", "hidden_states")
     assert found["prompts"] == dict.fromkeys(found["prompts"], 16)
+
+
+def test_a_token_classifier_is_not_read_as_a_sequence_classifier(classifiers):
+    """The head objective builds a sequence classifier: a TOKEN_CLS head (the
+    same layout, another model) is refused, and the default stays tokens."""
+    import shutil
+
+    shutil.copytree("lora-b", "lora-tok")
+    saved = json.loads(Path("lora-tok/adapter_config.json").read_text())
+    saved["task_type"] = "TOKEN_CLS"
+    Path("lora-tok/adapter_config.json").write_text(json.dumps(saved))
+    Path("p.txt").write_text("\n".join(PROMPTS["lora-a"]) + "\n")
+    cfg = config("lora-a", "lora-tok")
+    cfg["parameters"] = {"lambda": "auto"}
+    for model in cfg["models"]:
+        model["parameters"] = {"data": "p.txt"}
+    out = Path(mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True))
+    found = json.loads((out / "merge_report.json").read_text())["training"]
+    assert found["scale_search"]["objective"] in ("kl", "hidden_states")
+    written = json.loads(
+        (out / "adapter" / "lora-tok" / "adapter_config.json").read_text()
+    )
+    assert written["task_type"] == "TOKEN_CLS"
+    cfg["parameters"]["auto_objective"] = "head"
+    with pytest.raises(TadaError, match=r"lora-tok is not one"):
+        mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True)

@@ -141,9 +141,13 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
 
     causal = is_causal_lm(run.base_path)
     objective = settings["auto_objective"]
+
+    def classifier(label: str) -> bool:  # a head the sequence classifier reads
+        adapter = run.adapters[label]
+        return bool(adapter.heads) and adapter.config.get("task_type") == "SEQ_CLS"
+
     if objective is None:  # classifiers are compared on their decisions
-        classifiers = all(run.adapters[label].heads for label in data)
-        objective = "head" if classifiers else "tokens"
+        objective = "head" if all(classifier(label) for label in data) else "tokens"
     samples = settings["auto_samples"]
     if samples is None:  # one decision per prompt: more prompts than tokens
         samples = 64 if objective == "head" else 16
@@ -154,12 +158,13 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
             "auto_objective: tokens"
         )
     if objective == "head":
-        headless = [label for label in data if not run.adapters[label].heads]
+        headless = [label for label in data if not classifier(label)]
         if headless:
             raise TadaError(
-                f"{name}: auto_objective: head reads each model's classifier head "
-                "(a PEFT SEQ_CLS adapter's modules_to_save), and "
-                f"{run.adapters[headless[0]].path} has none: use auto_objective: tokens"
+                f"{name}: auto_objective: head reads each model's sequence "
+                "classifier head (a PEFT SEQ_CLS adapter's modules_to_save), and "
+                f"{run.adapters[headless[0]].path} is not one: use auto_objective: "
+                "tokens"
             )
     device = torch.device(run.device)
     merged = {}
