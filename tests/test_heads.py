@@ -97,6 +97,29 @@ def config(*names: str) -> dict:
     }
 
 
+def plain_adapter(root: Path) -> str:
+    """lora-plain: a LoRA on lora-a's modules without a head, on the model the
+    base's checkpoint is (BertModel; LlamaForCausalLM)."""
+    targets = json.loads((root / "lora-a" / "adapter_config.json").read_text())
+    return build_lora(
+        "base",
+        "lora-plain",
+        r=2,
+        seed=9,
+        targets=targets["target_modules"],
+        task_type=None if model_type(root) == "bert" else "CAUSAL_LM",
+    )
+
+
+def with_data(cfg: dict, data: str | None = None, **params) -> dict:
+    """``cfg`` with ``params`` and a prompts file per model (``data``, or
+    ``<adapter>.txt``): what lambda: auto reads."""
+    cfg["parameters"] = params
+    for model in cfg["models"]:
+        model["parameters"] = {"data": data or f"{model['model'].split('+')[1]}.txt"}
+    return cfg
+
+
 def test_each_input_keeps_its_head(classifiers):
     from peft import PeftModel
 
@@ -164,16 +187,7 @@ def test_the_merged_adapter_is_the_encoder(classifiers):
 
 def test_a_plain_input_beside_a_classifier(classifiers):
     """Only inputs with a head get a head adapter."""
-    plain = "lora-plain"
-    targets = json.loads((classifiers / "lora-a" / "adapter_config.json").read_text())
-    build_lora(
-        "base",
-        plain,
-        r=2,
-        seed=9,
-        targets=targets["target_modules"],
-        task_type=None if model_type(classifiers) == "bert" else "CAUSAL_LM",
-    )
+    plain = plain_adapter(classifiers)
     out = Path(mergekit_tada.merge(config("lora-a", plain), "out", quiet=True))
     assert sorted(p.name for p in (out / "adapter").iterdir() if p.is_dir()) == [
         "lora-a"
@@ -207,10 +221,8 @@ def test_lambda_auto_on_the_heads(classifiers):
 
     for name, prompts in PROMPTS.items():
         Path(f"{name}.txt").write_text("\n".join(prompts) + "\n")
-    cfg = config(*LABELS)
-    cfg["parameters"] = {"lossless": True, "lambda": "auto", "auto_objective": "head"}
-    for model in cfg["models"]:
-        model["parameters"] = {"data": f"{model['model'].split('+')[1]}.txt"}
+    cfg = with_data(config(*LABELS), lossless=True, auto_objective="head")
+    cfg["parameters"]["lambda"] = "auto"
     out = Path(mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True))
     search = json.loads((out / "merge_report.json").read_text())["training"][
         "scale_search"
@@ -262,20 +274,8 @@ def test_lambda_auto_on_the_heads(classifiers):
 
 def test_the_heads_objective_needs_every_head(classifiers):
     Path("p.txt").write_text("\n".join(PROMPTS["lora-a"]) + "\n")
-    build_lora(
-        "base",
-        "lora-plain",
-        r=2,
-        seed=9,
-        task_type=None if model_type(classifiers) == "bert" else "CAUSAL_LM",
-        targets=json.loads(
-            (classifiers / "lora-a" / "adapter_config.json").read_text()
-        )["target_modules"],
-    )
-    cfg = config("lora-a", "lora-plain")
-    cfg["parameters"] = {"lambda": "auto", "auto_objective": "head"}
-    for model in cfg["models"]:
-        model["parameters"] = {"data": "p.txt"}
+    plain_adapter(classifiers)
+    cfg = with_data(config("lora-a", "lora-plain"), "p.txt", auto_objective="head")
     with pytest.raises(
         TadaError,
         match=r"auto_objective: head reads each model's sequence classifier head "
@@ -324,9 +324,7 @@ def test_a_head_that_misses_a_weight_of_the_classifier(tmp_path):
     cfg = config(*LABELS)
     out = Path(mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True))
     assert (out / "adapter" / "lora-a" / "adapter_model.safetensors").exists()
-    cfg["parameters"] = {"lambda": "auto", "auto_objective": "head"}
-    for model in cfg["models"]:
-        model["parameters"] = {"data": f"{model['model'].split('+')[1]}.txt"}
+    with_data(cfg, auto_objective="head")
     with pytest.raises(
         TadaError,
         match=r"lora-a/adapter_model.safetensors: DistilBertForSequenceClassification's "
@@ -343,10 +341,7 @@ def test_classifiers_default_to_their_heads(classifiers):
     Path("many.txt").write_text("\n".join(lines) + "\n")
 
     def search(*names: str) -> dict:
-        cfg = config(*names)
-        cfg["parameters"] = {}
-        for model in cfg["models"]:
-            model["parameters"] = {"data": "many.txt"}
+        cfg = with_data(config(*names), "many.txt")
         out = Path(mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True))
         report = json.loads((out / "merge_report.json").read_text())
         return report["training"]["scale_search"]
@@ -355,15 +350,7 @@ def test_classifiers_default_to_their_heads(classifiers):
     assert found["by_default"] and found["objective"] == "head"
     assert found["prompts"] == dict.fromkeys(found["prompts"], 64)
     assert set(found["candidates"]["1.0"]) == {"agreement", "kl"}
-    targets = json.loads((classifiers / "lora-a" / "adapter_config.json").read_text())
-    build_lora(
-        "base",
-        "lora-plain",
-        r=2,
-        seed=9,
-        targets=targets["target_modules"],
-        task_type=None if model_type(classifiers) == "bert" else "CAUSAL_LM",
-    )
+    plain_adapter(classifiers)
     found = search("lora-a", "lora-plain")
     assert found["objective"] in ("kl", "hidden_states")
     assert found["prompts"] == dict.fromkeys(found["prompts"], 16)
@@ -379,10 +366,7 @@ def test_a_token_classifier_is_not_read_as_a_sequence_classifier(classifiers):
     saved["task_type"] = "TOKEN_CLS"
     Path("lora-tok/adapter_config.json").write_text(json.dumps(saved))
     Path("p.txt").write_text("\n".join(PROMPTS["lora-a"]) + "\n")
-    cfg = config("lora-a", "lora-tok")
-    cfg["parameters"] = {"lambda": "auto"}
-    for model in cfg["models"]:
-        model["parameters"] = {"data": "p.txt"}
+    cfg = with_data(config("lora-a", "lora-tok"), "p.txt")
     out = Path(mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True))
     found = json.loads((out / "merge_report.json").read_text())["training"]
     assert found["scale_search"]["objective"] in ("kl", "hidden_states")
