@@ -39,7 +39,12 @@ _UNSUPPORTED_FLAGS = {
     "trainable_token_indices": "trainable_token_indices (trainable tokens)",
 }
 # PEFT's task types whose model adds a head the base lacks (modules_to_save)
-HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+# -> transformers' task model that reads it
+HEAD_TASK_MODELS = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
 _UNSUPPORTED_KEYS = (
     ("lora_magnitude_vector", "DoRA magnitude vector"),
     ("lora_embedding_", "embedding LoRA"),

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mergekit_tada.adapters import HEAD_TASK_MODELS
+
 LLAMA_TARGETS = (
     "q_proj",
     "k_proj",
@@ -158,20 +160,22 @@ def build_lora(
     **lora_kwargs,
 ) -> str:
     """A real PEFT LoRA adapter on ``base_path`` with random (nonzero) A and B
-    (``task_type="SEQ_CLS"``: with a random head of ``num_labels`` classes)."""
+    (a classifier's task type, SEQ_CLS, TOKEN_CLS or QUESTION_ANS: with a
+    random head of ``num_labels`` classes; 2 for QUESTION_ANS, start and end)."""
+    import transformers
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
 
-    if task_type == "SEQ_CLS":
-        model = AutoModelForSequenceClassification.from_pretrained(
+    if task_type in HEAD_TASK_MODELS:
+        auto = getattr(transformers, HEAD_TASK_MODELS[task_type])
+        model = auto.from_pretrained(
             str(base_path), dtype=torch.float32, num_labels=num_labels
         )
     else:
-        auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModel
+        auto = (
+            transformers.AutoModelForCausalLM
+            if task_type == "CAUSAL_LM"
+            else transformers.AutoModel
+        )
         model = auto.from_pretrained(str(base_path), dtype=torch.float32)
     config = LoraConfig(
         r=r,
@@ -190,7 +194,7 @@ def build_lora(
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:  # a SEQ_CLS head
+            if "lora_" in name or "modules_to_save" in name:  # a head
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
     # the base's embedding weights are not part of the adapter
     peft_model.save_pretrained(str(out_path), save_embedding_layers=False)

@@ -16,10 +16,12 @@ block). The objective, per model on its own prompts, then averaged over models:
   begins (what an adapter trained on answers learned): the share of prompts
   whose most likely next token under the merge is model t's, ties broken by
   the mean KL(p_t || p_c) there;
-* ``head``, classifiers (PEFT SEQ_CLS adapters: each model's head in its
-  adapter): the same on each prompt's classes, model t's head on both, as
-  transformers' sequence classifier pools the states: the share of prompts
-  whose class under the merge is model t's, ties broken by the mean KL.
+* ``head``, classifiers (PEFT SEQ_CLS, TOKEN_CLS and QUESTION_ANS adapters:
+  each model's head in its adapter): the same on each decision its head
+  makes, model t's head on both, as transformers' task model reads the
+  states: a prompt's class (pooled as its sequence classifier pools), each
+  token's class, or a prompt's answer start and end; the share of decisions
+  the merge makes as model t does, ties broken by the mean KL.
 
 Each candidate's value is a tuple, the smallest wins (ties: the earlier
 candidate). Runs on one thread, as the other passes: the choice must not
@@ -34,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mergekit_tada.adapters import LoraAdapter
+from mergekit_tada.adapters import HEAD_TASK_MODELS, LoraAdapter
 from mergekit_tada.batches import Batch, is_causal_lm
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, single_thread
@@ -89,18 +91,18 @@ class _Zeros(nn.Module):
         return torch.zeros(*ids.shape, self.width, device=ids.device)
 
 
-def _classifier(model: StreamedModel) -> nn.Module:
-    """The base's sequence classifier (transformers'
-    ``AutoModelForSequenceClassification``) around the streamed model: its
-    head is set per model (:func:`_set_head`); padding is read from the
-    attention mask (pad id -1, which no token has)."""
+def _classifier(model: StreamedModel, task_type: str) -> nn.Module:
+    """The base's task model for ``task_type`` (HEAD_TASK_MODELS) around the
+    streamed model: its head is set per model (:func:`_set_head`); padding is
+    read from the attention mask (pad id -1, which no token has)."""
+    import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoModelForSequenceClassification
 
     config = copy.deepcopy(model.model.config)
     config.pad_token_id = -1
+    auto = getattr(transformers, HEAD_TASK_MODELS[task_type])
     with init_empty_weights(include_buffers=False):
-        task = AutoModelForSequenceClassification.from_config(config)
+        task = auto.from_config(config)
     setattr(task, task.base_model_prefix, model.model)
     return task.eval()
 
@@ -133,19 +135,27 @@ def _set_head(
             )
 
 
-def _logits(
+def _decisions(
     model: StreamedModel, task: nn.Module, batch: Batch, final: torch.Tensor
 ) -> torch.Tensor:
-    """The classifier's logits on the streamed final states of one chunk."""
+    """The task model's logits on the streamed final states of one chunk, a
+    row per decision: a prompt's classes, each token's, or each prompt's
+    answer start and then its end over the prompt's tokens (pads at -1e30:
+    no probability, and no NaN where both sides have none)."""
     kwargs = batch.forward_kwargs()
     kwargs["input_ids"] = batch.input_ids.masked_fill(batch.attention_mask == 0, -1)
     embedding = model.model.get_input_embeddings()
     model.model.set_input_embeddings(_Zeros(final.shape[-1]))
     try:
         with model.recorders({}, final, bool(model.blocks_return_tuples)):
-            return task(**kwargs).logits
+            out = task(**kwargs)
     finally:
         model.model.set_input_embeddings(embedding)
+    mask = batch.attention_mask.bool()
+    if hasattr(out, "start_logits"):
+        ends = torch.cat([out.start_logits, out.end_logits]).double()
+        return ends.masked_fill(~mask.repeat(2, 1), -1e30)
+    return out.logits[mask] if out.logits.dim() == 3 else out.logits
 
 
 @large_allocations_unmapped()
@@ -206,13 +216,17 @@ def agreement_pass(
         stem = model.stem_linear_modules()
         if causal and "lm_head" in hooks.targets:
             stem.append(("lm_head", model.root.get_output_embeddings()))
-        classifier = _classifier(model) if head else None
+        classifiers: dict[str, nn.Module] = {}  # task type -> its task model
         distributions = causal or head  # KL between distributions
         with hooks.attached(iter(stem)):
             for c, (t, batch) in enumerate(chunks):
                 mask = batch.attention_mask.bool()
                 reference = None
                 if head and (c == 0 or chunks[c - 1][0] != t):
+                    kind = adapters[t].config["task_type"]
+                    if kind not in classifiers:
+                        classifiers[kind] = _classifier(model, kind)
+                    classifier = classifiers[kind]
                     _set_head(
                         model,
                         classifier,
@@ -223,7 +237,7 @@ def agreement_pass(
                     i = c * len(variants) + v
                     before(i)
                     if head:
-                        rows = _logits(model, classifier, batch, finals[i])
+                        rows = _decisions(model, classifier, batch, finals[i])
                     else:
                         out = model.tail(batch, finals[i], head=causal)
                         states = out.logits if causal else out.last_hidden_state

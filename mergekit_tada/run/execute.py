@@ -24,7 +24,7 @@ from mergekit_tada.adapter_writer import (
     lora_adapter_config,
     write_head_adapter,
 )
-from mergekit_tada.adapters import HEAD_TASK_TYPES
+from mergekit_tada.adapters import HEAD_TASK_MODELS
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Truncated, add_product, single_thread
 from mergekit_tada.run.outputs import CARD
@@ -254,7 +254,7 @@ class Execution:
             # the first input's (plan.py warns), but never a head's: the merged
             # adapter has none (each head's adapter lies beside it)
             task_type=None
-            if first.get("task_type") in HEAD_TASK_TYPES
+            if first.get("task_type") in HEAD_TASK_MODELS
             else first.get("task_type"),
             fan_in_fan_out=any(self._transposed(p) for p in self.plan.targets),
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mergekit_tada.adapters import HEAD_TASK_MODELS
 from mergekit_tada.cache import ContentCache, tensors_digest
 from mergekit_tada.errors import TadaError, same_for_every_tensor
 from mergekit_tada.lowrank import Factored, single_thread
@@ -142,9 +143,11 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
     causal = is_causal_lm(run.base_path)
     objective = settings["auto_objective"]
 
-    def classifier(label: str) -> bool:  # a head the sequence classifier reads
+    def classifier(label: str) -> bool:  # a head transformers' task model reads
         adapter = run.adapters[label]
-        return bool(adapter.heads) and adapter.config.get("task_type") == "SEQ_CLS"
+        return (
+            bool(adapter.heads) and adapter.config.get("task_type") in HEAD_TASK_MODELS
+        )
 
     if objective is None:  # classifiers are compared on their decisions
         objective = "head" if all(classifier(label) for label in data) else "tokens"
@@ -161,8 +164,9 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         headless = [label for label in data if not classifier(label)]
         if headless:
             raise TadaError(
-                f"{name}: auto_objective: head reads each model's sequence "
-                "classifier head (a PEFT SEQ_CLS adapter's modules_to_save), and "
+                f"{name}: auto_objective: head reads each model's classifier "
+                "head (a PEFT SEQ_CLS, TOKEN_CLS or QUESTION_ANS adapter's "
+                "modules_to_save), and "
                 f"{run.adapters[headless[0]].path} is not one: use auto_objective: "
                 "tokens"
             )
