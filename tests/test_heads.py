@@ -1,4 +1,4 @@
-"""Classification adapters (PEFT SEQ_CLS: a LoRA and a head in modules_to_save).
+"""Classification adapters (PEFT SEQ_CLS, TOKEN_CLS, QUESTION_ANS: a LoRA and a head in modules_to_save).
 
 The LoRAs merge as any others; each input keeps its own head, written beside
 the merged adapter as an adapter of its task model. The reference is formed
@@ -60,10 +60,6 @@ def task_model(base: Path, labels: int, task_type: str = "SEQ_CLS"):
 
     auto = getattr(transformers, HEAD_TASK_MODELS[task_type])
     return auto.from_pretrained(str(base), dtype=torch.float32, num_labels=labels)
-
-
-def seq_cls(base: Path, labels: int):
-    return task_model(base, labels).eval()
 
 
 def build_classifiers(arch: str, task_type: str = "SEQ_CLS") -> None:
@@ -134,40 +130,66 @@ def with_data(cfg: dict, data: str | None = None, **params) -> dict:
     return cfg
 
 
-def test_each_input_keeps_its_head(classifiers):
+# LlamaForQuestionAnswering keeps its decoder under transformer., which
+# transformers does not load a LlamaForCausalLM checkpoint into: no QA adapter
+# is trained on such a base
+KINDS = [
+    ("bert", "SEQ_CLS"),
+    ("bert", "TOKEN_CLS"),
+    ("bert", "QUESTION_ANS"),
+    ("llama", "SEQ_CLS"),
+    ("llama", "TOKEN_CLS"),
+]
+
+
+def outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """A task model's logits (a QA model's start and end logits, stacked)."""
+    with torch.no_grad():
+        out = model(ids)
+    if hasattr(out, "start_logits"):
+        return torch.stack([out.start_logits, out.end_logits])
+    return out.logits
+
+
+@pytest.mark.parametrize(("arch", "task_type"), KINDS)
+def test_each_input_keeps_its_head(arch, task_type, tmp_path):
     from peft import PeftModel
 
+    os.chdir(tmp_path)
+    build_classifiers(arch, task_type)
     out = Path(mergekit_tada.merge(config(*LABELS), "out", quiet=True))
     total: dict[str, torch.Tensor] = {}
     for name in LABELS:
-        for module, delta in explicit_update(classifiers / name).items():
+        for module, delta in explicit_update(tmp_path / name).items():
             total[module] = total.get(module, 0) + delta
     assert total
     for name, labels in LABELS.items():
-        reference = seq_cls(classifiers / "base", labels)
+        labels = classes(task_type, labels)
+        reference = task_model(tmp_path / "base", labels, task_type).eval()
         state = reference.state_dict()
         for module, delta in total.items():
             key = f"{module}.weight"
             state[key] = (state[key].double() + delta).float()
-        own = head(classifiers / name)
+        own = head(tmp_path / name)
         assert own and all(k in state for k in own)
         state.update(own)
         reference.load_state_dict(state)
         folder = out / "adapter" / name
         written = json.loads((folder / "adapter_config.json").read_text())
-        assert written["task_type"] == "SEQ_CLS" and written["rank_pattern"]
-        assert written["modules_to_save"] == ["classifier", "score"]
+        saved = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        assert written["task_type"] == task_type and written["rank_pattern"]
+        assert written["modules_to_save"] == saved["modules_to_save"]
         merged = PeftModel.from_pretrained(
-            seq_cls(classifiers / "base", labels), folder
+            task_model(tmp_path / "base", labels, task_type).eval(), folder
         )
-        with torch.no_grad():
-            expected, got = reference(IDS).logits, merged(IDS).logits
-        assert expected.shape == (2, labels)
+        expected, got = outputs(reference, IDS), outputs(merged, IDS)
+        assert expected.shape[-1] == (
+            IDS.shape[1] if task_type == "QUESTION_ANS" else labels
+        )
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (got, expected)
         # the head decides: another input's head gives other logits
-        assert not torch.allclose(
-            expected, seq_cls(classifiers / "base", labels)(IDS).logits
-        )
+        fresh = task_model(tmp_path / "base", labels, task_type).eval()
+        assert not torch.allclose(expected, outputs(fresh, IDS))
     root = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert root["task_type"] is None and "modules_to_save" not in root
     report = json.loads((out / "merge_report.json").read_text())
@@ -226,19 +248,7 @@ PROMPTS = {  # of several lengths: the pass pads its batches
 }
 
 
-# LlamaForQuestionAnswering keeps its decoder under transformer., which
-# transformers does not load a LlamaForCausalLM checkpoint into: no QA adapter
-# is trained on such a base
-@pytest.mark.parametrize(
-    ("arch", "task_type"),
-    [
-        ("bert", "SEQ_CLS"),
-        ("bert", "TOKEN_CLS"),
-        ("bert", "QUESTION_ANS"),
-        ("llama", "SEQ_CLS"),
-        ("llama", "TOKEN_CLS"),
-    ],
-)
+@pytest.mark.parametrize(("arch", "task_type"), KINDS)
 def test_lambda_auto_on_the_heads(arch, task_type, tmp_path):
     """auto_objective: head against transformers' own task models, one
     unpadded prompt at a time: per candidate the share of decisions (a

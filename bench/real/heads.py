@@ -26,6 +26,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +37,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from data import MULTITASK, TASKS  # noqa: E402
-from minilm import TARGETS, fit, label_index, minilm_folder  # noqa: E402
+from minilm import (  # noqa: E402
+    TARGETS,
+    classes_loss,
+    encode,
+    fit,
+    label_index,
+    minilm_folder,
+)
 from train import save_adapter  # noqa: E402
 
 WORK = HERE.parent / "work" / "real"
@@ -53,6 +62,19 @@ RULES = {  # row -> (method, its global scale's key, settings), as the other tab
 }
 # lambda: auto's objectives, each on 16 and 64 prompts per model
 AUTO = (("tokens", 16), ("head", 16), ("tokens", 64), ("head", 64))
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A classifier protocol: its tasks, how each is trained and scored."""
+
+    folder: str  # under bench/work/real/full
+    tasks: tuple[str, ...]
+    train: Callable[[str, int, Path], Path]  # (task, seed, folder) -> adapter
+    accuracy: Callable[[Path, str, str], float]  # (adapter, task, split)
+    prompts: Callable[[str, int], str]  # (task, seed) -> lambda: auto's data
+    results: Path
+    rules: tuple[str, ...] = tuple(RULES)
 
 
 def rows(task: str, split: str) -> list[dict]:
@@ -91,12 +113,11 @@ def train(task: str, seed: int, out: Path, epochs: int = 3) -> Path:
     fit(
         model,
         params,
-        lambda batch: model(**batch).logits,
-        tokenizer,
-        task,
+        classes_loss(lambda batch: model(**batch).logits, tokenizer, task),
         rows(task, "train"),
         seed,
         epochs,
+        f"train minilm {task}",
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_adapter(model, out)
@@ -114,13 +135,7 @@ def accuracy(adapter: Path, task: str, split: str) -> float:
     correct = 0
     for i in range(0, len(data), 64):
         chunk = data[i : i + 64]
-        batch = tokenizer(
-            [r["text"] for r in chunk],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=128,
-        )
+        batch = encode(tokenizer, chunk)
         predicted = model(**batch).logits.argmax(-1)
         correct += int((predicted == label_index(task, chunk)).sum())
     return correct / len(data)
@@ -149,11 +164,14 @@ def merge(folder: Path, adapters: dict[str, Path], rule: str, params: dict) -> d
     return json.loads(report.read_text())
 
 
-def scores(merged: Path, split: str) -> dict[str, float]:
+def scores(merged: Path, split: str, protocol: Protocol) -> dict[str, float]:
     """Each task's accuracy with its head on the merge (kept in the folder)."""
     path = merged / f"scores-{split}.json"
     if not path.exists():
-        found = {t: accuracy(merged / "adapter" / t, t, split) for t in MULTITASK}
+        found = {
+            t: protocol.accuracy(merged / "adapter" / t, t, split)
+            for t in protocol.tasks
+        }
         path.write_text(json.dumps(found))
     return json.loads(path.read_text())
 
@@ -162,19 +180,19 @@ def normalised(scores: dict[str, float], own: dict[str, float]) -> float:
     return 100 * statistics.mean(scores[t] / own[t] for t in own)
 
 
-def run_seed(seed: int) -> dict:
-    root = WORK / "full" / "minilm_cls" / f"seed{seed}"
-    prompts = WORK / "full" / "minilm" / f"seed{seed}"  # the MiniLM rows' prompts
+def run_seed(seed: int, protocol: Protocol) -> dict:
+    root = WORK / "full" / protocol.folder / f"seed{seed}"
     adapters = {}
-    for task in MULTITASK:
-        adapters[task] = train(task, seed, root / task)
+    for task in protocol.tasks:
+        adapters[task] = protocol.train(task, seed, root / task)
         data = root / f"data-{task}.jsonl"
         if not data.exists():
-            data.write_text((prompts / f"data-{task}.jsonl").read_text())
-    own = {t: accuracy(p, t, "test") for t, p in adapters.items()}
-    own_val = {t: accuracy(p, t, "val") for t, p in adapters.items()}
+            data.write_text(protocol.prompts(task, seed))
+    own = {t: protocol.accuracy(p, t, "test") for t, p in adapters.items()}
+    own_val = {t: protocol.accuracy(p, t, "val") for t, p in adapters.items()}
     result = {"seed": seed, "own": own, "rules": {}}
-    for rule, (method, key, settings) in RULES.items():
+    for rule in protocol.rules:
+        method, key, settings = RULES[rule]
         start = time.perf_counter()
         scored = {}
         for c in GRID:
@@ -182,7 +200,7 @@ def run_seed(seed: int) -> dict:
             merge(out, adapters, method, {**settings, key: c})
             scored[c] = {
                 split: normalised(
-                    scores(out, split), own if split == "test" else own_val
+                    scores(out, split, protocol), own if split == "test" else own_val
                 )
                 for split in ("val", "test")
             }
@@ -248,19 +266,30 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def sequence_prompts(task: str, seed: int) -> str:
+    """The training texts the MiniLM rows' ``lambda: auto`` read."""
+    return (WORK / "full" / "minilm" / f"seed{seed}" / f"data-{task}.jsonl").read_text()
+
+
+SEQUENCES = Protocol(
+    "minilm_cls", MULTITASK, train, accuracy, sequence_prompts, RESULTS
+)
+
+
+def main(protocol: Protocol = SEQUENCES) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--table", action="store_true", help="print the results")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    path = protocol.results
+    results = json.loads(path.read_text()) if path.exists() else {}
     if not args.table:
         for seed in args.seeds:
-            results[str(seed)] = run_seed(seed)
-            tmp = RESULTS.with_suffix(".tmp")
+            results[str(seed)] = run_seed(seed, protocol)
+            tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-            tmp.replace(RESULTS)
+            tmp.replace(path)
     print(table(results))
 
 

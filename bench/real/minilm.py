@@ -62,13 +62,7 @@ class HeadEvaluator:
         head = self.heads[task]
         out = []
         for i in range(0, len(rows), 64):
-            batch = self.tokenizer(
-                [r["text"] for r in rows[i : i + 64]],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-            )
+            batch = encode(self.tokenizer, rows[i : i + 64], self.max_length)
             out.append(mean_pool(self.model, batch) @ head["weight"].T + head["bias"])
         return torch.cat(out).argmax(-1)
 
@@ -92,31 +86,39 @@ def head_file(out: Path, task: str) -> Path:
     return out.parent / f"head-{task}.safetensors"
 
 
-def fit(model, params, logits, tokenizer, task, rows, seed: int, epochs: int) -> None:
+def encode(tokenizer, rows: Sequence[dict], max_length: int = 128):
+    """A padded batch of the rows' texts, as every MiniLM protocol reads them."""
+    return tokenizer(
+        [r["text"] for r in rows],
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+    )
+
+
+def fit(model, params, loss, rows, seed: int, epochs: int, desc: str) -> None:
     """AdamW (lr 2e-3) on ``params``, ``epochs`` passes over ``rows`` in
-    batches of 32 (order seeded), cross-entropy of ``logits(batch)``."""
+    batches of 32 (order seeded), minimising ``loss(batch rows)``."""
     from tqdm import tqdm
 
     optimizer = torch.optim.AdamW(params, lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
-    labels = label_index(task, rows)
     steps = epochs * ((len(rows) + 31) // 32)
-    bar = tqdm(total=steps, desc=f"train minilm {task}")
+    bar = tqdm(total=steps, desc=desc)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(rows), generator=generator).tolist()
         for i in range(0, len(order), 32):
-            idx = order[i : i + 32]
-            batch = tokenizer(
-                [rows[j]["text"] for j in idx],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=128,
-            )
-            loss = torch.nn.functional.cross_entropy(logits(batch), labels[idx])
-            step(optimizer, loss, bar)
+            step(optimizer, loss([rows[j] for j in order[i : i + 32]]), bar)
     bar.close()
+
+
+def classes_loss(logits, tokenizer, task: str):
+    """Cross-entropy of ``logits(batch)`` against each row's class."""
+    return lambda chunk: torch.nn.functional.cross_entropy(
+        logits(encode(tokenizer, chunk)), label_index(task, chunk)
+    )
 
 
 def train_with_head(
@@ -142,12 +144,11 @@ def train_with_head(
     fit(
         model,
         params + list(head.parameters()),
-        lambda batch: head(mean_pool(model, batch)),
-        tokenizer,
-        task,
+        classes_loss(lambda batch: head(mean_pool(model, batch)), tokenizer, task),
         rows,
         seed,
         epochs,
+        f"train minilm {task}",
     )
     weights = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
     return save_adapter(model, out, lambda: save_file(weights, str(head_path)))
