@@ -342,7 +342,7 @@ AUTO_SETTINGS = (
         SHARED,
         None,
         "what lambda: auto compares: every token of the prompts, (causal LM) "
-        "the next token after each, or (classifiers) each prompt's class "
+        "the next token after each, or (classifiers) each decision of each head "
         "(unset: head where every model is a classifier, else tokens)",
     ),
     Param(

@@ -216,7 +216,7 @@ class Execution:
         return layout
 
     def _write_heads(self, adapter_dir: Path, config: dict) -> None:
-        """Beside the merged adapter, one per input with a head (SEQ_CLS):
+        """Beside the merged adapter, one per input with a head (a classifier's):
         the merged LoRA and that input's head, an adapter of its task model."""
         for label, folder in self.plan.heads.items():
             adapter = self.plan.adapters[label]

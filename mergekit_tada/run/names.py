@@ -60,7 +60,7 @@ def head_folders(
                     f"{adapter.config_path}: modules_to_save names {entry}, a "
                     f"module of the base model ({hit} in {base_path}): a full "
                     "copy of a base module has no merge rule here; only heads the "
-                    "base lacks (PEFT's SEQ_CLS classifier) are kept, one per input"
+                    "base lacks (a PEFT classifier's) are kept, one per input"
                 )
         if adapter.heads:
             name = os.path.basename(adapter.path.rstrip("/"))

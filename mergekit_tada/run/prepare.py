@@ -232,7 +232,7 @@ def _choose_scale(plan: MergePlan, context: Any, run: RunInputs) -> dict | None:
         "chosen": chosen,
         "by_default": by_default,  # key unset: auto because every model has data
         # kl: every token's (causal LM), hidden_states (encoder), response:
-        # the next token after each prompt, head: each prompt's class
+        # the next token after each prompt, head: each decision of each head
         # (agreement, then KL)
         "objective": {"tokens": "kl" if causal else "hidden_states"}.get(
             objective, objective
