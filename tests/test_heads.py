@@ -391,10 +391,22 @@ def test_a_head_that_misses_a_weight_of_the_classifier(tmp_path):
         mergekit_tada.merge(cfg, "out2", quiet=True, adapter_only=True)
 
 
+def saved_as(source: str, name: str, task_type: str) -> None:
+    """A copy of adapter ``source`` at ``name`` whose config says ``task_type``."""
+    import shutil
+
+    shutil.copytree(source, name)
+    saved = json.loads(Path(f"{name}/adapter_config.json").read_text())
+    Path(f"{name}/adapter_config.json").write_text(
+        json.dumps(saved | {"task_type": task_type})
+    )
+
+
 def test_classifiers_default_to_their_heads(classifiers):
-    """Where every model is a classifier, lambda: auto (task arithmetic's
-    default given data) compares the heads' decisions on 64 prompts per
-    model; with one model without a head, every token on 16."""
+    """Where every model is a sequence classifier, lambda: auto (task
+    arithmetic's default given data) compares the heads' decisions; token
+    classifiers compare every token; both on 64 prompts per model. With one
+    model without a head, every token on 16."""
     lines = [f"the protein {i} binds the cell" for i in range(70)]
     Path("many.txt").write_text("\n".join(lines) + "\n")
 
@@ -408,6 +420,11 @@ def test_classifiers_default_to_their_heads(classifiers):
     assert found["by_default"] and found["objective"] == "head"
     assert found["prompts"] == dict.fromkeys(found["prompts"], 64)
     assert set(found["candidates"]["1.0"]) == {"agreement", "kl"}
+    for name in LABELS:
+        saved_as(name, f"tok-{name}", "TOKEN_CLS")
+    found = search(*(f"tok-{name}" for name in LABELS))
+    assert found["by_default"] and found["objective"] in ("kl", "hidden_states")
+    assert found["prompts"] == dict.fromkeys(found["prompts"], 64)
     plain_adapter(classifiers)
     found = search("lora-a", "lora-plain")
     assert found["objective"] in ("kl", "hidden_states")
@@ -415,30 +432,25 @@ def test_classifiers_default_to_their_heads(classifiers):
 
 
 def test_each_model_is_read_by_its_own_task_model(tmp_path):
-    """A sequence and a token classifier merge; the head objective (the
-    default: every model has a head) reads each with its own task model. One
-    adapter saved as both kinds (BERT's: the same layout; Llama's token head
-    has a bias): the pair's objective is the mean of each kind's alone,
-    where the merge is the same."""
+    """A sequence and a token classifier merge; the head objective reads each
+    with its own task model. One adapter saved as both kinds (BERT's: the
+    same layout; Llama's token head has a bias): the pair's objective is the
+    mean of each kind's alone, where the merge is the same."""
     import shutil
 
     os.chdir(tmp_path)
     build_classifiers("bert")
-
     for name, kind in (
         ("seq", "SEQ_CLS"),
         ("tok-1", "TOKEN_CLS"),
         ("tok-2", "TOKEN_CLS"),
     ):
-        shutil.copytree("lora-a", name)
-        saved = json.loads(Path(f"{name}/adapter_config.json").read_text())
-        Path(f"{name}/adapter_config.json").write_text(
-            json.dumps(saved | {"task_type": kind})
-        )
+        saved_as("lora-a", name, kind)
     Path("p.txt").write_text("\n".join(PROMPTS["lora-a"]) + "\n")
 
     def search(*names: str) -> dict:
-        cfg = with_data(config(*names), "p.txt")
+        cfg = with_data(config(*names), "p.txt", auto_objective="head")
+        cfg["parameters"]["lambda"] = "auto"
         out = Path(mergekit_tada.merge(cfg, "out", quiet=True, adapter_only=True))
         report = json.loads((out / "merge_report.json").read_text())
         written = {
@@ -450,7 +462,7 @@ def test_each_model_is_read_by_its_own_task_model(tmp_path):
         }
         shutil.rmtree(out)
         found = report["training"]["scale_search"]
-        assert found["by_default"] and found["objective"] == "head"
+        assert found["objective"] == "head"
         return found["candidates"]
 
     sequences, tokens = search("lora-a", "seq"), search("tok-1", "tok-2")

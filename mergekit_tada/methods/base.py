@@ -332,8 +332,8 @@ AUTO_SETTINGS = (
         int | None,
         SHARED,
         None,
-        "prompts per model read by lambda: auto (unset: 64 for the head "
-        "objective, one decision per prompt, else 16)",
+        "prompts per model read by lambda: auto (unset: 64 where every model "
+        "is a classifier with its head, else 16)",
     ),
     Param("auto_max_length", int, SHARED, 128, "tokens per prompt for lambda: auto"),
     Param(
@@ -343,7 +343,7 @@ AUTO_SETTINGS = (
         None,
         "what lambda: auto compares: every token of the prompts, (causal LM) "
         "the next token after each, or (classifiers) each decision of each head "
-        "(unset: head where every model is a classifier, else tokens)",
+        "(unset: head where every model is a sequence classifier, else tokens)",
     ),
     Param(
         "cache_dir",
