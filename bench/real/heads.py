@@ -90,8 +90,12 @@ def classifier(task: str):
     )
 
 
-def train(task: str, seed: int, out: Path, epochs: int = 3) -> Path:
-    """minilm.train_with_head's loop on PEFT's SEQ_CLS model (its own head)."""
+def train_peft(
+    task_model, task_type: str, loss, rows: list[dict], seed: int, out: Path, desc: str
+) -> Path:
+    """minilm.train_with_head's recipe on a PEFT task model (``task_model()``,
+    its head in modules_to_save): LoRA rank 8 on TARGETS, 3 epochs over
+    ``rows`` minimising ``loss(model, tokenizer)(rows)``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -100,37 +104,51 @@ def train(task: str, seed: int, out: Path, epochs: int = 3) -> Path:
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
     model = get_peft_model(
-        classifier(task),
+        task_model(),
         LoraConfig(
             r=8,
             lora_alpha=16,
             target_modules=TARGETS,
             lora_dropout=0.0,
-            task_type="SEQ_CLS",
+            task_type=task_type,
         ),
     )
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA, head
-    fit(
-        model,
-        params,
-        classes_loss(lambda batch: model(**batch).logits, tokenizer, task),
-        rows(task, "train"),
-        seed,
-        epochs,
-        f"train minilm {task}",
-    )
+    fit(model, params, loss(model, tokenizer), rows, seed, 3, desc)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_adapter(model, out)
+
+
+def peft_classifier(task_model, adapter: Path):
+    """(tokenizer, the PEFT adapter on ``task_model()``, ready to score)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    return tokenizer, PeftModel.from_pretrained(task_model(), adapter).eval()
+
+
+def train(task: str, seed: int, out: Path) -> Path:
+    """A SEQ_CLS adapter of the task (its head on BERT's [CLS] pooler)."""
+
+    def loss(model, tokenizer):
+        return classes_loss(lambda batch: model(**batch).logits, tokenizer, task)
+
+    return train_peft(
+        lambda: classifier(task),
+        "SEQ_CLS",
+        loss,
+        rows(task, "train"),
+        seed,
+        out,
+        f"train minilm {task}",
+    )
 
 
 @torch.inference_mode()
 def accuracy(adapter: Path, task: str, split: str) -> float:
     """The task's accuracy with this PEFT classifier adapter (real load)."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-    model = PeftModel.from_pretrained(classifier(task), adapter).eval()
+    tokenizer, model = peft_classifier(lambda: classifier(task), adapter)
     data = rows(task, split)
     correct = 0
     for i in range(0, len(data), 64):

@@ -31,9 +31,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from heads import WORK, Protocol, main, rows  # noqa: E402
-from minilm import TARGETS, fit, minilm_folder  # noqa: E402
-from train import save_adapter  # noqa: E402
+from heads import WORK, Protocol, main, peft_classifier, rows, train_peft  # noqa: E402
+from minilm import minilm_folder  # noqa: E402
 
 RESULTS = HERE.parent.parent / "docs" / "quality-real-token-heads.json"
 WORDNET = Path("/usr/share/wordnet")
@@ -153,44 +152,31 @@ def source_rows(task: str, split: str) -> list[dict]:
     return rows(TOKEN_TASKS[task][0], split)
 
 
-def train(task: str, seed: int, out: Path, epochs: int = 3) -> Path:
-    """heads.train's recipe for a TOKEN_CLS adapter."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
+def train(task: str, seed: int, out: Path) -> Path:
+    """heads.py's recipe for a TOKEN_CLS adapter."""
 
-    if (out / "adapter_model.safetensors").exists():
-        return out
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-    model = get_peft_model(
-        classifier(task),
-        LoraConfig(
-            r=8,
-            lora_alpha=16,
-            target_modules=TARGETS,
-            lora_dropout=0.0,
-            task_type="TOKEN_CLS",
-        ),
+    def loss(model, tokenizer):
+        def of(chunk: list[dict]) -> torch.Tensor:
+            batch, labels = encode_words(tokenizer, task, chunk)
+            return model(**batch, labels=labels).loss
+
+        return of
+
+    return train_peft(
+        lambda: classifier(task),
+        "TOKEN_CLS",
+        loss,
+        source_rows(task, "train"),
+        seed,
+        out,
+        f"tag {task}",
     )
-
-    def loss(chunk: list[dict]) -> torch.Tensor:
-        batch, labels = encode_words(tokenizer, task, chunk)
-        return model(**batch, labels=labels).loss
-
-    params = [p for p in model.parameters() if p.requires_grad]  # LoRA, head
-    fit(model, params, loss, source_rows(task, "train"), seed, epochs, f"tag {task}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return save_adapter(model, out)
 
 
 @torch.inference_mode()
 def accuracy(adapter: Path, task: str, split: str) -> float:
     """The share of the split's tagged words this PEFT adapter tags right."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-    model = PeftModel.from_pretrained(classifier(task), adapter).eval()
+    tokenizer, model = peft_classifier(lambda: classifier(task), adapter)
     data = source_rows(task, split)
     correct = total = 0
     for i in range(0, len(data), 64):
