@@ -203,7 +203,7 @@ TOKENS = Protocol(
     prompts,
     RESULTS,
     rules=("lora_task_arithmetic", "lora_tsv_m", "tsv_m mean", "lora_iso_c")
-    + ("lora_wudi",),
+    + ("lora_wudi", "lora_regmean", "regmean merged"),
 )
 
 if __name__ == "__main__":
