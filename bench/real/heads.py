@@ -15,7 +15,8 @@ over tasks of the merge's test accuracy over the task adapter's own.
     python bench/real/heads.py --seeds 0 1 2
 
 Results: docs/quality-real-heads.json (one entry per seed, written as each
-finishes); ``--table`` prints them.
+finishes); ``--table`` prints them. token_heads.py runs the same over token
+classifiers (a :class:`Protocol` each).
 """
 
 from __future__ import annotations
@@ -91,11 +92,11 @@ def classifier(task: str):
 
 
 def train_peft(
-    task_model, task_type: str, loss, rows: list[dict], seed: int, out: Path, desc: str
+    task_model, task_type: str, loss, data: list[dict], seed: int, out: Path, desc: str
 ) -> Path:
     """minilm.train_with_head's recipe on a PEFT task model (``task_model()``,
     its head in modules_to_save): LoRA rank 8 on TARGETS, 3 epochs over
-    ``rows`` minimising ``loss(model, tokenizer)(rows)``."""
+    ``data`` minimising ``loss(model, tokenizer)(rows)``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -114,7 +115,7 @@ def train_peft(
         ),
     )
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA, head
-    fit(model, params, loss(model, tokenizer), rows, seed, 3, desc)
+    fit(model, params, loss(model, tokenizer), data, seed, 3, desc)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_adapter(model, out)
 
