@@ -1,4 +1,5 @@
-"""Classification adapters (PEFT SEQ_CLS, TOKEN_CLS, QUESTION_ANS: a LoRA and a head in modules_to_save).
+"""Classification adapters (PEFT SEQ_CLS, TOKEN_CLS, QUESTION_ANS: a LoRA and
+a head in modules_to_save).
 
 The LoRAs merge as any others; each input keeps its own head, written beside
 the merged adapter as an adapter of its task model. The reference is formed
