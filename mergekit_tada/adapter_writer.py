@@ -169,11 +169,16 @@ class StreamingAdapterWriter:
         errors = self._close()  # waits for the final fsync
         if errors:
             raise errors[0]
-        with open(self.out_dir / CONFIG_NAME, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_config(self.out_dir, config)
+
+
+def write_config(folder: Path, config: dict) -> None:
+    """``folder``/adapter_config.json, on disk before it returns."""
+    with open(folder / CONFIG_NAME, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_head_adapter(
@@ -201,11 +206,7 @@ def write_head_adapter(
     save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
     with open(out / WEIGHTS_NAME, "rb+") as fh:
         os.fsync(fh.fileno())
-    with open(out / CONFIG_NAME, "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_config(out, config)
 
 
 def lora_adapter_config(

@@ -45,6 +45,16 @@ HEAD_TASK_MODELS = {
     "TOKEN_CLS": "AutoModelForTokenClassification",
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
 }
+
+
+def head_task_model(task_type: str):
+    """transformers' auto class of the task model that reads a
+    ``task_type`` adapter's head (HEAD_TASK_MODELS)."""
+    import transformers
+
+    return getattr(transformers, HEAD_TASK_MODELS[task_type])
+
+
 _UNSUPPORTED_KEYS = (
     ("lora_magnitude_vector", "DoRA magnitude vector"),
     ("lora_embedding_", "embedding LoRA"),

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_tada.adapters import HEAD_TASK_MODELS
+from mergekit_tada.adapters import HEAD_TASK_MODELS, head_task_model
 
 LLAMA_TARGETS = (
     "q_proj",
@@ -162,20 +162,15 @@ def build_lora(
     """A real PEFT LoRA adapter on ``base_path`` with random (nonzero) A and B
     (a classifier's task type, SEQ_CLS, TOKEN_CLS or QUESTION_ANS: with a
     random head of ``num_labels`` classes; 2 for QUESTION_ANS, start and end)."""
-    import transformers
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoModelForCausalLM
 
     if task_type in HEAD_TASK_MODELS:
-        auto = getattr(transformers, HEAD_TASK_MODELS[task_type])
-        model = auto.from_pretrained(
+        model = head_task_model(task_type).from_pretrained(
             str(base_path), dtype=torch.float32, num_labels=num_labels
         )
     else:
-        auto = (
-            transformers.AutoModelForCausalLM
-            if task_type == "CAUSAL_LM"
-            else transformers.AutoModel
-        )
+        auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModel
         model = auto.from_pretrained(str(base_path), dtype=torch.float32)
     config = LoraConfig(
         r=r,

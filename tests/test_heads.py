@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import mergekit_tada
-from mergekit_tada.adapters import HEAD_TASK_MODELS
+from mergekit_tada.adapters import head_task_model
 from mergekit_tada.errors import TadaError
 from mergekit_tada.toy import build_encoder, build_llama, build_lora
 
@@ -57,10 +57,9 @@ def model_type(root: Path) -> str:
 
 def task_model(base: Path, labels: int, task_type: str = "SEQ_CLS"):
     """transformers' task model of ``task_type`` on ``base`` (a new head)."""
-    import transformers
-
-    auto = getattr(transformers, HEAD_TASK_MODELS[task_type])
-    return auto.from_pretrained(str(base), dtype=torch.float32, num_labels=labels)
+    return head_task_model(task_type).from_pretrained(
+        str(base), dtype=torch.float32, num_labels=labels
+    )
 
 
 def build_classifiers(arch: str, task_type: str = "SEQ_CLS") -> None:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mergekit_tada.adapters import HEAD_TASK_MODELS, LoraAdapter
+from mergekit_tada.adapters import LoraAdapter, head_task_model
 from mergekit_tada.batches import Batch, is_causal_lm
 from mergekit_tada.errors import TadaError
 from mergekit_tada.lowrank import Factored, single_thread
@@ -95,14 +95,12 @@ def _classifier(model: StreamedModel, task_type: str) -> nn.Module:
     """The base's task model for ``task_type`` (HEAD_TASK_MODELS) around the
     streamed model: its head is set per model (:func:`_set_head`); padding is
     read from the attention mask (pad id -1, which no token has)."""
-    import transformers
     from accelerate import init_empty_weights
 
     config = copy.deepcopy(model.model.config)
     config.pad_token_id = -1
-    auto = getattr(transformers, HEAD_TASK_MODELS[task_type])
     with init_empty_weights(include_buffers=False):
-        task = auto.from_config(config)
+        task = head_task_model(task_type).from_config(config)
     setattr(task, task.base_model_prefix, model.model)
     return task.eval()
 
